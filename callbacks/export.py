@@ -1,0 +1,47 @@
+"""Write the encoder (timm weights + config) next to the checkpoints, so a run's result is usable
+without the objective's code: ``RUN/encoder.safetensors``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from selfsup3d.encoders.export import save_encoder
+
+
+class EncoderExport(Callback):
+    """Export the encoder at the end of fitting and, optionally, at every checkpoint save.
+
+    Args:
+        filename: file name inside ``dirpath`` (a ``.safetensors`` file).
+        dirpath: output folder; ``null`` means the trainer's log directory.
+        on_checkpoint: also export whenever a checkpoint is saved (the file is overwritten).
+    """
+
+    def __init__(self, filename: str = "encoder.safetensors", dirpath: str | None = None, on_checkpoint: bool = False):
+        self.filename = filename
+        self.dirpath = dirpath
+        self.on_checkpoint = on_checkpoint
+        self.last_path: Path | None = None
+
+    def _target(self, trainer: Trainer) -> Path:
+        root = self.dirpath or trainer.log_dir or trainer.default_root_dir
+        return Path(root) / self.filename
+
+    @rank_zero_only
+    def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        state = pl_module.encoder_state_dict()
+        config = getattr(pl_module.encoder, "config", None)
+        self.last_path = save_encoder(
+            state, {**(config or {}), "checkpoint_path": None, "pretrained": False}, self._target(trainer)
+        )
+        rank_zero_info(f"encoder exported to {self.last_path}")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.export(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        if self.on_checkpoint:
+            self.export(trainer, pl_module)

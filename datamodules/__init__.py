@@ -1,0 +1,6 @@
+"""Installed as ``selfsup3d.datamodules`` (see pyproject's package-dir); never a top-level ``datamodules`` module."""
+
+if __name__ != "selfsup3d.datamodules":  # e.g. `import datamodules` from the repository root
+    raise ImportError(
+        "import selfsup3d.datamodules (install the project: make install), not the top-level 'datamodules' folder"
+    )

@@ -1,0 +1,304 @@
+"""The shared encoder: a timm Vision Transformer of the DINOv2 family.
+
+Every objective takes its encoder by injection, so this is the one place that knows about timm.
+The encoder takes images in ``[0, 1]`` (it normalises them itself with the weights' mean/std) and
+returns an :class:`EncoderOutput` with what the objectives need: the class token, the patch tokens
+(also as a spatial grid) and the class + patch tokens of the last ``num_out_layers`` blocks.
+
+Sizes: ``tiny`` (ours, for tests and CPU demos), ``small``, ``base``, ``large`` or any timm ViT name.
+Weights: ``pretrained`` (timm's default weights for the name, or a Hugging Face hub id holding timm
+weights) when the network allows, or ``checkpoint_path`` (a local file, see
+:mod:`selfsup3d.encoders.checkpoint`) which works offline.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+import torch
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
+from torch import Tensor, nn
+
+from selfsup3d.encoders.checkpoint import load_encoder_weights
+from selfsup3d.errors import ConfigError
+
+SIZES: dict[str, str] = {
+    "tiny": "vit_tiny_patch14_dinov2",
+    "small": "vit_small_patch14_dinov2",
+    "base": "vit_base_patch14_dinov2",
+    "large": "vit_large_patch14_dinov2",
+}
+
+
+# timm's register_model reads the module's ``default_cfgs`` for the pretrained cfg (mean/std, input size).
+default_cfgs = {
+    "vit_tiny_patch14_dinov2": {
+        "url": "",
+        "num_classes": 0,
+        "input_size": (3, 224, 224),
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+}
+
+
+@register_model
+def vit_tiny_patch14_dinov2(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/14 with DINOv2's block layout (layer scale). No released weights: tests and CPU demos."""
+    if pretrained:
+        raise ConfigError("vit_tiny_patch14_dinov2 has no released weights; use pretrained=false")
+    model_args = dict(patch_size=14, embed_dim=192, depth=12, num_heads=3, init_values=1e-5)
+    return _create_vision_transformer("vit_tiny_patch14_dinov2", pretrained=False, **dict(model_args, **kwargs))
+
+
+@dataclass
+class EncoderOutput:
+    """What one forward pass of the encoder gives.
+
+    Attributes:
+        cls: ``[B, D]`` final-normed class token.
+        patches: ``[B, N, D]`` final-normed patch tokens, row-major over the patch grid.
+        grid: ``(h, w)`` of the patch grid, ``N = h * w``.
+        layers: the last ``num_out_layers`` blocks' tokens, each ``[B, 1 + N, D]`` (class token first,
+            register tokens dropped), final-normed; oldest first.
+    """
+
+    cls: Tensor
+    patches: Tensor
+    grid: tuple[int, int]
+    layers: list[Tensor] = field(default_factory=list)
+
+    @property
+    def patch_grid(self) -> Tensor:
+        """Patch tokens as a ``[B, D, h, w]`` feature map."""
+        b, _, d = self.patches.shape
+        return self.patches.transpose(1, 2).reshape(b, d, *self.grid)
+
+    def concat_layers(self) -> Tensor:
+        """Class and patch tokens of the collected layers concatenated on channels: ``[B, 1 + N, L * D]``.
+
+        This is the representation of the 3D-Prior paper (last four layers)."""
+        if not self.layers:
+            raise ValueError("encoder was built with num_out_layers=0; no layer tokens to concatenate")
+        return torch.cat(self.layers, dim=-1)
+
+
+class ViTEncoder(nn.Module):
+    """A timm ViT (DINOv2 family) behind a small, stable interface.
+
+    Args:
+        name: ``tiny``/``small``/``base``/``large`` or any timm ViT model name
+            (e.g. ``vit_base_patch14_reg4_dinov2``).
+        img_size: training image size; other sizes still work (position embeddings are interpolated).
+        patch_size: patch size; ``null`` keeps the model's (14). With pretrained weights timm resamples
+            the patch embedding.
+        pretrained: ``true`` loads timm's default weights for ``name`` (DINOv2 LVD-142M for the DINOv2
+            sizes); a string is a Hugging Face hub id holding timm weights
+            (``timm/vit_base_patch14_dinov2.lvd142m``). Needs the network or a filled HF cache.
+        checkpoint_path: a local file with weights: a timm state dict (``.pth``/``.bin``), a
+            ``.safetensors`` file, an exported selfsup3d encoder or a selfsup3d Lightning checkpoint of
+            any objective. Loaded strictly: mismatched keys are an error that names them.
+        grad_checkpointing: recompute block activations in the backward pass to save memory.
+        drop_path_rate: stochastic depth rate.
+        num_out_layers: how many of the last blocks' tokens :class:`EncoderOutput` carries.
+        embed_dim: override the size's width (a fresh model; breaks pretrained weights).
+        depth: override the number of blocks.
+        num_heads: override the number of attention heads.
+    """
+
+    def __init__(
+        self,
+        name: str = "small",
+        img_size: int = 224,
+        patch_size: int | None = None,
+        pretrained: bool | str = False,
+        checkpoint_path: str | None = None,
+        grad_checkpointing: bool = False,
+        drop_path_rate: float = 0.0,
+        num_out_layers: int = 4,
+        embed_dim: int | None = None,
+        depth: int | None = None,
+        num_heads: int | None = None,
+    ) -> None:
+        super().__init__()
+        # Kept so that a checkpoint can rebuild this encoder (see PretrainObjective's hparams).
+        self.config: dict[str, Any] = {
+            "name": name,
+            "img_size": img_size,
+            "patch_size": patch_size,
+            "pretrained": pretrained,
+            "checkpoint_path": checkpoint_path,
+            "grad_checkpointing": grad_checkpointing,
+            "drop_path_rate": drop_path_rate,
+            "num_out_layers": num_out_layers,
+            "embed_dim": embed_dim,
+            "depth": depth,
+            "num_heads": num_heads,
+        }
+        self.vit = create_vit(
+            name,
+            img_size=img_size,
+            patch_size=patch_size,
+            pretrained=pretrained,
+            drop_path_rate=drop_path_rate,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+        )
+        if img_size % self.patch_size:
+            raise ConfigError(
+                f"encoder img_size={img_size} is not divisible by patch_size={self.patch_size}; "
+                "pick sizes so that the patch grid is whole"
+            )
+        if not 0 <= num_out_layers <= len(self.vit.blocks):
+            raise ConfigError(f"encoder num_out_layers={num_out_layers} must be in [0, depth={len(self.vit.blocks)}]")
+        self.num_out_layers = num_out_layers
+        self.set_grad_checkpointing(grad_checkpointing)
+        cfg = self.vit.pretrained_cfg or {}
+        mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32)
+        std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)
+        self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
+        if checkpoint_path:
+            load_encoder_weights(self.vit, checkpoint_path)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def embed_dim(self) -> int:
+        return int(self.vit.embed_dim)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.vit.patch_embed.patch_size[0])
+
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.vit.blocks[0].attn.num_heads)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.vit.num_prefix_tokens)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.vit.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this module) that take no weight decay: embeddings and tokens."""
+        return {f"vit.{n}" for n in self.vit.no_weight_decay()}
+
+    # ------------------------------------------------------------------ forward
+    def normalize(self, images: Tensor) -> Tensor:
+        """``[0, 1]`` images to the weights' input distribution."""
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def forward(self, images: Tensor) -> EncoderOutput:
+        """Encode ``[B, 3, H, W]`` images with values in ``[0, 1]``; ``H`` and ``W`` multiples of the patch."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"encoder expects [B, 3, H, W] images, got shape {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the encoder patch size {self.patch_size}")
+        x = self.normalize(images)
+        n_layers = max(self.num_out_layers, 1)
+        final, inters = self.vit.forward_intermediates(
+            x, indices=n_layers, return_prefix_tokens=True, norm=True, output_fmt="NLC"
+        )
+        grid = (h // self.patch_size, w // self.patch_size)
+        p = self.num_prefix_tokens
+        layers = [torch.cat([prefix[:, :1], tokens], dim=1) for tokens, prefix in inters]
+        return EncoderOutput(
+            cls=final[:, 0],
+            patches=final[:, p:],
+            grid=grid,
+            layers=layers[-self.num_out_layers :] if self.num_out_layers else [],
+        )
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """Weights under timm's key schema: they load into ``timm.create_model(name, ...)`` unchanged."""
+        return {k: v.detach().clone() for k, v in self.vit.state_dict().items()}
+
+
+def create_vit(
+    name: str,
+    *,
+    img_size: int = 224,
+    patch_size: int | None = None,
+    pretrained: bool | str = False,
+    drop_path_rate: float = 0.0,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
+) -> VisionTransformer:
+    """Build a timm ViT. See :class:`ViTEncoder` for the arguments."""
+    model_name = SIZES.get(name, name)
+    if model_name not in timm.list_models():
+        known = ", ".join(SIZES)
+        raise ConfigError(f"unknown encoder name {name!r}: use one of {known} or a timm ViT model name")
+    kwargs: dict[str, Any] = {
+        "img_size": img_size,
+        "num_classes": 0,
+        "dynamic_img_size": True,
+        "drop_path_rate": drop_path_rate,
+    }
+    overrides = {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(pretrained, str) and pretrained.lower() in {"", "false", "none"}:
+        pretrained = False
+    if isinstance(pretrained, str) and pretrained.lower() == "true":
+        pretrained = True
+    if pretrained and any(v is not None for k, v in overrides.items() if k != "patch_size"):
+        raise ConfigError(
+            "embed_dim/depth/num_heads overrides change the architecture: they cannot use pretrained weights"
+        )
+    if isinstance(pretrained, str):
+        hub_id = pretrained.removeprefix("hf-hub:")
+        kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": hub_id}
+        pretrained = True
+    try:
+        model = timm.create_model(model_name, pretrained=bool(pretrained), **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not load pretrained weights for encoder {name!r}: {err}. Without network access, "
+            "download the weights elsewhere and pass encoder checkpoint_path=/path/to/weights "
+            "(a timm state dict, .safetensors file or selfsup3d checkpoint)."
+        ) from err
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"encoder {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    for block in model.blocks:
+        # timm routes attention through F.scaled_dot_product_attention (flash / memory-efficient kernels).
+        block.attn.fused_attn = True
+    return model
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen module: no gradients, always in eval mode (``.train()`` cannot switch it back), and its
+    forward runs without autograd. Wraps the teacher of distillation objectives."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def make_teacher(encoder: nn.Module) -> FrozenTeacher:
+    """A frozen copy of ``encoder`` (see :class:`FrozenTeacher`)."""
+    return FrozenTeacher(copy.deepcopy(encoder))

@@ -1,0 +1,53 @@
+"""A toy objective and datamodule: what a user writes to plug a new objective in (see README)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from selfsup3d.objectives.base import PretrainObjective
+
+
+class RotationPrediction(PretrainObjective):
+    """Predict which of four rotations was applied to an image (Gidaris et al. 2018), in 15 lines."""
+
+    def __init__(self, encoder: nn.Module, hidden: int = 16, **kwargs) -> None:
+        super().__init__(encoder, **kwargs)
+        self.head = nn.Sequential(nn.Linear(encoder.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 4))
+
+    def step(self, batch: dict, stage: str) -> dict:
+        images = batch["image"]
+        k = torch.arange(images.shape[0], device=images.device) % 4
+        rotated = torch.stack([torch.rot90(im, int(r), dims=(1, 2)) for im, r in zip(images, k)])
+        logits = self.head(self.encoder(rotated).cls)
+        loss = F.cross_entropy(logits, k)
+        return {"loss": loss, "accuracy": (logits.argmax(-1) == k).float().mean()}
+
+
+class _Images(Dataset):
+    def __init__(self, n: int, size: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 3, size, size, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i]}
+
+
+class RandomImages(LightningDataModule):
+    """Random images, for plumbing tests."""
+
+    def __init__(self, num_samples: int = 16, image_size: int = 32, batch_size: int = 4) -> None:
+        super().__init__()
+        self.num_samples, self.image_size, self.batch_size = num_samples, image_size, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Images(self.num_samples, self.image_size, 0), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_Images(self.batch_size, self.image_size, 1), batch_size=self.batch_size)
