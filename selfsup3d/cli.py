@@ -58,7 +58,8 @@ class ConfigLoggingSaveConfig(SaveConfigCallback):
 
 class SelfSup3DCLI(LightningCLI):
     """LightningCLI with selfsup3d's defaults: any objective and datamodule by ``class_path``, a
-    checkpoint section (``--checkpoint.*``, ``save_last`` on, so ``--ckpt_path last`` resumes), a pinned
+    checkpoint section (``--checkpoint.*``; ``save_last`` and ``save_on_exception`` on, so an interrupted
+    run loses nothing and ``--ckpt_path last`` resumes it), a pinned
     seed, the config saved next to the logs, and configuration errors reported as usage errors."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
@@ -81,6 +82,7 @@ class SelfSup3DCLI(LightningCLI):
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
+                "checkpoint.save_on_exception": True,  # Ctrl-C or a crash still leaves last.ckpt
                 "checkpoint.filename": "step{step:08d}",
                 "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.save_top_k": -1,

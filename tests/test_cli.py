@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,20 @@ def test_fit_resume_and_export(tmp_path):
         k.removeprefix("encoder.vit."): v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.vit.")
     }
     assert all(torch.equal(v, expected[k]) for k, v in enc.vit.state_dict().items())
+
+
+def test_interrupted_run_keeps_its_progress_and_resumes(tmp_path):
+    cfg = write_config(tmp_path, max_steps=6)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful Ctrl-C shutdown exits with status 1
+            main(["fit", "--config", str(cfg), "--trainer.callbacks+=toy.InterruptAt", "--trainer.callbacks.step=3"])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    last = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+    main(["fit", "--config", str(cfg), "--ckpt_path", "last"])
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
 
 
 def test_fine_tune_with_init_encoder_from(tmp_path):

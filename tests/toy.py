@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -51,3 +51,14 @@ class RandomImages(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(_Images(self.batch_size, self.image_size, 1), batch_size=self.batch_size)
+
+
+class InterruptAt(Callback):
+    """Simulates Ctrl-C after ``step`` optimiser steps."""
+
+    def __init__(self, step: int = 2) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise KeyboardInterrupt
