@@ -31,5 +31,9 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Benchmarks print figures (throughput, memory); they are not tests and take minutes.
+bench: $(STAMP)
+	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

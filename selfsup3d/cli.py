@@ -18,6 +18,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+
+# Lightning 2.6 still calls jsonargparse APIs that 4.49+ deprecates; the warnings are not actionable by users.
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +55,7 @@ class ConfigLoggingSaveConfig(SaveConfigCallback):
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if isinstance(trainer.logger, TensorBoardLogger):
-            text = self.parser.dump(self.config, skip_none=False)
+            text = self.parser.dump(self.config)
             trainer.logger.experiment.add_text("config", "```yaml\n" + text + "\n```", global_step=0)
 
 
