@@ -4,3 +4,8 @@ if __name__ != "selfsup3d.datamodules":  # e.g. `import datamodules` from the re
     raise ImportError(
         "import selfsup3d.datamodules (install the project: make install), not the top-level 'datamodules' folder"
     )
+
+from selfsup3d.datamodules.multiview import MultiViewShards
+from selfsup3d.datamodules.pipeline import BadSampleWarning, SkippedSamplesLogger
+
+__all__ = ["BadSampleWarning", "MultiViewShards", "SkippedSamplesLogger"]

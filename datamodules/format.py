@@ -1,0 +1,675 @@
+"""The selfsup3d shard format: one module that every writer and every reader uses.
+
+The format is specified in ``docs/shard-format.md``; this module is its executable form. Shards are
+plain tar files read by WebDataset, which groups members by the part of the file name before the first
+dot (the sample key, ``__key__``) and names each member by the rest (the field).
+
+Multi-view sample (one scene, ``V`` views, ``NNN`` = view index with at least three digits)::
+
+    KEY.000.png | KEY.000.jpg | KEY.000.webp   one RGB image per view, all of one size
+    KEY.000.depth.png                          optional: 16-bit z-depth, metres = value * depth_scale, 0 = none
+    KEY.000.mask.png                           optional: 8-bit foreground mask, 0 = background
+    KEY.cameras.json                           width, height, depth_scale, views[i].K (3x3), views[i].c2w (4x4)
+    KEY.meta.json                              source, scene id, label (-1 = unknown), class_name, ...
+
+Single-view sample::
+
+    KEY.png | KEY.jpg | KEY.webp                the RGB image
+    KEY.depth.png                              optional: 16-bit depth, value * meta.depth_scale
+    KEY.mask.png                               optional: foreground mask
+    KEY.cls                                    optional: class index as decimal text
+    KEY.meta.json                              source, label, depth_scale, depth_kind ("metric" | "relative")
+
+Camera conventions: ``c2w`` maps OpenCV camera coordinates (x right, y down, z forward) to world
+coordinates; ``K`` is in pixels with the image's top-left corner at ``(0, 0)``, so the centre of pixel
+``(row i, column j)`` is ``(u, v) = (j + 0.5, i + 0.5)`` and a centred principal point is ``(W/2, H/2)``.
+Depth is z-depth along the optical axis (not distance along the ray).
+
+Writers use :class:`ShardSink` with :class:`Scene` or :class:`ImageSample`; readers use
+:func:`parse_cameras`, :func:`view_indices`, :func:`decode_rgb`, :func:`decode_depth`, :func:`decode_mask`
+and :func:`parse_meta`, which raise :class:`SampleError` naming the shard, the key and the field.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+FORMAT_NAME = "selfsup3d"
+FORMAT_VERSION = 1
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+"""Image fields a reader accepts, in order of preference when a view has several."""
+DEPTH_SUFFIX = "depth.png"
+MASK_SUFFIX = "mask.png"
+CAMERAS_FIELD = "cameras.json"
+META_FIELD = "meta.json"
+CLASS_FIELD = "cls"
+
+DEPTH_MAX_UNITS = 65535
+"""Largest value of a 16-bit depth PNG; 0 means "no depth"."""
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
+_VIEW_RE = re.compile(r"^(\d{3,})\.(png|jpg|jpeg|webp)$")
+
+
+# ============================================================================ errors
+class SampleError(ValueError):
+    """A sample that does not follow the format. The message names the shard, the key and the field."""
+
+    def __init__(
+        self, url: str | None, key: str | None = None, field_name: str | None = None, problem: str | None = None
+    ) -> None:
+        if problem is None:  # one argument: a finished message (how DataLoader re-raises a worker's error)
+            self.url = self.key = self.field = None
+            self.problem = str(url)
+            super().__init__(str(url))
+            return
+        self.url, self.key, self.field, self.problem = url, key, field_name, problem
+        where = f"shard {url or '?'}, sample {key or '?'}"
+        if field_name:
+            where += f", field {field_name}"
+        super().__init__(f"{where}: {problem}")
+
+
+# ============================================================================ keys
+def make_key(*parts: object) -> str:
+    """A valid sample key from ``parts``: joined by ``_``, characters other than ``[A-Za-z0-9_-]``
+    replaced by ``-`` (WebDataset splits member names at the first dot, so keys carry none)."""
+    text = "_".join(str(p) for p in parts if str(p) != "")
+    text = re.sub(r"[^A-Za-z0-9_\-]+", "-", text).strip("-")
+    if not text:
+        raise ValueError(f"cannot make a sample key from {parts!r}")
+    return text
+
+
+def check_key(key: str) -> None:
+    """Raise ``ValueError`` unless ``key`` is a valid sample key (no dots, no spaces, not empty)."""
+    if not isinstance(key, str) or not _KEY_RE.match(key) or key.startswith("__"):
+        raise ValueError(
+            f"invalid sample key {key!r}: use letters, digits, '_' and '-' (no dots: WebDataset splits "
+            "member names at the first dot); make_key() builds one"
+        )
+
+
+def view_field(index: int, suffix: str) -> str:
+    """Field name of view ``index`` with ``suffix`` (``png``, ``depth.png``, ...): ``"003.png"``."""
+    return f"{index:03d}.{suffix}"
+
+
+# ============================================================================ encoding helpers
+class EncodedImage(NamedTuple):
+    """An already encoded image passed through unchanged (e.g. a JPEG from a COLMAP folder)."""
+
+    data: bytes
+    ext: str
+
+
+def _image_ext(fmt: str) -> str:
+    fmt = fmt.lower()
+    if fmt not in IMAGE_EXTENSIONS:
+        raise ValueError(f"image format must be one of {IMAGE_EXTENSIONS}, got {fmt!r}")
+    return "jpg" if fmt == "jpeg" else fmt
+
+
+def encode_rgb(image: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+    """Encode an ``[H, W, 3]`` uint8 RGB array as ``png``, ``jpg`` or ``webp`` bytes."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"an image must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
+    buf = io.BytesIO()
+    ext = _image_ext(fmt)
+    pil_format = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[ext]
+    kwargs: dict[str, Any] = {"compress_level": 1} if ext == "png" else {"quality": quality}
+    Image.fromarray(image, mode="RGB").save(buf, format=pil_format, **kwargs)
+    return buf.getvalue()
+
+
+def depth_scale_for(depth: np.ndarray | Sequence[np.ndarray]) -> float:
+    """A depth scale (metres per unit) that fits the largest finite depth into 16 bits with headroom."""
+    arrays = [depth] if isinstance(depth, np.ndarray) else list(depth)
+    largest = max((float(np.max(d[np.isfinite(d)], initial=0.0)) for d in arrays), default=0.0)
+    if largest <= 0:
+        return 1e-3
+    return largest / (DEPTH_MAX_UNITS - 1)
+
+
+def encode_depth(depth: np.ndarray, scale: float) -> bytes:
+    """Encode float z-depth ``[H, W]`` (0 or non-finite = none) as a 16-bit PNG of ``round(depth / scale)``."""
+    depth = np.asarray(depth, dtype=np.float64)
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be [H, W], got shape {list(depth.shape)}")
+    if not scale > 0:
+        raise ValueError(f"depth_scale must be > 0, got {scale}")
+    valid = np.isfinite(depth) & (depth > 0)
+    units = np.zeros(depth.shape, dtype=np.float64)
+    units[valid] = np.round(depth[valid] / scale)
+    if units.max(initial=0) > DEPTH_MAX_UNITS:
+        raise ValueError(
+            f"depth {depth[valid].max():.4g} does not fit 16 bits at depth_scale {scale:.4g} "
+            f"(max {DEPTH_MAX_UNITS * scale:.4g}); use depth_scale_for()"
+        )
+    units[valid] = np.maximum(units[valid], 1)  # a valid depth never encodes as "none"
+    buf = io.BytesIO()
+    Image.fromarray(units.astype(np.uint16)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """Encode a boolean or 0/1 mask ``[H, W]`` as an 8-bit PNG (0 or 255)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a mask must be [H, W], got shape {list(mask.shape)}")
+    buf = io.BytesIO()
+    Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), mode="L").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _image_size(image: np.ndarray | EncodedImage) -> tuple[int, int]:
+    """``(width, height)`` of an array or of encoded bytes (reads the header only)."""
+    if isinstance(image, EncodedImage):
+        with Image.open(io.BytesIO(image.data)) as im:
+            return im.size
+    arr = np.asarray(image)
+    return int(arr.shape[1]), int(arr.shape[0])
+
+
+_K_ROW = np.array([0.0, 0.0, 1.0])
+_C2W_ROW = np.array([0.0, 0.0, 0.0, 1.0])
+_EYE3 = np.eye(3)
+
+
+def check_camera(K: np.ndarray, c2w: np.ndarray, what: str = "camera") -> None:
+    """Raise ``ValueError`` unless ``K`` is a finite 3x3 intrinsic matrix with positive focal lengths and
+    ``c2w`` a finite 4x4 rigid transform (rotation with determinant +1, last row ``0 0 0 1``)."""
+    K = np.asarray(K, dtype=np.float64)
+    c2w = np.asarray(c2w, dtype=np.float64)
+    # plain comparisons: np.allclose costs more than the rest of a view's decoding
+    if K.shape != (3, 3) or not np.isfinite(K).all():
+        raise ValueError(f"{what}: K must be a finite 3x3 matrix, got {K.tolist()}")
+    if not (K[0, 0] > 0 and K[1, 1] > 0) or np.abs(K[2] - _K_ROW).max() > 1e-9 or K[1, 0] != 0:
+        raise ValueError(f"{what}: K must be [[fx, s, cx], [0, fy, cy], [0, 0, 1]] with fx, fy > 0, got {K.tolist()}")
+    if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
+        raise ValueError(f"{what}: c2w must be a finite 4x4 matrix, got shape {list(c2w.shape)}")
+    if np.abs(c2w[3] - _C2W_ROW).max() > 1e-6:
+        raise ValueError(f"{what}: the last row of c2w must be [0, 0, 0, 1], got {c2w[3].tolist()}")
+    rot = c2w[:3, :3]
+    if np.abs(rot @ rot.T - _EYE3).max() > 1e-4 or np.linalg.det(rot) < 0:
+        raise ValueError(f"{what}: the rotation part of c2w is not a rotation (orthonormal, det +1)")
+
+
+# ============================================================================ in-memory samples
+@dataclass
+class Scene:
+    """A multi-view sample to write.
+
+    Args:
+        key: sample key (no dots; see :func:`make_key`).
+        images: one RGB image per view: ``[H, W, 3]`` uint8 arrays or :class:`EncodedImage`, all one size.
+        K: ``[V, 3, 3]`` pixel intrinsics.
+        c2w: ``[V, 4, 4]`` camera-to-world, OpenCV axes.
+        depth: optional ``V`` z-depth maps ``[H, W]`` in world units (0 = none).
+        masks: optional ``V`` foreground masks ``[H, W]``.
+        meta: ``meta.json`` content; ``source``, ``scene_id`` and ``label`` are filled in when missing.
+        depth_scale: metres per unit of the depth PNGs; chosen from the data when ``None``.
+    """
+
+    key: str
+    images: list[np.ndarray | EncodedImage]
+    K: np.ndarray
+    c2w: np.ndarray
+    depth: list[np.ndarray] | None = None
+    masks: list[np.ndarray] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    depth_scale: float | None = None
+
+
+@dataclass
+class ImageSample:
+    """A single-view sample to write.
+
+    Args:
+        key: sample key (no dots).
+        image: ``[H, W, 3]`` uint8 array or :class:`EncodedImage`.
+        depth: optional ``[H, W]`` depth (metric or relative, see ``depth_kind``; 0 = none).
+        mask: optional ``[H, W]`` foreground mask.
+        label: class index, -1 when unknown.
+        meta: ``meta.json`` content (``source``, ``class_name``, ...).
+        depth_scale: units per PNG step; chosen from the data when ``None``.
+        depth_kind: ``"metric"`` (metres) or ``"relative"`` (monocular pseudo depth, arbitrary scale).
+    """
+
+    key: str
+    image: np.ndarray | EncodedImage
+    depth: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    label: int = -1
+    meta: dict[str, Any] = field(default_factory=dict)
+    depth_scale: float | None = None
+    depth_kind: str = "metric"
+
+
+def _encode_image_field(image: np.ndarray | EncodedImage, fmt: str, quality: int) -> tuple[str, bytes]:
+    if isinstance(image, EncodedImage):
+        return _image_ext(image.ext), image.data
+    ext = _image_ext(fmt)
+    return ext, encode_rgb(image, ext, quality)
+
+
+def encode_scene(scene: Scene, image_format: str = "png", quality: int = 95) -> dict[str, Any]:
+    """Validate ``scene`` and turn it into the dict :class:`webdataset.ShardWriter` writes (bytes values).
+
+    Raises:
+        ValueError: naming the key and what is wrong.
+    """
+    check_key(scene.key)
+    where = f"scene {scene.key}"
+    n = len(scene.images)
+    if n < 1:
+        raise ValueError(f"{where}: no views")
+    K = np.asarray(scene.K, dtype=np.float64)
+    c2w = np.asarray(scene.c2w, dtype=np.float64)
+    if K.shape != (n, 3, 3) or c2w.shape != (n, 4, 4):
+        raise ValueError(f"{where}: K must be [{n}, 3, 3] and c2w [{n}, 4, 4], got {list(K.shape)}, {list(c2w.shape)}")
+    sizes = {_image_size(im) for im in scene.images}
+    if len(sizes) != 1:
+        raise ValueError(f"{where}: all views must have one size, got {sorted(sizes)}")
+    width, height = sizes.pop()
+    for i in range(n):
+        check_camera(K[i], c2w[i], f"{where}, view {i}")
+    out: dict[str, Any] = {"__key__": scene.key}
+    for i, image in enumerate(scene.images):
+        ext, data = _encode_image_field(image, image_format, quality)
+        out[view_field(i, ext)] = data
+    depth_scale = None
+    if scene.depth is not None:
+        if len(scene.depth) != n:
+            raise ValueError(f"{where}: {len(scene.depth)} depth maps for {n} views")
+        depth_scale = scene.depth_scale or depth_scale_for(scene.depth)
+        for i, d in enumerate(scene.depth):
+            if np.shape(d) != (height, width):
+                raise ValueError(f"{where}, view {i}: depth is {list(np.shape(d))}, image is [{height}, {width}]")
+            out[view_field(i, DEPTH_SUFFIX)] = encode_depth(d, depth_scale)
+    if scene.masks is not None:
+        if len(scene.masks) != n:
+            raise ValueError(f"{where}: {len(scene.masks)} masks for {n} views")
+        for i, m in enumerate(scene.masks):
+            if np.shape(m) != (height, width):
+                raise ValueError(f"{where}, view {i}: mask is {list(np.shape(m))}, image is [{height}, {width}]")
+            out[view_field(i, MASK_SUFFIX)] = encode_mask(m)
+    cameras = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "width": width,
+        "height": height,
+        "depth_scale": depth_scale,
+        "views": [{"K": K[i].tolist(), "c2w": c2w[i].tolist()} for i in range(n)],
+    }
+    meta = {"source": "unknown", "scene_id": scene.key, "label": -1, **scene.meta}
+    _check_label(meta.get("label"), where)
+    out[CAMERAS_FIELD] = json.dumps(cameras).encode()
+    out[META_FIELD] = json.dumps(meta).encode()
+    return out
+
+
+def encode_image_sample(sample: ImageSample, image_format: str = "jpg", quality: int = 95) -> dict[str, Any]:
+    """Validate a single-view sample and turn it into a ShardWriter dict.
+
+    Raises:
+        ValueError: naming the key and what is wrong.
+    """
+    check_key(sample.key)
+    where = f"sample {sample.key}"
+    width, height = _image_size(sample.image)
+    ext, data = _encode_image_field(sample.image, image_format, quality)
+    out: dict[str, Any] = {"__key__": sample.key, ext: data}
+    meta = {"source": "unknown", "label": int(sample.label), **sample.meta}
+    if sample.depth is not None:
+        if np.shape(sample.depth) != (height, width):
+            raise ValueError(f"{where}: depth is {list(np.shape(sample.depth))}, image is [{height}, {width}]")
+        if sample.depth_kind not in ("metric", "relative"):
+            raise ValueError(f"{where}: depth_kind must be 'metric' or 'relative', got {sample.depth_kind!r}")
+        scale = sample.depth_scale or depth_scale_for(sample.depth)
+        out[DEPTH_SUFFIX] = encode_depth(sample.depth, scale)
+        meta.update(depth_scale=scale, depth_kind=sample.depth_kind)
+    if sample.mask is not None:
+        if np.shape(sample.mask) != (height, width):
+            raise ValueError(f"{where}: mask is {list(np.shape(sample.mask))}, image is [{height}, {width}]")
+        out[MASK_SUFFIX] = encode_mask(sample.mask)
+    _check_label(meta["label"], where)
+    out[CLASS_FIELD] = str(int(sample.label)).encode()
+    out[META_FIELD] = json.dumps(meta).encode()
+    return out
+
+
+def _check_label(label: Any, where: str) -> None:
+    if not isinstance(label, int | np.integer) or isinstance(label, bool) or label < -1:
+        raise ValueError(f"{where}: label must be an integer >= -1 (-1 = unknown), got {label!r}")
+
+
+# ============================================================================ writing shards
+class ShardSink:
+    """Writes samples into ``DIR/SPLIT-000000.tar``, ``DIR/SPLIT-000001.tar``, ... (WebDataset's ShardWriter).
+
+    Args:
+        out_dir: output folder (created).
+        split: shard name prefix, e.g. ``train`` or ``val`` (no dots).
+        samples_per_shard: start a new shard after this many samples.
+        max_shard_bytes: ... or when a shard reaches this size.
+        image_format: how arrays are encoded: ``png`` (lossless, default for renders), ``jpg`` or ``webp``.
+        quality: JPEG/WebP quality.
+        overwrite: delete existing ``SPLIT-NNNNNN.tar`` shards first; otherwise refuse to mix with them.
+
+    After :meth:`close` (or the ``with`` block), :attr:`shards` lists the files and :attr:`url` is a brace
+    pattern for all of them, to paste into a config.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        split: str = "train",
+        samples_per_shard: int = 100,
+        max_shard_bytes: float = 1e9,
+        image_format: str = "png",
+        quality: int = 95,
+        overwrite: bool = False,
+    ) -> None:
+        check_key(split)
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        self.out_dir = Path(out_dir)
+        self.split = split
+        self.image_format = _image_ext(image_format)
+        self.quality = quality
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        existing = sorted(self.out_dir.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+        if existing and not overwrite:
+            raise FileExistsError(
+                f"{self.out_dir} already holds {len(existing)} '{split}' shards ({existing[0].name}, ...); "
+                "choose another folder or overwrite them (--overwrite)"
+            )
+        for path in existing:
+            path.unlink()
+        self.count = 0
+        # a fixed integer mtime: byte-identical shards for identical data, and plain ustar headers (a float
+        # mtime makes tarfile add a pax header to every member, which doubles the cost of reading them)
+        self._writer = wds.ShardWriter(
+            str(self.out_dir / f"{split}-%06d.tar"),
+            maxcount=samples_per_shard,
+            maxsize=max_shard_bytes,
+            verbose=0,
+            mtime=0,
+        )
+        self._closed = False
+
+    def write(self, sample: Scene | ImageSample | Mapping[str, Any]) -> None:
+        """Validate, encode and write one sample (a ready ShardWriter dict is written as is)."""
+        if isinstance(sample, Scene):
+            record = encode_scene(sample, self.image_format, self.quality)
+        elif isinstance(sample, ImageSample):
+            record = encode_image_sample(sample, self.image_format, self.quality)
+        else:
+            record = dict(sample)
+            check_key(record.get("__key__", ""))
+        self._writer.write(record)
+        self.count += 1
+
+    def close(self) -> None:
+        """Finish the last shard."""
+        if not self._closed:
+            self._writer.close()
+            self._closed = True
+
+    def __enter__(self) -> ShardSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def shards(self) -> list[str]:
+        """Paths of the shards written so far, in order."""
+        return [str(p) for p in sorted(self.out_dir.glob(f"{self.split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))]
+
+    @property
+    def url(self) -> str:
+        """A brace pattern naming every shard written (``DIR/train-{000000..000003}.tar``)."""
+        return shard_pattern(self.out_dir, self.split, len(self.shards))
+
+
+def shard_pattern(out_dir: str | os.PathLike[str], split: str, num_shards: int) -> str:
+    """Brace pattern of ``num_shards`` shards written by :class:`ShardSink`."""
+    if num_shards <= 1:
+        return str(Path(out_dir) / f"{split}-000000.tar")
+    return str(Path(out_dir) / f"{split}-{{000000..{num_shards - 1:06d}}}.tar")
+
+
+# ============================================================================ reading
+@dataclass
+class Cameras:
+    """Parsed ``cameras.json``: ``K`` ``[N, 3, 3]`` and ``c2w`` ``[N, 4, 4]`` (float64)."""
+
+    width: int
+    height: int
+    depth_scale: float | None
+    K: np.ndarray
+    c2w: np.ndarray
+
+    @property
+    def num_views(self) -> int:
+        return len(self.K)
+
+
+def sample_where(sample: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """``(shard url, key)`` of a raw WebDataset sample, for messages."""
+    return sample.get("__url__"), sample.get("__key__")
+
+
+def is_multiview(sample: Mapping[str, Any]) -> bool:
+    """Whether a raw sample is a multi-view scene (it has ``cameras.json`` or numbered views)."""
+    return CAMERAS_FIELD in sample or any(_VIEW_RE.match(k) for k in sample)
+
+
+def _load_json(sample: Mapping[str, Any], name: str) -> Any:
+    url, key = sample_where(sample)
+    if name not in sample:
+        raise SampleError(url, key, name, "missing")
+    raw = sample[name]
+    if isinstance(raw, dict | list):
+        return raw
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SampleError(url, key, name, f"not valid JSON ({err})") from None
+
+
+def parse_cameras(sample: Mapping[str, Any]) -> Cameras:
+    """Read and validate ``cameras.json`` of a raw multi-view sample.
+
+    Raises:
+        SampleError: missing or malformed, naming shard, key and the exact entry.
+    """
+    url, key = sample_where(sample)
+    data = _load_json(sample, CAMERAS_FIELD)
+
+    def bad(problem: str) -> SampleError:
+        return SampleError(url, key, CAMERAS_FIELD, problem)
+
+    if not isinstance(data, dict):
+        raise bad(f"must be a JSON object, got {type(data).__name__}")
+    for name in ("width", "height", "views"):
+        if name not in data:
+            raise bad(f"missing '{name}'")
+    width, height = data["width"], data["height"]
+    if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+        raise bad(f"'width' and 'height' must be positive integers, got {width!r}, {height!r}")
+    scale = data.get("depth_scale")
+    if scale is not None and not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
+        raise bad(f"'depth_scale' must be a positive number or null, got {scale!r}")
+    views = data["views"]
+    if not isinstance(views, list) or not views:
+        raise bad("'views' must be a non-empty list")
+    Ks, c2ws = [], []
+    for i, view in enumerate(views):
+        if not isinstance(view, dict) or "K" not in view or "c2w" not in view:
+            raise bad(f"views[{i}] must be an object with 'K' and 'c2w'")
+        try:
+            K = np.asarray(view["K"], dtype=np.float64)
+            c2w = np.asarray(view["c2w"], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise bad(f"views[{i}]: 'K' and 'c2w' must be numeric matrices") from None
+        try:
+            check_camera(K, c2w, f"views[{i}]")
+        except ValueError as err:
+            raise bad(str(err)) from None
+        Ks.append(K)
+        c2ws.append(c2w)
+    return Cameras(width, height, float(scale) if scale is not None else None, np.stack(Ks), np.stack(c2ws))
+
+
+def image_field(sample: Mapping[str, Any], view: int | None = None) -> str:
+    """Name of the image field of view ``view`` (multi-view) or of a single-view sample (``view=None``).
+
+    Raises:
+        SampleError: no image for that view.
+    """
+    prefix = "" if view is None else f"{view:03d}."
+    for ext in IMAGE_EXTENSIONS:
+        if prefix + ext in sample:
+            return prefix + ext
+    url, key = sample_where(sample)
+    what = f"{prefix}{{{','.join(IMAGE_EXTENSIONS)}}}"
+    raise SampleError(url, key, what, "missing" + ("" if view is None else f" (view {view})"))
+
+
+def view_indices(sample: Mapping[str, Any]) -> list[int]:
+    """Indices of the views present as images in a raw multi-view sample, sorted."""
+    return sorted({int(m.group(1)) for k in sample if (m := _VIEW_RE.match(k))})
+
+
+def check_views(sample: Mapping[str, Any], cameras: Cameras) -> None:
+    """Raise :class:`SampleError` unless the sample has exactly one image per camera, numbered from 0."""
+    found = view_indices(sample)
+    if found != list(range(cameras.num_views)):
+        url, key = sample_where(sample)
+        missing = sorted(set(range(cameras.num_views)) - set(found))
+        extra = sorted(set(found) - set(range(cameras.num_views)))
+        problem = f"cameras.json lists {cameras.num_views} views"
+        if missing:
+            problem += f"; no image for view(s) {missing[:8]}"
+        if extra:
+            problem += f"; image(s) without a camera: {extra[:8]}"
+        raise SampleError(url, key, CAMERAS_FIELD, problem)
+
+
+def _open_image(sample: Mapping[str, Any], name: str) -> Image.Image:
+    url, key = sample_where(sample)
+    if name not in sample:
+        raise SampleError(url, key, name, "missing")
+    try:
+        image = Image.open(io.BytesIO(sample[name]))
+        image.load()
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise SampleError(url, key, name, f"cannot decode image ({type(err).__name__}: {err})") from None
+    return image
+
+
+def decode_rgb(sample: Mapping[str, Any], name: str, size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode an image field to an RGB PIL image; ``size`` = expected ``(width, height)``.
+
+    Raises:
+        SampleError: missing, undecodable or of the wrong size.
+    """
+    image = _open_image(sample, name)
+    if size is not None and image.size != tuple(size):
+        url, key = sample_where(sample)
+        raise SampleError(url, key, name, f"image is {image.size[0]}x{image.size[1]}, expected {size[0]}x{size[1]}")
+    if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
+        raise SampleError(*sample_where(sample), name, "has an alpha channel; writers composite it (see converters)")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_depth(sample: Mapping[str, Any], name: str, size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode a 16-bit depth PNG to a PIL image of mode ``I;16`` (multiply by the depth scale for metres).
+
+    Raises:
+        SampleError: missing, undecodable, not 16-bit or of the wrong size.
+    """
+    image = _open_image(sample, name)
+    url, key = sample_where(sample)
+    if image.mode not in ("I;16", "I;16B", "I;16L"):
+        raise SampleError(url, key, name, f"depth must be a 16-bit grayscale PNG, got mode {image.mode}")
+    if size is not None and image.size != tuple(size):
+        raise SampleError(url, key, name, f"depth is {image.size[0]}x{image.size[1]}, expected {size[0]}x{size[1]}")
+    return image
+
+
+def decode_mask(sample: Mapping[str, Any], name: str, size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode a mask PNG to a PIL image of mode ``L`` (non-zero = foreground).
+
+    Raises:
+        SampleError: missing, undecodable or of the wrong size.
+    """
+    image = _open_image(sample, name)
+    if size is not None and image.size != tuple(size):
+        url, key = sample_where(sample)
+        raise SampleError(url, key, name, f"mask is {image.size[0]}x{image.size[1]}, expected {size[0]}x{size[1]}")
+    return image if image.mode == "L" else image.convert("L")
+
+
+def depth_to_array(image: Image.Image, scale: float) -> np.ndarray:
+    """A decoded depth image to float32 z-depth ``[H, W]`` (0 = none)."""
+    return np.asarray(image, dtype=np.uint16).astype(np.float32) * np.float32(scale)
+
+
+def parse_meta(sample: Mapping[str, Any], required: bool = True) -> dict[str, Any]:
+    """``meta.json`` as a dict (empty when absent and not ``required``), with ``label`` checked.
+
+    For single-view samples a ``cls`` field, when present, is the label.
+
+    Raises:
+        SampleError: malformed JSON, a non-object, or a label that is not an integer >= -1.
+    """
+    url, key = sample_where(sample)
+    if META_FIELD in sample:
+        meta = _load_json(sample, META_FIELD)
+        if not isinstance(meta, dict):
+            raise SampleError(url, key, META_FIELD, f"must be a JSON object, got {type(meta).__name__}")
+    elif required:
+        raise SampleError(url, key, META_FIELD, "missing")
+    else:
+        meta = {}
+    if CLASS_FIELD in sample:
+        try:
+            meta["label"] = int(bytes(sample[CLASS_FIELD]).decode().strip())
+        except (ValueError, UnicodeDecodeError):
+            raise SampleError(url, key, CLASS_FIELD, f"not an integer: {sample[CLASS_FIELD][:20]!r}") from None
+    label = meta.setdefault("label", -1)
+    try:
+        _check_label(label, "")
+    except ValueError:
+        raise SampleError(url, key, META_FIELD, f"'label' must be an integer >= -1, got {label!r}") from None
+    return meta
+
+
+def single_depth_scale(sample: Mapping[str, Any], meta: Mapping[str, Any]) -> float:
+    """The depth scale of a single-view sample (``meta.json`` ``depth_scale``).
+
+    Raises:
+        SampleError: a depth image without a positive ``depth_scale``.
+    """
+    scale = meta.get("depth_scale")
+    if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
+        raise SampleError(*sample_where(sample), META_FIELD, f"'depth_scale' must be a positive number, got {scale!r}")
+    return float(scale)

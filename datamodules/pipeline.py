@@ -1,0 +1,373 @@
+"""WebDataset plumbing shared by the datamodules: URLs, shard opening, equal epochs on every rank, bad samples.
+
+Training reads **resampled** shards (:class:`webdataset.ResampledShards`, seeded per rank and worker) and
+the loader counts ``batches_per_epoch`` batches (``WebLoader.with_epoch``), so every rank runs the same
+number of steps whatever the number and size of the shards: DDP never waits on a rank that ran dry.
+
+Validation is deterministic: every rank reads every validation shard in order (workers split the shards)
+and keeps the samples whose index modulo the world size is its rank, then pads with its last sample up to
+the largest share, so all ranks see the same number of batches (at most ``world_size - 1`` samples per
+worker are repeated).
+
+A sample that is bad (corrupt image, missing field, too few views, malformed ``cameras.json``) raises
+:class:`~selfsup3d.datamodules.format.SampleError` in the decoder; :class:`BadSampleHandler` warns with the
+shard and key and counts it (``strict=False``), or re-raises it (``strict=True``). The counts live in
+shared memory so the main process sees what the workers skipped; :class:`SkippedSamplesLogger` logs them.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import random
+import tarfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+import braceexpand
+import torch
+import webdataset as wds
+from lightning.pytorch import Callback, LightningModule, Trainer
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from selfsup3d.datamodules.format import SampleError, sample_where
+from selfsup3d.errors import ConfigError
+
+MAX_CONSECUTIVE_BAD = 200
+"""A worker that meets this many bad samples in a row stops with an error (the data or the settings are
+wrong, e.g. ``with_depth=True`` on shards without depth), instead of resampling forever."""
+WARN_FIRST = 20
+"""Each worker warns about its first bad samples one by one, then about every 100th."""
+
+_GOPEN_SCHEMES = {"", "file", "pipe", "http", "https", "sftp", "ftps", "scp", "gs", "ais", "htgs", "hf"}
+
+
+class BadSampleWarning(UserWarning):
+    """A sample was skipped; the message names the shard, the key and the field."""
+
+
+# ============================================================================ URLs
+def _is_local(url: str) -> bool:
+    return urlparse(url).scheme in ("", "file")
+
+
+def _local_path(url: str) -> str:
+    return urlparse(url).path if url.startswith("file:") else url
+
+
+def expand_urls(urls: str | Sequence[str], arg_name: str) -> list[str]:
+    """Expand brace patterns (``train-{000000..000009}.tar``) and local globs (``shards/*.tar``) and check
+    that every local shard exists and is a tar file; ``pipe:`` and remote URLs are checked when read.
+
+    Raises:
+        ConfigError: nothing given, a pattern that matches nothing, a missing file or a file that is not a
+            tar archive; the message names ``arg_name`` and the offending pattern or file.
+    """
+    if isinstance(urls, str):
+        urls = [urls]
+    if not urls:
+        raise ConfigError(f"{arg_name} is empty: give shard URLs, e.g. 'shards/train-{{000000..000009}}.tar'")
+    out: list[str] = []
+    for pattern in urls:
+        expanded = list(braceexpand.braceexpand(pattern))
+        for url in expanded:
+            if not _is_local(url):
+                out.append(url)
+                continue
+            path = _local_path(url)
+            if glob.has_magic(path):
+                matches = sorted(glob.glob(path))
+                if not matches:
+                    raise ConfigError(f"{arg_name}: the pattern {pattern!r} matches no file")
+                out.extend(matches)
+                continue
+            if not os.path.exists(path):
+                hint = f" (expanded from {pattern!r}, which names {len(expanded)} files)" if len(expanded) > 1 else ""
+                raise ConfigError(f"{arg_name}: shard {path!r} does not exist{hint}")
+            out.append(url)
+    for url in out:
+        if _is_local(url):
+            path = _local_path(url)
+            if os.path.isdir(path):
+                raise ConfigError(f"{arg_name}: {path!r} is a folder; name the shards, e.g. '{path}/train-*.tar'")
+            if not tarfile.is_tarfile(path):
+                raise ConfigError(f"{arg_name}: {path!r} is not a tar archive")
+    return out
+
+
+def _open_url(url: str) -> Any:
+    """A binary stream for a shard URL: webdataset's ``gopen`` for local, ``pipe:`` and curl-able URLs,
+    fsspec for the rest (``s3://``, ``gcs://``, ``memory://``, ...)."""
+    scheme = urlparse(url).scheme
+    if scheme in _GOPEN_SCHEMES or len(scheme) == 1:  # one letter: a Windows drive
+        return wds.gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def open_shards(data: Iterable[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Pipeline stage: ``{"url"}`` -> ``{"url", "stream"}``; errors go to ``handler``."""
+    for source in data:
+        url = source["url"]
+        try:
+            yield {**source, "stream": _open_url(url)}
+        except Exception as err:
+            err.args = (*err.args, url)
+            if not handler(err):
+                break
+
+
+# ============================================================================ bad samples
+class SkipCounter:
+    """Number of skipped samples, shared between the main process and DataLoader workers.
+
+    One slot per worker in a shared-memory tensor, so workers never race on a slot."""
+
+    SLOTS = 256
+
+    def __init__(self) -> None:
+        self.slots = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
+
+    def add(self, n: int = 1) -> int:
+        """Count ``n`` skips for the calling worker; returns this worker's total."""
+        info = torch.utils.data.get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
+        self.slots[slot] += n
+        return int(self.slots[slot])
+
+    @property
+    def total(self) -> int:
+        return int(self.slots.sum())
+
+
+class BadSampleHandler:
+    """WebDataset-style exception handler: warn + count + continue, or raise when ``strict``."""
+
+    def __init__(self, counter: SkipCounter, strict: bool, split: str) -> None:
+        self.counter, self.strict, self.split = counter, strict, split
+
+    def __call__(self, err: Exception) -> bool:
+        if self.strict:
+            raise err
+        seen = self.counter.add()
+        if seen <= WARN_FIRST or seen % 100 == 0:
+            message = str(err) if isinstance(err, SampleError) else f"{type(err).__name__}: {err}"
+            suffix = "" if seen <= WARN_FIRST else f" ({seen} skipped by this worker so far)"
+            warnings.warn(f"skipped a bad {self.split} sample: {message}{suffix}", BadSampleWarning, stacklevel=2)
+        return True
+
+
+# ============================================================================ decoding stages
+class Decoder(Protocol):
+    """Turns one raw WebDataset sample into zero or more decoded samples (a scene may give several views).
+
+    A decoder with a true ``expands`` attribute gets its output shuffled again in training."""
+
+    def __call__(self, raw: dict[str, Any], rng: random.Random | None) -> list[dict[str, Any]]:
+        """Decode ``raw``; ``rng`` is ``None`` in validation (deterministic choices). Raises SampleError."""
+        ...
+
+    def count(self, raw: dict[str, Any]) -> int:
+        """How many samples ``raw`` gives in validation, without decoding images (cheap)."""
+        ...
+
+
+def _worker_id() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _decode_or_skip(
+    decoder: Decoder, raw: dict[str, Any], rng: random.Random | None, handler: BadSampleHandler
+) -> list[dict[str, Any]] | None:
+    try:
+        return decoder(raw, rng)
+    except SampleError as err:
+        handler(err)
+    except Exception as err:  # anything else a corrupt sample can trigger, named like a SampleError
+        url, key = sample_where(raw)
+        handler(SampleError(url, key, None, f"{type(err).__name__}: {err}"))
+    return None
+
+
+class _GuardedDecode:
+    """Raise once ``MAX_CONSECUTIVE_BAD`` samples in a row were bad."""
+
+    def __init__(self, split: str) -> None:
+        self.split, self.bad = split, 0
+
+    def update(self, ok: bool, raw: dict[str, Any]) -> None:
+        self.bad = 0 if ok else self.bad + 1
+        if self.bad >= MAX_CONSECUTIVE_BAD:
+            url, key = sample_where(raw)
+            raise RuntimeError(
+                f"{self.bad} {self.split} samples in a row were bad (the last: shard {url}, sample {key}); the "
+                "shards do not match the datamodule's settings (e.g. with_depth=True on shards without depth, "
+                "num_views larger than the scenes) or are damaged; see the warnings above"
+            )
+
+
+class TrainStage:
+    """Training: shuffle raw samples (cheap: bytes), decode them with a random generator seeded by
+    ``(seed, rank, worker, epoch)``, and, for decoders that expand a sample into several (views of a scene
+    as single-view samples), shuffle the decoded samples too."""
+
+    def __init__(self, decoder: Decoder, handler: BadSampleHandler, seed: int, rank: int, shuffle_buffer: int) -> None:
+        self.decoder, self.handler = decoder, handler
+        self.seed, self.rank, self.shuffle_buffer = seed, rank, shuffle_buffer
+        self.epoch = -1
+
+    def _decoded(self, src: Iterable[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        guard = _GuardedDecode("training")
+        for raw in src:
+            items = _decode_or_skip(self.decoder, raw, rng, self.handler)
+            guard.update(bool(items), raw)
+            yield from items or ()
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        self.epoch += 1
+        worker, _ = _worker_id()
+        rngs = [random.Random(hash((self.seed, self.rank, worker, self.epoch, i))) for i in range(3)]
+        if self.shuffle_buffer > 1:
+            src = wds.shuffle(self.shuffle_buffer, initial=max(1, self.shuffle_buffer // 4), rng=rngs[0])(src)
+        stream = self._decoded(src, rngs[1])
+        if self.shuffle_buffer > 1 and getattr(self.decoder, "expands", False):
+            stream = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64), rng=rngs[2])(stream)
+        yield from stream
+
+
+class ValStage:
+    """Validation: deterministic decoding of this rank's share, padded to the largest share (see module doc)."""
+
+    def __init__(self, decoder: Decoder, handler: BadSampleHandler, rank: int, world_size: int) -> None:
+        self.decoder, self.handler = decoder, handler
+        self.rank, self.world_size = rank, world_size
+
+    def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        shares = [0] * self.world_size
+        yielded = 0
+        last: dict[str, Any] | None = None
+        spare: dict[str, Any] | None = None  # a raw sample to pad from when this rank has nothing good
+        guard = _GuardedDecode("validation")
+        for index, raw in enumerate(src):
+            owner = index % self.world_size
+            try:
+                count = self.decoder.count(raw)
+            except Exception:
+                count = 1
+            shares[owner] += count
+            if owner != self.rank:
+                spare = spare or raw
+                continue
+            items = _decode_or_skip(self.decoder, raw, None, self.handler)
+            guard.update(bool(items), raw)
+            for item in items or ():
+                yield item
+                yielded += 1
+                last = item
+        target = max(shares)
+        if last is None and target > 0 and spare is not None:
+            items = _decode_or_skip(self.decoder, spare, None, self.handler)
+            last = items[-1] if items else None
+        while last is not None and yielded < target:
+            yield last
+            yielded += 1
+
+
+class RankWorkerSeed:
+    """``worker_seed`` for :class:`webdataset.ResampledShards`: distinct per rank and worker, reproducible."""
+
+    def __init__(self, seed: int, rank: int) -> None:
+        self.seed, self.rank = seed, rank
+
+    def __call__(self) -> int:
+        worker, _ = _worker_id()
+        return hash((self.seed, self.rank, worker)) & 0x7FFFFFFF
+
+
+def train_pipeline(
+    urls: list[str],
+    stage: TrainStage,
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    batch_size: int,
+    handler: BadSampleHandler,
+    seed: int,
+    rank: int,
+) -> wds.DataPipeline:
+    """Resampled shards -> samples -> ``stage`` -> full batches (infinite; the loader sets the epoch)."""
+    return wds.DataPipeline(
+        wds.ResampledShards(urls, seed=seed, worker_seed=RankWorkerSeed(seed, rank), deterministic=True),
+        functools.partial(open_shards, handler=handler),
+        functools.partial(tar_file_expander, handler=handler),
+        functools.partial(group_by_keys, handler=handler),
+        stage,
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+    )
+
+
+def val_pipeline(
+    urls: list[str],
+    stage: ValStage,
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    batch_size: int,
+    handler: BadSampleHandler,
+) -> wds.DataPipeline:
+    """Every shard in order, split over workers (not ranks: :class:`ValStage` splits samples) -> batches."""
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.split_by_worker,
+        functools.partial(open_shards, handler=handler),
+        functools.partial(tar_file_expander, handler=handler),
+        functools.partial(group_by_keys, handler=handler),
+        stage,
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
+
+
+def make_loader(
+    pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool, epoch_batches: int | None
+) -> wds.WebLoader:
+    """A WebLoader over a batching pipeline; ``epoch_batches`` batches per epoch when given (per rank)."""
+    loader = wds.WebLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory and torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    return loader.with_epoch(epoch_batches) if epoch_batches else loader
+
+
+def rank_and_world_size(trainer: Trainer | None) -> tuple[int, int]:
+    """This process's rank and the world size (trainer first, then torch.distributed, else 0 and 1)."""
+    if trainer is not None:
+        return int(trainer.global_rank), int(trainer.world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+# ============================================================================ logging
+class SkippedSamplesLogger(Callback):
+    """Logs the datamodule's skipped-sample counts (``data/skipped_train``, ``data/skipped_val``, summed over
+    ranks) at the end of every training and validation epoch. Works with any LightningModule and any
+    datamodule that has a ``skipped`` dict (MultiViewShards, SingleViewShards)."""
+
+    def _log(self, trainer: Trainer, pl_module: LightningModule, split: str) -> None:
+        datamodule = trainer.datamodule
+        counts = getattr(datamodule, "skipped", None)
+        if not isinstance(counts, dict) or split not in counts:
+            return
+        pl_module.log(f"data/skipped_{split}", float(counts[split]), sync_dist=True, reduce_fx="sum")
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log(trainer, pl_module, "train")
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module, "val")

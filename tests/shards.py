@@ -1,0 +1,111 @@
+"""Tiny shards for tests, made with the real renderer and writer (``from shards import ...``).
+
+Everything here is deterministic for its arguments and fast at 32x32 (a few scenes take well under a
+second). Rendering happens in-process with one pybullet client shared by the calls of a test process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from selfsup3d.datamodules.format import ImageSample, Scene, ShardSink, make_key
+from selfsup3d.datamodules.render import RenderSettings, connect, render_scene
+
+_CLIENT: int | None = None
+
+
+def render_scenes(num_scenes: int = 4, num_views: int = 4, size: int = 32, split: str = "train", seed: int = 0,
+                  start: int = 0) -> list[Scene]:  # fmt: skip
+    """``num_scenes`` rendered scenes (arrays in memory: images, K, c2w, depth, masks, meta with ``label``).
+
+    Args:
+        num_scenes: how many scenes.
+        num_views: views per scene.
+        size: image width and height.
+        split: asset split, ``train`` or ``val`` (validation assets are disjoint from training assets).
+        seed: render seed.
+        start: index of the first scene (scenes ``start .. start + num_scenes - 1``).
+    """
+    global _CLIENT
+    if _CLIENT is None:
+        _CLIENT = connect()
+    settings = RenderSettings(num_views=num_views, size=size, seed=seed)
+    return [render_scene(_CLIENT, split, i, settings) for i in range(start, start + num_scenes)]
+
+
+def _asset_split(split: str) -> str:
+    """Shard names starting with ``val`` show validation assets, all others training assets."""
+    return "val" if split.startswith("val") else "train"
+
+
+def write_multiview_shards(
+    directory: str | os.PathLike[str],
+    num_scenes: int = 4,
+    num_views: int = 4,
+    size: int = 32,
+    num_shards: int = 2,
+    split: str = "train",
+    seed: int = 0,
+    with_depth: bool = True,
+    with_masks: bool = True,
+    image_format: str = "png",
+) -> str:
+    """Render ``num_scenes`` scenes and write them as multi-view shards ``directory/SPLIT-NNNNNN.tar``
+    (``split`` names the shards; names starting with ``val`` show validation assets).
+
+    Returns:
+        the brace URL pattern of the shards, e.g. ``/tmp/x/train-{000000..000001}.tar``, ready for
+        ``MultiViewShards(train_urls=...)`` (or ``SingleViewShards``, which takes the views one by one).
+    """
+    scenes = render_scenes(num_scenes, num_views, size, _asset_split(split), seed)
+    with ShardSink(
+        Path(directory), split, samples_per_shard=math.ceil(num_scenes / num_shards), image_format=image_format
+    ) as sink:
+        for scene in scenes:
+            if not with_depth:
+                scene.depth = None
+            if not with_masks:
+                scene.masks = None
+            sink.write(scene)
+    return sink.url
+
+
+def write_singleview_shards(
+    directory: str | os.PathLike[str],
+    num_samples: int = 8,
+    size: int = 32,
+    num_shards: int = 2,
+    split: str = "train",
+    seed: int = 0,
+    with_depth: bool = True,
+    with_masks: bool = False,
+    depth_kind: str = "metric",
+    image_format: str = "png",
+) -> str:
+    """Write ``num_samples`` single-view samples (views of rendered scenes, 4 per scene) with metric depth,
+    class labels and optionally masks, as ``directory/SPLIT-NNNNNN.tar``.
+
+    Returns:
+        the brace URL pattern of the shards, for ``SingleViewShards(train_urls=...)``.
+    """
+    views_per_scene = 4
+    scenes = render_scenes(math.ceil(num_samples / views_per_scene), views_per_scene, size, _asset_split(split), seed)
+    with ShardSink(
+        Path(directory), split, samples_per_shard=math.ceil(num_samples / num_shards), image_format=image_format
+    ) as sink:
+        for n in range(num_samples):
+            scene, view = scenes[n // views_per_scene], n % views_per_scene
+            sink.write(
+                ImageSample(
+                    key=make_key(scene.key, f"v{view}"),
+                    image=scene.images[view],
+                    depth=scene.depth[view] if with_depth and scene.depth is not None else None,
+                    mask=scene.masks[view] if with_masks and scene.masks is not None else None,
+                    label=int(scene.meta["label"]),
+                    meta={"source": "tests", "class_name": scene.meta["class_name"]},
+                    depth_kind=depth_kind,
+                )
+            )
+    return sink.url
