@@ -7,5 +7,6 @@ if __name__ != "selfsup3d.datamodules":  # e.g. `import datamodules` from the re
 
 from selfsup3d.datamodules.multiview import MultiViewShards
 from selfsup3d.datamodules.pipeline import BadSampleWarning, SkippedSamplesLogger
+from selfsup3d.datamodules.singleview import SingleViewShards
 
-__all__ = ["BadSampleWarning", "MultiViewShards", "SkippedSamplesLogger"]
+__all__ = ["BadSampleWarning", "MultiViewShards", "SingleViewShards", "SkippedSamplesLogger"]

@@ -1,0 +1,252 @@
+"""``SingleViewShards``: images with depth, masks and class labels, from single-view shards or from the views
+of multi-view shards (e.g. the embedded renders)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from kornia.augmentation import ColorJitter
+
+from selfsup3d.datamodules.base import ShardDataModule, crop_box, random_resized_box, resize_window
+from selfsup3d.datamodules.format import (
+    CAMERAS_FIELD,
+    DEPTH_SUFFIX,
+    MASK_SUFFIX,
+    SampleError,
+    check_views,
+    decode_depth,
+    decode_mask,
+    decode_rgb,
+    image_field,
+    is_multiview,
+    make_key,
+    parse_cameras,
+    parse_meta,
+    sample_where,
+    single_depth_scale,
+    view_field,
+    view_indices,
+)
+from selfsup3d.errors import ConfigError
+
+
+class SingleViewDecoder:
+    """Raw sample -> one numpy sample per image: ``image`` uint8 ``[3, H, W]``, optional ``depth`` float32
+    ``[1, H, W]`` and ``mask`` uint8 ``[1, H, W]``, ``label``, ``key``. A multi-view scene gives one sample per
+    view (keys ``SCENE_v003``), or ``views_per_scene`` random views in training.
+
+    Args:
+        out_hw: delivered ``(height, width)``.
+        with_depth: decode depth (a sample without it is bad).
+        with_masks: decode masks (a sample without one is bad).
+        random_crop: training crops are random-resized crops (else: the centre crop used in validation).
+        crop_scale: area fraction range of random-resized crops.
+        crop_ratio: aspect-ratio range (relative to the output's) of random-resized crops.
+        hflip: flip half the training samples horizontally.
+        views_per_scene: views taken from a multi-view scene per pass in training (``None`` = all).
+    """
+
+    expands = True
+
+    def __init__(
+        self,
+        out_hw: tuple[int, int],
+        with_depth: bool,
+        with_masks: bool,
+        random_crop: bool = True,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        views_per_scene: int | None = None,
+    ) -> None:
+        self.out_hw, self.with_depth, self.with_masks = out_hw, with_depth, with_masks
+        self.random_crop, self.crop_scale, self.crop_ratio = random_crop, crop_scale, crop_ratio
+        self.hflip, self.views_per_scene = hflip, views_per_scene
+
+    def count(self, raw: dict[str, Any]) -> int:
+        return len(view_indices(raw)) if is_multiview(raw) else 1
+
+    def __call__(self, raw: dict[str, Any], rng: random.Random | None) -> list[dict[str, Any]]:
+        url, key = sample_where(raw)
+        if is_multiview(raw):
+            cameras = parse_cameras(raw)
+            check_views(raw, cameras)
+            meta = parse_meta(raw)
+            if self.with_depth and cameras.depth_scale is None:
+                raise SampleError(url, key, CAMERAS_FIELD, "depth requested (with_depth) but depth_scale is null")
+            views = list(range(cameras.num_views))
+            if rng is not None and self.views_per_scene is not None and self.views_per_scene < len(views):
+                views = rng.sample(views, self.views_per_scene)
+            size = (cameras.width, cameras.height)
+            return [
+                self._item(raw, image_field(raw, v), view_field(v, DEPTH_SUFFIX), view_field(v, MASK_SUFFIX),
+                           cameras.depth_scale, size, int(meta["label"]), make_key(key, f"v{v:03d}"), rng)
+                for v in views
+            ]  # fmt: skip
+        meta = parse_meta(raw, required=False)
+        scale = single_depth_scale(raw, meta) if self.with_depth else None
+        return [self._item(raw, image_field(raw), DEPTH_SUFFIX, MASK_SUFFIX, scale, None, int(meta["label"]), key, rng)]
+
+    def _item(
+        self,
+        raw: dict[str, Any],
+        name: str,
+        depth_name: str,
+        mask_name: str,
+        depth_scale: float | None,
+        size: tuple[int, int] | None,
+        label: int,
+        key: str,
+        rng: random.Random | None,
+    ) -> dict[str, Any]:
+        image = decode_rgb(raw, name, size)
+        src = image.size
+        if rng is not None and self.random_crop:
+            box = random_resized_box(src, self.out_hw, rng, self.crop_scale, self.crop_ratio)
+        else:
+            box = crop_box(src, self.out_hw)
+        flip = rng is not None and self.hflip and rng.random() < 0.5
+
+        def finish(array: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(array[..., ::-1] if flip else array)
+
+        item: dict[str, Any] = {
+            "image": finish(np.asarray(resize_window(image, box, self.out_hw), dtype=np.uint8).transpose(2, 0, 1)),
+            "label": label,
+            "key": key,
+        }
+        if self.with_depth:
+            units = np.asarray(resize_window(decode_depth(raw, depth_name, src), box, self.out_hw, True))
+            item["depth"] = finish((units.astype(np.float32) * np.float32(depth_scale))[None])
+        if self.with_masks:
+            mask = np.asarray(resize_window(decode_mask(raw, mask_name, src), box, self.out_hw, True))
+            item["mask"] = finish((mask > 0).astype(np.uint8)[None])
+        return item
+
+
+class _CollateSingleView:
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {
+            name: torch.from_numpy(np.stack([s[name] for s in samples]))
+            for name in ("image", "depth", "mask")
+            if name in samples[0]
+        }
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.int64)
+        batch["key"] = [s["key"] for s in samples]
+        return batch
+
+
+class SingleViewShards(ShardDataModule):
+    """Single images with depth, masks and labels from WebDataset shards (``docs/shard-format.md``).
+
+    Reads single-view samples (``KEY.jpg|png|webp``, ``KEY.depth.png``, ``KEY.mask.png``, ``KEY.cls``,
+    ``KEY.meta.json``) and multi-view scenes, whose views become single-view samples (keys ``SCENE_v003``):
+    so the embedded renders (``selfsup3d data render``) feed it directly.
+
+    A batch is a dict (tensors on the training device; images travel as uint8):
+
+    - ``image``: float32 ``[B, 3, H, W]`` in ``[0, 1]``.
+    - ``depth``: float32 ``[B, 1, H, W]``, metric or relative (the shard's ``depth_kind``), 0 = unknown;
+      only with ``with_depth`` (default).
+    - ``mask``: float32 ``[B, 1, H, W]`` in ``{0, 1}``; only with ``with_masks``.
+    - ``label``: int64 ``[B]``, -1 when unknown.
+    - ``key``: list of ``B`` keys.
+
+    Training applies a random-resized crop and a horizontal flip, identical for image, depth and mask
+    (depth and masks resampled with nearest neighbour); validation resizes and centre-crops. Epochs,
+    ranks, validation and bad samples behave as in :class:`MultiViewShards`.
+
+    Args:
+        train_urls: training shards: brace patterns, local globs, ``pipe:`` commands or fsspec URLs.
+        val_urls: validation shards; ``null`` for no validation.
+        batch_size: images per batch (per device).
+        num_workers: DataLoader workers per device.
+        image_size: delivered size, an int (square) or ``[height, width]``.
+        with_depth: deliver ``depth`` (samples without depth are bad samples).
+        with_masks: deliver ``mask`` (samples without a mask are bad samples).
+        random_resized_crop: random-resized crops in training (else the validation centre crop).
+        crop_scale: area fraction range of the random-resized crops.
+        crop_ratio: aspect-ratio range (relative to ``image_size``'s) of the random-resized crops.
+        hflip: random horizontal flips in training.
+        color_jitter: photometric jitter in training (kornia, on the device).
+        jitter_strength: brightness, contrast and saturation jitter (hue gets a quarter of it).
+        views_per_scene: random views taken from each multi-view scene per pass in training (``null`` = all).
+        shuffle_buffer: samples in each worker's shuffle buffer (0 = no shuffling).
+        batches_per_epoch: training batches per epoch on every rank.
+        val_batches: validation batches per rank; ``null`` = one full deterministic pass.
+        strict: raise on the first bad sample instead of skipping it.
+        seed: seed of shard resampling, crops and flips; ``null`` takes torch's initial seed.
+        pin_memory: pin host memory when CUDA is available.
+    """
+
+    def __init__(
+        self,
+        train_urls: str | list[str],
+        val_urls: str | list[str] | None = None,
+        batch_size: int = 32,
+        num_workers: int = 4,
+        image_size: int | tuple[int, int] = 64,
+        with_depth: bool = True,
+        with_masks: bool = False,
+        random_resized_crop: bool = True,
+        crop_scale: tuple[float, float] = (0.5, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        color_jitter: bool = False,
+        jitter_strength: float = 0.2,
+        views_per_scene: int | None = None,
+        shuffle_buffer: int = 1024,
+        batches_per_epoch: int = 500,
+        val_batches: int | None = None,
+        strict: bool = False,
+        seed: int | None = None,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__(
+            train_urls, val_urls, batch_size, num_workers, image_size, shuffle_buffer, batches_per_epoch,
+            val_batches, strict, seed, pin_memory,
+        )  # fmt: skip
+        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ConfigError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
+        if not 0 < crop_ratio[0] <= crop_ratio[1]:
+            raise ConfigError(f"data.crop_ratio must satisfy 0 < min <= max, got {list(crop_ratio)}")
+        if views_per_scene is not None and views_per_scene < 1:
+            raise ConfigError(f"data.views_per_scene must be >= 1 or null, got {views_per_scene}")
+        if not 0 <= jitter_strength <= 1:
+            raise ConfigError(f"data.jitter_strength must be in [0, 1], got {jitter_strength}")
+        self.with_depth = with_depth
+        self.with_masks = with_masks
+        self.random_resized_crop = random_resized_crop
+        self.crop_scale = tuple(crop_scale)
+        self.crop_ratio = tuple(crop_ratio)
+        self.hflip = hflip
+        self.color_jitter = color_jitter
+        self.jitter_strength = jitter_strength
+        self.views_per_scene = views_per_scene
+        s = jitter_strength
+        self._jitter = ColorJitter(s, s, s, s / 4, p=1.0) if color_jitter and s > 0 else None
+
+    def _decoder(self, train: bool) -> SingleViewDecoder:
+        return SingleViewDecoder(
+            self.image_hw, self.with_depth, self.with_masks, random_crop=train and self.random_resized_crop,
+            crop_scale=self.crop_scale, crop_ratio=self.crop_ratio, hflip=train and self.hflip,
+            views_per_scene=self.views_per_scene,
+        )  # fmt: skip
+
+    def _collate_fn(self) -> _CollateSingleView:
+        return _CollateSingleView()
+
+    def prepare_batch(self, batch: dict[str, Any], train: bool) -> dict[str, Any]:
+        """uint8 image -> float32 in [0, 1], mask -> float32; colour jitter in training when enabled."""
+        image = batch["image"]
+        if image.dtype == torch.uint8:
+            image = image.float().div_(255.0)
+        if train and self._jitter is not None:
+            image = self._jitter(image).clamp_(0.0, 1.0)
+        batch["image"] = image
+        if "mask" in batch and batch["mask"].dtype != torch.float32:
+            batch["mask"] = batch["mask"].float()
+        return batch
