@@ -6,5 +6,7 @@ if __name__ != "selfsup3d.callbacks":  # e.g. `import callbacks` from the reposi
     )
 
 from selfsup3d.callbacks.export import EncoderExport
+from selfsup3d.callbacks.probes import OnlineProbes
+from selfsup3d.callbacks.triplane import TriplaneImages
 
-__all__ = ["EncoderExport"]
+__all__ = ["EncoderExport", "OnlineProbes", "TriplaneImages"]

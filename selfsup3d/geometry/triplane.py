@@ -132,7 +132,8 @@ class _SparseTriplaneSample(torch.autograd.Function):
         n = b * m
         crow = torch.arange(0, 12 * n + 1, 12, device=points.device, dtype=torch.int32)
         matrix = _csr(crow, cols.reshape(-1), weights.reshape(-1).to(texels.dtype), (n, texels.shape[0]))
-        out = torch.sparse.mm(matrix, texels)
+        with torch.autocast(points.device.type, enabled=False):  # no sparse bf16 kernels
+            out = torch.sparse.mm(matrix, texels)
         ctx.save_for_backward(cols, weights)
         ctx.shape = (b, c, h, w)
         return out.view(b, m, c)
@@ -151,7 +152,8 @@ class _SparseTriplaneSample(torch.autograd.Function):
         torch.cumsum(counts, dim=0, out=crow[1:])
         grad_flat = grad.reshape(-1, c)
         matrix_t = _csr(crow, rows, weights.reshape(-1)[order].to(grad_flat.dtype), (n_texels, grad_flat.shape[0]))
-        grad_texels = torch.sparse.mm(matrix_t, grad_flat)
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_texels = torch.sparse.mm(matrix_t, grad_flat)
         return grad_texels.view(b, 3, h, w, c).permute(0, 1, 4, 2, 3), None, None, None
 
 

@@ -1,5 +1,6 @@
 """Objectives: one LightningModule per file on the shared :class:`PretrainObjective` base."""
 
 from selfsup3d.objectives.base import PretrainObjective
+from selfsup3d.objectives.triplane import TriplaneReconstruction
 
-__all__ = ["PretrainObjective"]
+__all__ = ["PretrainObjective", "TriplaneReconstruction"]

@@ -1,0 +1,345 @@
+"""Heads of :class:`~selfsup3d.objectives.triplane.TriplaneReconstruction` (training-time scaffolding).
+
+* :class:`TriplaneDecoder`: learnable ``3 × g × g`` triplane queries cross-attend to the encoder's
+  representation, then upsampling blocks (bilinear ×2 + convolution) reach ``R × R`` planes of ``C``
+  channels.
+* :class:`TriplaneField`: features read from the three planes (bilinear), summed, then a 2-layer MLP
+  gives density and colour.
+* :class:`FixedCameraRenderer`: rays of one fixed, viewer-centred pinhole camera through the triplane box,
+  stratified + importance samples, compositing (:mod:`selfsup3d.geometry.volume`); rays are processed in
+  chunks, each recomputed in the backward pass (activation checkpointing), so memory does not grow with
+  the number of rays.
+* :class:`ConvDecoder`: the "no triplane" ablation, colour and depth straight from the patch tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention, Mlp, trunc_normal_
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from selfsup3d.errors import ConfigError
+from selfsup3d.geometry.cameras import camera_directions, intrinsics_from_fov
+from selfsup3d.geometry.triplane import Aggregate, inside_box, sample_triplane, sample_triplane_sparse
+from selfsup3d.geometry.volume import render_rays
+
+Sampler = Literal["auto", "grid_sample", "sparse"]
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries ``[B, Q, dim]`` to context tokens ``[B, T, context_dim]`` through
+    ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels where available).
+
+    Args:
+        dim: query width (and output width).
+        context_dim: width of the context tokens.
+        num_heads: attention heads; ``dim`` must be divisible by it.
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError(f"decoder width {dim} is not divisible by its {num_heads} heads")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, q_len, d = x.shape
+        h = self.num_heads
+        q = self.q(x).view(b, q_len, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, q_len, d))
+
+
+class QueryBlock(nn.Module):
+    """Pre-norm block of the triplane queries: cross-attention to the representation, optional
+    self-attention among the queries (timm's ``Attention``, SDPA), MLP.
+
+    Args:
+        dim: query width.
+        context_dim: width of the representation tokens (after the input projection: ``dim``).
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width as a multiple of ``dim``.
+        self_attention: add self-attention among the queries.
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, mlp_ratio: float, self_attention: bool) -> None:
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.norm_ctx = nn.LayerNorm(context_dim)
+        self.cross = CrossAttention(dim, context_dim, num_heads)
+        self.norm_self = nn.LayerNorm(dim) if self_attention else None
+        self.self_attn = Attention(dim, num_heads=num_heads, qkv_bias=True) if self_attention else None
+        self.norm_mlp = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.cross(self.norm_q(x), self.norm_ctx(context))
+        if self.self_attn is not None and self.norm_self is not None:
+            x = x + self.self_attn(self.norm_self(x))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class UpBlock(nn.Module):
+    """Bilinear ×2 upsampling, 3×3 convolution, GroupNorm, SiLU."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm = nn.GroupNorm(math.gcd(8, out_channels), out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return F.silu(self.norm(self.conv(x)))
+
+
+def _num_doublings(start: int, end: int, what: str) -> int:
+    ratio = end / start
+    n = round(math.log2(ratio)) if ratio >= 1 else -1
+    if n < 0 or start * 2**n != end:
+        raise ConfigError(f"{what}: {end} must be {start} times a power of two")
+    return n
+
+
+class TriplaneDecoder(nn.Module):
+    """Representation tokens to triplanes.
+
+    Args:
+        in_dim: width of the representation tokens (``L·D`` for the last ``L`` layers of a ``D``-wide ViT).
+        dim: width of the triplane queries.
+        depth: query blocks.
+        num_heads: attention heads.
+        grid: the queries form ``3 × grid × grid`` tokens (16 in the paper).
+        plane_size: output resolution ``R`` of each plane (128 in the paper); ``grid`` times a power of two.
+        channels: output channels ``C`` of each plane.
+        mlp_ratio: MLP width of the query blocks as a multiple of ``dim``.
+        self_attention: self-attention among the queries in each block.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int = 512,
+        depth: int = 2,
+        num_heads: int = 8,
+        grid: int = 16,
+        plane_size: int = 128,
+        channels: int = 32,
+        mlp_ratio: float = 4.0,
+        self_attention: bool = True,
+    ) -> None:
+        super().__init__()
+        self.grid, self.plane_size, self.channels = grid, plane_size, channels
+        n_up = _num_doublings(grid, plane_size, "model.triplane_size vs model.triplane_grid")
+        self.in_proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, dim))
+        self.queries = nn.Parameter(torch.zeros(1, 3 * grid * grid, dim))
+        trunc_normal_(self.queries, std=0.02)
+        self.blocks = nn.ModuleList(QueryBlock(dim, dim, num_heads, mlp_ratio, self_attention) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        widths = [dim]
+        for _ in range(n_up):
+            widths.append(max(widths[-1] // 2, channels))
+        self.up = nn.Sequential(*(UpBlock(a, b) for a, b in zip(widths[:-1], widths[1:])))
+        self.out = nn.Conv2d(widths[-1], channels, 3, padding=1)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"queries"}
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """``[B, T, in_dim]`` tokens to ``[B, 3, C, R, R]`` triplanes."""
+        b = tokens.shape[0]
+        context = self.in_proj(tokens)
+        x = self.queries.expand(b, -1, -1)
+        for block in self.blocks:
+            x = block(x, context)
+        x = self.norm(x)
+        g = self.grid
+        x = x.view(b * 3, g, g, -1).permute(0, 3, 1, 2)
+        planes = self.out(self.up(x))
+        return planes.view(b, 3, self.channels, self.plane_size, self.plane_size)
+
+
+class TriplaneField(nn.Module):
+    """Radiance field of a triplane: plane features summed at each point, a 2-layer MLP, density and colour.
+
+    Args:
+        channels: channels of the triplanes.
+        hidden: hidden width of the MLP.
+        box_size: edge of the cube the planes cover.
+        aggregate: how the three planes' features combine (``sum``, ``mean``, ``concat``).
+        sampler: ``grid_sample``, ``sparse`` (:func:`~selfsup3d.geometry.triplane.sample_triplane_sparse`,
+            fastest on the CPU; sum/mean only) or ``auto`` (sparse on the CPU, grid_sample elsewhere).
+        density_shift: added to the raw density before the softplus; negative values start the field
+            mostly empty.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden: int = 64,
+        box_size: float = 2.0,
+        aggregate: Aggregate = "sum",
+        sampler: Sampler = "auto",
+        density_shift: float = -1.0,
+    ) -> None:
+        super().__init__()
+        if sampler == "sparse" and aggregate == "concat":
+            raise ConfigError("model.sampler 'sparse' sums the planes: use plane_aggregate 'sum' or 'mean'")
+        self.box_size, self.aggregate, self.sampler, self.density_shift = box_size, aggregate, sampler, density_shift
+        in_dim = channels * (3 if aggregate == "concat" else 1)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.Softplus(), nn.Linear(hidden, 4))
+
+    def _sample(self, planes: Tensor, points: Tensor) -> Tensor:
+        sparse = self.sampler == "sparse" or (
+            self.sampler == "auto" and planes.device.type == "cpu" and self.aggregate != "concat"
+        )
+        if sparse:
+            return sample_triplane_sparse(planes.float(), points, self.box_size, self.aggregate)  # type: ignore[arg-type]
+        return sample_triplane(planes, points, self.box_size, self.aggregate)
+
+    def forward(self, planes: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Densities ``[B, ...]`` and colours ``[B, ..., 3]`` at points ``[B, ..., 3]`` in the box's frame."""
+        b, lead = points.shape[0], points.shape[1:-1]
+        flat = points.reshape(b, -1, 3)
+        raw = self.mlp(self._sample(planes, flat).to(self.mlp[0].weight.dtype)).float()
+        density = F.softplus(raw[..., 0] + self.density_shift) * inside_box(flat, self.box_size)
+        rgb = torch.sigmoid(raw[..., 1:])
+        return density.view(b, *lead), rgb.view(b, *lead, 3)
+
+
+@dataclass
+class RenderedRays:
+    """Rendered rays ``[B, R]`` (colour ``[B, R, 3]``) and the mean density over each ray's samples."""
+
+    rgb: Tensor
+    depth: Tensor
+    opacity: Tensor
+    mean_density: Tensor
+
+
+class FixedCameraRenderer(nn.Module):
+    """The fixed, viewer-centred camera of the 3D-Prior objective and volume rendering through it.
+
+    The camera sits at the origin looking down +z (OpenCV axes); the triplane box of edge ``box_size`` is
+    centred on the optical axis at depth ``(near + far) / 2``. Rays have camera z = 1, so the rendered
+    depth is z-depth in ``[near, far]``.
+
+    Args:
+        size: rendered image size ``H = W``.
+        fov_deg: horizontal field of view in degrees.
+        near: near plane (z-depth).
+        far: far plane (z-depth).
+        box_size: edge of the triplane box; ``null`` is ``far - near``.
+        num_coarse: stratified samples per ray.
+        num_fine: importance samples per ray.
+        background: colour behind the far plane; ``null`` adds none (black).
+        ray_chunk: rays per chunk; each chunk's activations are recomputed in the backward pass
+            (``null``: all rays at once, activations kept).
+    """
+
+    def __init__(
+        self,
+        size: int = 256,
+        fov_deg: float = 30.0,
+        near: float = 1.5,
+        far: float = 3.5,
+        box_size: float | None = None,
+        num_coarse: int = 16,
+        num_fine: int = 16,
+        background: float | None = None,
+        ray_chunk: int | None = 8192,
+    ) -> None:
+        super().__init__()
+        if not 0 < near < far:
+            raise ConfigError(f"model.near and model.far must satisfy 0 < near < far, got {near}, {far}")
+        if not 0 < fov_deg < 180:
+            raise ConfigError(f"model.fov_deg must be in (0, 180), got {fov_deg}")
+        if num_coarse < 1 or num_fine < 0:
+            raise ConfigError(f"model.num_coarse must be >= 1 and num_fine >= 0, got {num_coarse}, {num_fine}")
+        if ray_chunk is not None and ray_chunk < 1:
+            raise ConfigError(f"model.ray_chunk must be >= 1 or null, got {ray_chunk}")
+        self.size, self.near, self.far = size, near, far
+        self.box_size = box_size if box_size is not None else far - near
+        self.num_coarse, self.num_fine, self.background, self.ray_chunk = num_coarse, num_fine, background, ray_chunk
+        K = intrinsics_from_fov(math.radians(fov_deg), size, size)
+        self.register_buffer("K", K, persistent=False)
+        self.register_buffer("directions", camera_directions(K, size, size).reshape(-1, 3), persistent=False)
+        self.register_buffer("box_center", torch.tensor([0.0, 0.0, 0.5 * (near + far)]), persistent=False)
+
+    def _render_chunk(
+        self, field: TriplaneField, planes: Tensor, directions: Tensor, perturb: bool
+    ) -> tuple[Tensor, ...]:
+        origins = -self.box_center.expand_as(directions)  # the camera centre in the box's frame
+
+        def radiance(points: Tensor) -> tuple[Tensor, Tensor]:
+            return field(planes, points)
+
+        out = render_rays(
+            radiance, origins, directions, self.near, self.far, self.num_coarse, self.num_fine, perturb, self.background
+        )
+        assert out.density is not None
+        return out.rgb, out.depth, out.opacity, out.density.mean(dim=-1)
+
+    def forward(
+        self, field: TriplaneField, planes: Tensor, pixels: Tensor | None = None, perturb: bool = True
+    ) -> RenderedRays:
+        """Render ``pixels`` (``[B, R]`` flat indices into the ``size × size`` image; all pixels when
+        ``None``) of each image's triplanes ``[B, 3, C, r, r]``."""
+        b = planes.shape[0]
+        directions = self.directions.to(planes.device)
+        dirs = directions[pixels] if pixels is not None else directions.expand(b, -1, -1)
+        n = dirs.shape[1]
+        chunk = self.ray_chunk or n
+        parts = []
+        for start in range(0, n, chunk):
+            d = dirs[:, start : start + chunk]
+            if torch.is_grad_enabled() and self.ray_chunk is not None and n > 0:
+                parts.append(checkpoint(self._render_chunk, field, planes, d, perturb, use_reentrant=False))
+            else:
+                parts.append(self._render_chunk(field, planes, d, perturb))
+        rgb, depth, opacity, density = (torch.cat(p, dim=1) for p in zip(*parts))
+        return RenderedRays(rgb=rgb, depth=depth, opacity=opacity, mean_density=density)
+
+
+class ConvDecoder(nn.Module):
+    """The "no triplane" ablation: colour and depth predicted straight from the patch tokens by
+    upsampling blocks (bilinear ×2 + convolution), no 3D representation and no rendering.
+
+    Args:
+        in_dim: width of the representation tokens.
+        grid: side of the encoder's patch grid.
+        dim: width after the input projection (halved by every upsampling block, at least 16).
+        out_size: output image size.
+        near: depth at sigmoid 0.
+        far: depth at sigmoid 1.
+    """
+
+    def __init__(
+        self, in_dim: int, grid: int, dim: int = 256, out_size: int = 256, near: float = 1.5, far: float = 3.5
+    ) -> None:
+        super().__init__()
+        self.out_size, self.near, self.far, self.dim = out_size, near, far, dim
+        self.in_proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, dim))
+        widths, size = [dim], grid
+        while size < out_size:
+            widths.append(max(widths[-1] // 2, 16))
+            size *= 2
+        self.up = nn.Sequential(*(UpBlock(a, b) for a, b in zip(widths[:-1], widths[1:])))
+        self.head = nn.Conv2d(widths[-1], 4, 3, padding=1)
+
+    def forward(self, tokens: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Patch tokens ``[B, h·w, in_dim]`` to colour ``[B, 3, S, S]`` and depth ``[B, 1, S, S]``."""
+        b = tokens.shape[0]
+        x = self.up(self.in_proj(tokens).transpose(1, 2).reshape(b, self.dim, *grid))
+        x = F.interpolate(x, size=(self.out_size, self.out_size), mode="bilinear", align_corners=False)
+        out = self.head(x).float()
+        return torch.sigmoid(out[:, :3]), self.near + (self.far - self.near) * torch.sigmoid(out[:, 3:])
