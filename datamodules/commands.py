@@ -59,6 +59,49 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_background(text: str) -> tuple[int, int, int]:
+    named = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128), "gray": (128, 128, 128)}
+    if text.lower() in named:
+        return named[text.lower()]
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(0 <= v <= 255 for v in values):
+        raise argparse.ArgumentTypeError(f"expected white, black, grey or R,G,B in 0..255, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from selfsup3d.datamodules import convert
+
+    common = dict(
+        split=args.split,
+        max_size=args.max_size,
+        image_format=args.image_format,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    if args.source == "blender":
+        report = convert.convert_blender(
+            args.src, args.out, scenes_per_shard=args.shard_size, max_views=args.max_views,
+            min_views=args.min_views, background=args.background, **common,
+        )  # fmt: skip
+    elif args.source == "colmap":
+        report = convert.convert_colmap(
+            args.src, args.out, images=args.images, refuse_distortion=args.refuse_distortion,
+            scenes_per_shard=args.shard_size, max_views=args.max_views, min_views=args.min_views, **common,
+        )  # fmt: skip
+    else:
+        report = convert.convert_images(
+            args.src, args.out, samples_per_shard=args.shard_size, background=args.background,
+            shuffle=not args.no_shuffle, seed=args.seed, **common,
+        )  # fmt: skip
+    print(report.summary())
+    return 0 if report.written else 1
+
+
 def _pseudo_depth(argv: Sequence[str]) -> int:
     """``pseudo-depth`` lives in ``selfsup3d.datamodules.pseudo_depth`` (``add_arguments``, ``run``)."""
     try:
@@ -100,6 +143,48 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     _add_output_arguments(render, shard_size=128, image_format="png")
     render.set_defaults(func=_render)
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert Blender/NeRF scenes, COLMAP models or an image folder into shards",
+        description="Convert data you have into selfsup3d shards; prints what was written and what was skipped.",
+    )
+    kinds = convert.add_subparsers(dest="source", required=True, metavar="{blender,colmap,images}")
+    blender = kinds.add_parser(
+        "blender",
+        help="NeRF/Blender scenes: transforms*.json (OpenGL c2w, camera_angle_x or fl_x/fl_y/cx/cy) + images",
+        description="SRC is a scene folder with transforms*.json (train/val/test files are merged into one "
+        "scene) or a folder of such scenes. RGBA images are composited over --background; alpha becomes the mask.",
+    )
+    colmap = kinds.add_parser(
+        "colmap",
+        help="COLMAP text models (cameras.txt, images.txt) with their images/ folder",
+        description="SRC holds sparse/0/ (or sparse/, or the text files) and images/, or is a folder of such "
+        "scenes. Camera models: SIMPLE_PINHOLE, PINHOLE, SIMPLE_RADIAL, RADIAL, OPENCV. Lens distortion is "
+        "ignored (the pinhole part is kept) and reported, unless --refuse-distortion skips those views.",
+    )
+    images = kinds.add_parser(
+        "images",
+        help="an image folder as single-view samples (class = sub-folder name, like ImageFolder)",
+        description="SRC/<class>/**/*.jpg|png|... get the sorted class index as label; a SRC without "
+        "sub-folders gives label -1.",
+    )
+    for p, shard_size, fmt in ((blender, 16, "png"), (colmap, 16, "jpg"), (images, 1000, "jpg")):
+        p.add_argument("src", help="source folder")
+        p.add_argument("--split", default="train", help="shard name prefix (default %(default)s)")
+        p.add_argument("--max-size", type=int, default=None, help="downscale so the longer side is at most this")
+        _add_output_arguments(p, shard_size=shard_size, image_format=fmt)
+        p.set_defaults(func=_convert)
+    for p in (blender, colmap):
+        p.add_argument("--max-views", type=int, default=None, help="at most this many views per scene, evenly spread")
+        p.add_argument("--min-views", type=int, default=2, help="skip scenes with fewer views (default %(default)s)")
+    for p in (blender, images):
+        p.add_argument("--background", type=_parse_background, default=(255, 255, 255),
+                       help="colour under transparent pixels: white, black, grey or R,G,B (default white)")  # fmt: skip
+    colmap.add_argument("--images", default="images", help="image folder name in each scene (default %(default)s)")
+    colmap.add_argument("--refuse-distortion", action="store_true", help="skip views with lens distortion")
+    images.add_argument("--no-shuffle", action="store_true", help="keep the sorted order (default: shuffled)")
+    images.add_argument("--seed", type=int, default=0, help="seed of the shuffled order (default %(default)s)")
 
     sub.add_parser("pseudo-depth", help="monocular pseudo depth for single-view shards", add_help=False)
     return parser

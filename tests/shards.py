@@ -10,6 +10,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from selfsup3d.datamodules.format import ImageSample, Scene, ShardSink, make_key
 from selfsup3d.datamodules.render import RenderSettings, connect, render_scene
 
@@ -109,3 +111,42 @@ def write_singleview_shards(
                 )
             )
     return sink.url
+
+
+def reprojection_error(
+    image_i: torch.Tensor,
+    depth_i: torch.Tensor,
+    K_i: torch.Tensor,
+    c2w_i: torch.Tensor,
+    image_j: torch.Tensor,
+    depth_j: torch.Tensor,
+    K_j: torch.Tensor,
+    c2w_j: torch.Tensor,
+    rel_tol: float = 0.01,
+) -> tuple[float, float]:
+    """Warp view ``i`` into view ``j`` through ``i``'s depth and both cameras (OpenCV ``c2w``, pixel ``K``).
+
+    Images are ``[3, H, W]`` in [0, 1], depths ``[1, H, W]`` (0 = none). A pixel of ``i`` counts when it
+    lands inside ``j`` in front of the camera and agrees with ``j``'s depth there within ``rel_tol`` (so it is
+    visible in both views).
+
+    Returns:
+        ``(mean absolute colour difference over those pixels, their fraction of i's pixels with depth)``;
+        ``(1.0, 0.0)`` when no pixel qualifies.
+    """
+    from selfsup3d.geometry.cameras import project_points, unproject_depth
+
+    i_valid = depth_i[0] > 0
+    points = unproject_depth(depth_i.double(), K_i.double(), c2w_i.double())[i_valid]
+    uv, z = project_points(points, K_j.double(), c2w_j.double())
+    h, w = image_j.shape[-2:]
+    col, row = torch.floor(uv[:, 0]).long(), torch.floor(uv[:, 1]).long()
+    inside = (z > 0) & (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    col, row, z = col[inside], row[inside], z[inside]
+    d_j = depth_j[0][row, col].double()
+    visible = (d_j > 0) & ((d_j - z).abs() < rel_tol * z)
+    if not visible.any():
+        return 1.0, 0.0
+    src = image_i[:, i_valid][:, inside][:, visible]
+    dst = image_j[:, row[visible], col[visible]]
+    return float((src - dst).abs().mean()), float(visible.sum()) / max(1, int(i_valid.sum()))
