@@ -257,8 +257,13 @@ def _scene_record(
 
 
 # ============================================================================ Blender / NeRF
+_BLENDER_ORDER = ("transforms.json", "transforms_train.json", "transforms_val.json", "transforms_test.json")
+
+
 def _blender_files(scene: Path) -> list[Path]:
-    return sorted(scene.glob("transforms*.json"))
+    """``transforms*.json`` of a scene: train, val, test first (views keep that order), then the rest sorted."""
+    files = sorted(scene.glob("transforms*.json"))
+    return sorted(files, key=lambda f: (_BLENDER_ORDER.index(f.name) if f.name in _BLENDER_ORDER else 99, f.name))
 
 
 def _find_frame_image(base: Path, file_path: str) -> Path | None:

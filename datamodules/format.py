@@ -426,10 +426,13 @@ class ShardSink:
         self.count += 1
 
     def close(self) -> None:
-        """Finish the last shard."""
+        """Finish the last shard (and remove the empty one ShardWriter opened when nothing was written)."""
         if not self._closed:
             self._writer.close()
             self._closed = True
+            if self.count == 0:
+                for path in self.shards:
+                    Path(path).unlink()
 
     def __enter__(self) -> ShardSink:
         return self

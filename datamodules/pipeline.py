@@ -6,8 +6,8 @@ number of steps whatever the number and size of the shards: DDP never waits on a
 
 Validation is deterministic: every rank reads every validation shard in order (workers split the shards)
 and keeps the samples whose index modulo the world size is its rank, then pads with its last sample up to
-the largest share, so all ranks see the same number of batches (at most ``world_size - 1`` samples per
-worker are repeated).
+the largest share, so all ranks see the same number of batches (with several ranks, at most
+``world_size - 1`` samples per worker are repeated, plus one per bad sample skipped on that rank).
 
 A sample that is bad (corrupt image, missing field, too few views, malformed ``cameras.json``) raises
 :class:`~selfsup3d.datamodules.format.SampleError` in the decoder; :class:`BadSampleHandler` warns with the
@@ -269,6 +269,8 @@ class ValStage:
                 yield item
                 yielded += 1
                 last = item
+        if self.world_size == 1:
+            return  # nothing to equalise
         target = max(shares)
         if last is None and target > 0 and spare is not None:
             items = _decode_or_skip(self.decoder, spare, None, self.handler)
