@@ -402,6 +402,7 @@ class ShardSink:
         for path in existing:
             path.unlink()
         self.count = 0
+        self._keys: set[str] = set()
         # a fixed integer mtime: byte-identical shards for identical data, and plain ustar headers (a float
         # mtime makes tarfile add a pax header to every member, which doubles the cost of reading them)
         self._writer = wds.ShardWriter(
@@ -422,6 +423,10 @@ class ShardSink:
         else:
             record = dict(sample)
             check_key(record.get("__key__", ""))
+        if record["__key__"] in self._keys:
+            # WebDataset groups members by key: a repeated key would merge two samples into one
+            raise ValueError(f"duplicate sample key {record['__key__']!r} in {self.out_dir} ({self.split})")
+        self._keys.add(record["__key__"])
         self._writer.write(record)
         self.count += 1
 

@@ -121,6 +121,20 @@ def open_shards(data: Iterable[dict[str, Any]], handler: Callable[[Exception], b
                 break
 
 
+def expand_tars(data: Iterable[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Pipeline stage: opened shards -> tar members, with an end-of-shard marker after every shard, also one
+    that broke off (webdataset's expander only marks shards it read to the end, so the partial last sample
+    of a truncated shard would be merged with the next shard's first sample)."""
+    for source in data:
+        try:
+            yield from tar_file_expander([source], handler=handler)
+        finally:
+            stream = source.get("stream")
+            if stream is not None:
+                stream.close()
+        yield {}
+
+
 # ============================================================================ bad samples
 class SkipCounter:
     """Number of skipped samples, shared between the main process and DataLoader workers.
@@ -144,6 +158,15 @@ class SkipCounter:
         return int(self.slots.sum())
 
 
+def _describe(err: Exception) -> str:
+    """A tar-level error (webdataset appends the stream and the URL to ``args``) as ``shard URL: problem``."""
+    args = list(getattr(err, "args", ()))
+    problem = str(args[0]) if args else str(err)
+    urls = [a for a in args[1:] if isinstance(a, str)]
+    where = f"shard {urls[-1]}: " if urls else ""
+    return f"{where}{type(err).__name__}: {problem}"
+
+
 class BadSampleHandler:
     """WebDataset-style exception handler: warn + count + continue, or raise when ``strict``."""
 
@@ -155,7 +178,7 @@ class BadSampleHandler:
             raise err
         seen = self.counter.add()
         if seen <= WARN_FIRST or seen % 100 == 0:
-            message = str(err) if isinstance(err, SampleError) else f"{type(err).__name__}: {err}"
+            message = str(err) if isinstance(err, SampleError) else _describe(err)
             suffix = "" if seen <= WARN_FIRST else f" ({seen} skipped by this worker so far)"
             warnings.warn(f"skipped a bad {self.split} sample: {message}{suffix}", BadSampleWarning, stacklevel=2)
         return True
@@ -304,7 +327,7 @@ def train_pipeline(
     return wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, worker_seed=RankWorkerSeed(seed, rank), deterministic=True),
         functools.partial(open_shards, handler=handler),
-        functools.partial(tar_file_expander, handler=handler),
+        functools.partial(expand_tars, handler=handler),
         functools.partial(group_by_keys, handler=handler),
         stage,
         wds.batched(batch_size, collation_fn=collate, partial=False),
@@ -323,7 +346,7 @@ def val_pipeline(
         wds.SimpleShardList(urls),
         wds.split_by_worker,
         functools.partial(open_shards, handler=handler),
-        functools.partial(tar_file_expander, handler=handler),
+        functools.partial(expand_tars, handler=handler),
         functools.partial(group_by_keys, handler=handler),
         stage,
         wds.batched(batch_size, collation_fn=collate, partial=True),
