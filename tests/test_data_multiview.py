@@ -174,3 +174,11 @@ def test_color_jitter_is_shared_by_the_views_of_a_scene(tmp_path):
     assert not torch.allclose(jittered, plain)
     assert torch.allclose(jittered[:, 0], jittered[:, 1], atol=1e-6)
     assert not torch.allclose(jittered[0, 0] - plain[0, 0], jittered[1, 0] - plain[1, 0], atol=1e-3)
+
+
+def test_pipe_urls_are_read(tmp_path):
+    url = write_multiview_shards(tmp_path, num_scenes=2, num_views=2, num_shards=1, split="val")
+    dm = MultiViewShards(f"pipe:cat {url}", f"pipe:cat {url}", batch_size=2, num_workers=0, image_size=32,
+                         num_views=2)  # fmt: skip
+    (batch,) = _val_batches(dm)
+    assert len(batch["key"]) == 2
