@@ -1,0 +1,385 @@
+"""Annotate single-view shards or an image folder with monocular pseudo depth (``selfsup3d data pseudo-depth``).
+
+::
+
+    selfsup3d data pseudo-depth 'shards/train-{000000..000009}.tar' --out shards_depth \\
+        --model depth-anything/Depth-Anything-V2-Small-hf
+    selfsup3d data pseudo-depth photos/ --out shards_depth --model /models/dpt-hybrid-midas --batch-size 16
+
+``SRC`` is either shards (a brace pattern, a glob, or a folder holding ``.tar`` files) of single-view samples,
+or a folder of images (searched recursively; the first-level sub-folder names are the classes, sorted, as
+``label``). The model is any Hugging Face depth-estimation model (Depth Anything, DPT, ZoeDepth, GLPN, ...)
+given by hub id or local folder, run through ``AutoModelForDepthEstimation`` and its image processor in
+batches, with a progress bar. The output is single-view shards written with the shard format module
+(``docs/shard-format.md``): the image passes through unchanged, the depth is stored as
+``depth_kind: "relative"``, labels, masks and metadata are kept; samples that already have depth keep it
+unless ``--replace``.
+
+What is stored is *depth-like* (larger = farther), whatever the model predicts:
+
+* models that predict relative inverse depth (DPT/MiDaS, Depth Anything's relative checkpoints) give a
+  disparity of unknown scale and shift. Its 2nd and 98th percentiles (per image) are mapped to inverse
+  depths ``1/R`` and ``1`` (``R`` = ``--disparity-range``, default 10), values beyond are clamped, and the
+  inverse is stored: relative depth in ``[1, R]``.
+* models that predict depth (ZoeDepth, GLPN, Depth Anything's metric checkpoints) are stored as predicted.
+
+Training maps this relative depth into the renderer's ``[near, far]`` per image with another robust
+percentile map (``TriplaneReconstruction(depth_normalization="percentile")``, see
+:func:`selfsup3d.geometry.volume.normalize_depth`), so only the ordering and the proportions matter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+
+from selfsup3d.datamodules.format import (
+    DEPTH_SUFFIX,
+    IMAGE_EXTENSIONS,
+    MASK_SUFFIX,
+    EncodedImage,
+    ImageSample,
+    ShardSink,
+    decode_depth,
+    decode_mask,
+    decode_rgb,
+    depth_to_array,
+    image_field,
+    is_multiview,
+    make_key,
+    parse_meta,
+    single_depth_scale,
+)
+
+DISPARITY_MODELS = ("dpt", "depth_anything")
+"""Model types whose relative checkpoints predict inverse depth (disparity)."""
+
+_SPLIT_RE = re.compile(r"^([A-Za-z0-9_]+?)-\d+\.tar$")
+
+
+# ---------------------------------------------------------------------------- conversion
+def disparity_to_depth(
+    disparity: Tensor, depth_range: float = 10.0, quantiles: tuple[float, float] = (0.02, 0.98)
+) -> Tensor:
+    """Relative inverse depth ``[H, W]`` to depth-like values in ``[1, depth_range]`` (see the module docstring).
+
+    Args:
+        disparity: model output, larger = closer, unknown scale and shift.
+        depth_range: ratio of the farthest to the nearest depth stored.
+        quantiles: the robust low/high quantiles mapped to the far and near ends.
+
+    Returns:
+        ``[H, W]`` float32 depth, 1 at the near end, ``depth_range`` at the far end.
+    """
+    d = disparity.float()
+    q = torch.quantile(d.flatten(), torch.tensor(quantiles, dtype=d.dtype, device=d.device))
+    unit = ((d - q[0]) / (q[1] - q[0]).clamp(min=1e-8)).clamp(0.0, 1.0)
+    inverse = 1.0 / depth_range + unit * (1.0 - 1.0 / depth_range)
+    return 1.0 / inverse
+
+
+def output_kind(model: Any, requested: str = "auto") -> str:
+    """``disparity`` or ``depth``: what the model's ``predicted_depth`` holds."""
+    if requested != "auto":
+        return requested
+    config = model.config
+    if config.model_type in DISPARITY_MODELS and getattr(config, "depth_estimation_type", "relative") == "relative":
+        return "disparity"
+    return "depth"
+
+
+# ---------------------------------------------------------------------------- sources
+class Item:
+    """One sample to annotate: key, image (as it will be written), decoded RGB, and what it keeps."""
+
+    def __init__(
+        self,
+        key: str,
+        split: str,
+        image: EncodedImage | np.ndarray,
+        rgb: Image.Image,
+        label: int,
+        meta: dict[str, Any],
+        mask: np.ndarray | None = None,
+        depth: np.ndarray | None = None,
+        depth_scale: float | None = None,
+        depth_kind: str = "relative",
+    ) -> None:
+        self.key, self.split, self.image, self.rgb, self.label, self.meta = key, split, image, rgb, label, meta
+        self.mask, self.depth, self.depth_scale, self.depth_kind = mask, depth, depth_scale, depth_kind
+
+
+def _is_shard_source(src: str) -> bool:
+    path = Path(src)
+    if path.is_dir():
+        return any(path.glob("*.tar"))
+    return ".tar" in src or src.startswith(("pipe:", "http://", "https://", "s3://", "gs://"))
+
+
+def _shard_urls(src: str) -> list[str]:
+    from selfsup3d.datamodules.pipeline import expand_urls
+
+    path = Path(src)
+    if path.is_dir():
+        return [str(p) for p in sorted(path.glob("*.tar"))]
+    return expand_urls(src, "SRC")
+
+
+def _split_of(url: str, default: str) -> str:
+    match = _SPLIT_RE.match(Path(url).name)
+    return match.group(1) if match else default
+
+
+def iter_shards(src: str, default_split: str) -> Iterator[Item]:
+    """Single-view samples of shards (raw, not augmented), in order."""
+    import webdataset as wds
+
+    for url in _shard_urls(src):
+        split = _split_of(url, default_split)
+        for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+            if is_multiview(sample):
+                raise ValueError(
+                    f"{url}: sample {sample.get('__key__')} is a multi-view scene; pseudo-depth annotates "
+                    "single-view samples (multi-view renders carry their own depth)"
+                )
+            name = image_field(sample)
+            rgb = decode_rgb(sample, name)
+            meta = parse_meta(sample, required=False)
+            label = int(meta.pop("label", -1))
+            mask = np.asarray(decode_mask(sample, MASK_SUFFIX)) if MASK_SUFFIX in sample else None
+            depth = scale = None
+            kind = "relative"
+            if DEPTH_SUFFIX in sample:
+                scale = single_depth_scale(sample, meta)
+                depth = depth_to_array(decode_depth(sample, DEPTH_SUFFIX), scale)
+                kind = str(meta.get("depth_kind", "metric"))
+            for field_name in ("depth_scale", "depth_kind"):
+                meta.pop(field_name, None)
+            ext = name.rsplit(".", 1)[-1]
+            yield Item(
+                sample["__key__"], split, EncodedImage(sample[name], ext), rgb, label, meta, mask, depth, scale, kind
+            )
+
+
+def iter_folder(src: str, split: str) -> tuple[int, Iterator[Item]]:
+    """Images of a folder (recursively) and how many; first-level sub-folders are the classes."""
+    root = Path(src)
+    exts = {f".{e}" for e in IMAGE_EXTENSIONS} | {".bmp", ".tif", ".tiff"}
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(exts))}) under {src}")
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    index = {name: i for i, name in enumerate(classes)}
+
+    def items() -> Iterator[Item]:
+        for path in files:
+            rel = path.relative_to(root)
+            cls = rel.parts[0] if len(rel.parts) > 1 else None
+            with Image.open(path) as im:
+                im.load()
+                rgb = im.convert("RGB")
+                passthrough = im.mode == "RGB" and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+            image: EncodedImage | np.ndarray = (
+                EncodedImage(path.read_bytes(), path.suffix.lower().lstrip(".")) if passthrough else np.asarray(rgb)
+            )
+            meta: dict[str, Any] = {"source": "images", "path": str(rel)}
+            if cls is not None:
+                meta["class_name"] = cls
+            key = make_key(str(rel.with_suffix("")).replace("/", "_"))
+            yield Item(key, split, image, rgb, index[cls] if cls is not None else -1, meta)
+
+    return len(files), items()
+
+
+# ---------------------------------------------------------------------------- model
+class DepthModel:
+    """A Hugging Face depth-estimation model and its image processor, run in batches.
+
+    Args:
+        model: hub id or local folder.
+        device: ``cpu``, ``cuda``, ... (``auto``: CUDA when available).
+        dtype: ``float32``, ``float16`` or ``bfloat16``.
+        kind: ``auto``, ``disparity`` or ``depth`` (what the model predicts, see :func:`output_kind`).
+        depth_range: ``R`` of :func:`disparity_to_depth`.
+    """
+
+    def __init__(
+        self, model: str, device: str = "auto", dtype: str = "float32", kind: str = "auto", depth_range: float = 10.0
+    ) -> None:
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        self.processor = AutoImageProcessor.from_pretrained(model)
+        self.model = AutoModelForDepthEstimation.from_pretrained(model).to(self.device, self.dtype).eval()
+        self.kind = output_kind(self.model, kind)
+        self.depth_range = depth_range
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image]) -> list[np.ndarray]:
+        """Depth-like maps (larger = farther), float32 ``[H, W]`` at each image's own size."""
+        inputs = self.processor(images=images, return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
+        outputs = self.model(pixel_values=pixel_values)
+        sizes = [(im.height, im.width) for im in images]
+        post = getattr(self.processor, "post_process_depth_estimation", None)
+        if callable(post):
+            maps = [d["predicted_depth"] for d in post(outputs, target_sizes=sizes)]
+        else:
+            pred = outputs.predicted_depth
+            maps = [
+                F.interpolate(p[None, None].float(), size=s, mode="bicubic", align_corners=False)[0, 0]
+                for p, s in zip(pred, sizes)
+            ]
+        out = []
+        for m in maps:
+            m = m.float()
+            depth = disparity_to_depth(m, self.depth_range) if self.kind == "disparity" else m.clamp(min=1e-6)
+            out.append(depth.cpu().numpy().astype(np.float32))
+        return out
+
+
+# ---------------------------------------------------------------------------- command
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``selfsup3d data pseudo-depth``."""
+    parser.add_argument(
+        "src", help="single-view shards (brace pattern, glob, or a folder of .tar files) or a folder of images"
+    )
+    parser.add_argument("--out", required=True, help="output folder for the annotated shards")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="Hugging Face depth-estimation model: hub id or local folder (Depth Anything, DPT, ...)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="images per model call (default %(default)s)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="model precision (default %(default)s)",
+    )
+    parser.add_argument(
+        "--output-kind",
+        choices=["auto", "disparity", "depth"],
+        default="auto",
+        help="what the model predicts; auto: disparity for DPT and relative Depth Anything, depth otherwise",
+    )
+    parser.add_argument(
+        "--disparity-range",
+        type=float,
+        default=10.0,
+        help="far/near ratio of the depth stored for disparity models (default %(default)s)",
+    )
+    parser.add_argument(
+        "--split",
+        default="train",
+        help="output shard prefix for image folders and for shards whose names carry none (default %(default)s)",
+    )
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per output shard (default %(default)s)")
+    parser.add_argument(
+        "--image-format",
+        choices=["png", "jpg", "webp"],
+        default="jpg",
+        help="encoding of images that cannot pass through unchanged (default %(default)s)",
+    )
+    parser.add_argument("--replace", action="store_true", help="re-annotate samples that already have depth")
+    parser.add_argument("--limit", type=int, default=None, help="annotate at most this many samples")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output shards of the same split")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _flush(batch: list[Item], model: DepthModel, sinks: dict[str, ShardSink], args: argparse.Namespace) -> None:
+    todo = [it for it in batch if it.depth is None or args.replace]
+    for item, depth in zip(todo, model([it.rgb for it in todo]) if todo else []):
+        item.depth, item.depth_scale, item.depth_kind = depth, None, "relative"
+        item.meta["pseudo_depth"] = {"model": args.model, "kind": model.kind}
+    for item in batch:
+        if item.split not in sinks:
+            sinks[item.split] = ShardSink(
+                args.out,
+                item.split,
+                samples_per_shard=args.shard_size,
+                image_format=args.image_format,
+                overwrite=args.overwrite,
+            )
+        sinks[item.split].write(
+            ImageSample(
+                key=item.key,
+                image=item.image,
+                depth=item.depth,
+                mask=item.mask,
+                label=item.label,
+                meta=item.meta,
+                depth_scale=item.depth_scale,
+                depth_kind=item.depth_kind,
+            )
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Annotate ``args.src`` into ``args.out``; returns the exit status."""
+    if args.batch_size < 1 or args.shard_size < 1:
+        print("selfsup3d data pseudo-depth: --batch-size and --shard-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        if _is_shard_source(args.src):
+            total: int | None = None
+            items = iter_shards(args.src, args.split)
+        else:
+            if not Path(args.src).is_dir():
+                raise FileNotFoundError(f"SRC {args.src} is neither shards nor a folder of images")
+            total, items = iter_folder(args.src, args.split)
+        if args.limit is not None and total is not None:
+            total = min(total, args.limit)
+        model = DepthModel(args.model, args.device, args.dtype, args.output_kind, args.disparity_range)
+        sinks: dict[str, ShardSink] = {}
+        batch: list[Item] = []
+        count = annotated = 0
+        with tqdm(total=total, unit="img", desc="pseudo depth", disable=args.no_progress) as bar:
+            for item in items:
+                if args.limit is not None and count >= args.limit:
+                    break
+                annotated += int(item.depth is None or args.replace)
+                batch.append(item)
+                count += 1
+                if len(batch) == args.batch_size:
+                    _flush(batch, model, sinks, args)
+                    bar.update(len(batch))
+                    batch = []
+            if batch:
+                _flush(batch, model, sinks, args)
+                bar.update(len(batch))
+        for sink in sinks.values():
+            sink.close()
+    except (FileExistsError, FileNotFoundError, ValueError, OSError) as err:
+        print(f"selfsup3d data pseudo-depth: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{count} samples written ({annotated} annotated with {args.model}, kind {model.kind}) to {args.out}")
+    for split, sink in sinks.items():
+        print(f"  {split}: {sink.count} samples in {len(sink.shards)} shard(s): {sink.url}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m selfsup3d.datamodules.pseudo_depth``)."""
+    parser = argparse.ArgumentParser(prog="selfsup3d data pseudo-depth", description=__doc__.strip().split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

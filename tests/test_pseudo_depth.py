@@ -1,0 +1,114 @@
+"""``selfsup3d data pseudo-depth`` with a tiny randomly initialised depth model saved locally."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from shards import write_singleview_shards
+
+from selfsup3d.cli import main
+from selfsup3d.datamodules import SingleViewShards
+from selfsup3d.datamodules.pseudo_depth import disparity_to_depth
+
+
+@pytest.fixture(scope="module")
+def tiny_dpt(tmp_path_factory) -> str:
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(0)
+    config = DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        reassemble_factors=[4, 2, 1, 0.5],
+        backbone_out_indices=[0, 1, 2, 3],
+    )
+    model = DPTForDepthEstimation(config)
+    with torch.no_grad():  # a head whose disparity varies over the image (transformers starts it at zero)
+        model.head.head[-2].weight.normal_(std=1.0)
+        model.head.head[-2].bias.fill_(1.0)
+    path = tmp_path_factory.mktemp("tiny_dpt")
+    model.save_pretrained(path)
+    DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(path)
+    return str(path)
+
+
+def _read(urls: str, with_depth: bool = True) -> dict:
+    dm = SingleViewShards(
+        train_urls=urls,
+        val_urls=urls,
+        batch_size=64,
+        num_workers=0,
+        image_size=32,
+        with_depth=with_depth,
+        pin_memory=False,
+    )
+    dm.setup("validate")
+    return dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+
+
+def test_disparity_to_depth_is_robust_and_ordered():
+    disparity = torch.linspace(0, 1, 100).view(10, 10)
+    disparity[0, 0] = 1e6  # an outlier does not move the others
+    depth = disparity_to_depth(disparity, depth_range=10.0)
+    assert depth.min() == pytest.approx(1.0) and depth.max() == pytest.approx(10.0)
+    flat = depth.flatten()[1:]
+    assert (flat[1:] <= flat[:-1] + 1e-6).all()  # larger disparity = nearer
+    assert torch.isfinite(disparity_to_depth(torch.zeros(4, 4))).all()  # a constant map stays finite
+
+
+def test_annotates_shards_keeping_labels_and_existing_depth(tmp_path, tiny_dpt):
+    src = write_singleview_shards(tmp_path / "src", num_samples=6, size=32, num_shards=2, with_depth=False)
+    out = tmp_path / "out"
+    code = main(
+        ["data", "pseudo-depth", src, "--out", str(out), "--model", tiny_dpt, "--batch-size", "4", "--no-progress"]
+    )
+    assert code == 0
+    shards = sorted(out.glob("train-*.tar"))
+    assert shards
+    batch = _read(str(out / "train-*.tar"))
+    original = _read(src, with_depth=False)
+    assert batch["depth"].shape == (6, 1, 32, 32)
+    valid = batch["depth"] > 0
+    assert valid.float().mean() > 0.99
+    assert batch["depth"][valid].min() >= 1.0 - 1e-2 and batch["depth"][valid].max() <= 10.0 + 1e-2
+    assert (batch["depth"].flatten(1).std(dim=1) > 0.1).all()  # a depth map, not a constant
+    assert torch.equal(batch["label"], original["label"])
+    assert torch.equal(batch["image"], original["image"])  # images pass through unchanged
+
+    # a sample with depth keeps it unless --replace
+    metric = write_singleview_shards(tmp_path / "metric", num_samples=4, size=32, num_shards=1, with_depth=True)
+    kept = tmp_path / "kept"
+    assert main(["data", "pseudo-depth", metric, "--out", str(kept), "--model", tiny_dpt, "--no-progress"]) == 0
+    assert torch.allclose(_read(str(kept / "train-*.tar"))["depth"], _read(metric)["depth"], atol=1e-3)
+
+
+def test_annotates_an_image_folder_with_classes(tmp_path, tiny_dpt, capsys):
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for i in range(3):
+            arr = (rng.random((40, 48, 3)) * 255).astype(np.uint8)
+            Image.fromarray(arr).save(tmp_path / "images" / cls / f"img.{i}.png")
+    out = tmp_path / "out"
+    args = ["data", "pseudo-depth", str(tmp_path / "images"), "--out", str(out), "--model", tiny_dpt, "--split", "val"]
+    assert main([*args, "--no-progress"]) == 0
+    assert "6 samples written" in capsys.readouterr().out
+    batch = _read(str(out / "val-*.tar"))
+    assert sorted(batch["label"].tolist()) == [0, 0, 0, 1, 1, 1]
+    assert (batch["depth"] > 0).all()
+    # refuses to mix with existing shards unless --overwrite
+    assert main([*args, "--no-progress"]) == 2
+    assert main([*args, "--no-progress", "--overwrite"]) == 0
+
+
+def test_errors_are_reported_not_raised(tmp_path, tiny_dpt, capsys):
+    assert main(["data", "pseudo-depth", str(tmp_path / "nothing"), "--out", str(tmp_path), "--model", tiny_dpt]) == 2
+    assert "neither shards nor a folder" in capsys.readouterr().err
