@@ -121,15 +121,43 @@ def open_shards(data: Iterable[dict[str, Any]], handler: Callable[[Exception], b
                 break
 
 
+def _seekable_members(source: dict[str, Any], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Members of a seekable (local) shard, read with tarfile's random-access mode: a third cheaper per
+    member than the streaming mode webdataset uses for any stream (``bench/loader.py``). Same output and
+    the same skipping of ``__meta__`` members and non-files as webdataset's expander."""
+    url = source["url"]
+    try:
+        tar = tarfile.open(fileobj=source["stream"], mode="r:*")  # noqa: SIM115 (closed by the with below)
+    except Exception as err:
+        err.args = (*err.args, url)
+        handler(err)
+        return
+    with tar:
+        try:
+            for member in tar:
+                name = member.name
+                if not member.isreg() or (name.startswith("__") and name.endswith("__") and "/" not in name):
+                    continue
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                yield {"fname": name, "data": data, "__url__": url}
+        except Exception as err:  # a truncated or damaged shard: skip its rest
+            err.args = (*err.args, url)
+            handler(err)
+
+
 def expand_tars(data: Iterable[dict[str, Any]], handler: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
     """Pipeline stage: opened shards -> tar members, with an end-of-shard marker after every shard, also one
     that broke off (webdataset's expander only marks shards it read to the end, so the partial last sample
-    of a truncated shard would be merged with the next shard's first sample)."""
+    of a truncated shard would be merged with the next shard's first sample). Local files are read in
+    random-access mode, other streams (``pipe:``, remote) by webdataset's streaming expander."""
     for source in data:
+        stream = source.get("stream")
         try:
-            yield from tar_file_expander([source], handler=handler)
+            if stream is not None and _is_local(source["url"]) and stream.seekable():
+                yield from _seekable_members(source, handler)
+            else:
+                yield from tar_file_expander([source], handler=handler)
         finally:
-            stream = source.get("stream")
             if stream is not None:
                 stream.close()
         yield {}
