@@ -85,19 +85,35 @@ def _convert(args: argparse.Namespace) -> int:
     )
     if args.source == "blender":
         report = convert.convert_blender(
-            args.src, args.out, scenes_per_shard=args.shard_size, max_views=args.max_views,
-            min_views=args.min_views, background=args.background, **common,
-        )  # fmt: skip
+            args.src,
+            args.out,
+            scenes_per_shard=args.shard_size,
+            max_views=args.max_views,
+            min_views=args.min_views,
+            background=args.background,
+            **common,
+        )
     elif args.source == "colmap":
         report = convert.convert_colmap(
-            args.src, args.out, images=args.images, refuse_distortion=args.refuse_distortion,
-            scenes_per_shard=args.shard_size, max_views=args.max_views, min_views=args.min_views, **common,
-        )  # fmt: skip
+            args.src,
+            args.out,
+            images=args.images,
+            refuse_distortion=args.refuse_distortion,
+            scenes_per_shard=args.shard_size,
+            max_views=args.max_views,
+            min_views=args.min_views,
+            **common,
+        )
     else:
         report = convert.convert_images(
-            args.src, args.out, samples_per_shard=args.shard_size, background=args.background,
-            shuffle=not args.no_shuffle, seed=args.seed, **common,
-        )  # fmt: skip
+            args.src,
+            args.out,
+            samples_per_shard=args.shard_size,
+            background=args.background,
+            shuffle=not args.no_shuffle,
+            seed=args.seed,
+            **common,
+        )
     print(report.summary())
     return 0 if report.written else 1
 
@@ -179,8 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-views", type=int, default=None, help="at most this many views per scene, evenly spread")
         p.add_argument("--min-views", type=int, default=2, help="skip scenes with fewer views (default %(default)s)")
     for p in (blender, images):
-        p.add_argument("--background", type=_parse_background, default=(255, 255, 255),
-                       help="colour under transparent pixels: white, black, grey or R,G,B (default white)")  # fmt: skip
+        p.add_argument(
+            "--background",
+            type=_parse_background,
+            default=(255, 255, 255),
+            help="colour under transparent pixels: white, black, grey or R,G,B (default white)",
+        )
     colmap.add_argument("--images", default="images", help="image folder name in each scene (default %(default)s)")
     colmap.add_argument("--refuse-distortion", action="store_true", help="skip views with lens distortion")
     images.add_argument("--no-shuffle", action="store_true", help="keep the sorted order (default: shuffled)")

@@ -202,9 +202,18 @@ class MultiViewShards(ShardDataModule):
         pin_memory: bool = True,
     ) -> None:
         super().__init__(
-            train_urls, val_urls, batch_size, num_workers, image_size, shuffle_buffer, batches_per_epoch,
-            val_batches, strict, seed, pin_memory,
-        )  # fmt: skip
+            train_urls,
+            val_urls,
+            batch_size,
+            num_workers,
+            image_size,
+            shuffle_buffer,
+            batches_per_epoch,
+            val_batches,
+            strict,
+            seed,
+            pin_memory,
+        )
         if num_views < 2:
             raise ConfigError(f"data.num_views must be >= 2 (context and target views), got {num_views}")
         num_context = num_views // 2 if num_context_views is None else num_context_views
@@ -229,9 +238,13 @@ class MultiViewShards(ShardDataModule):
 
     def _decoder(self, train: bool) -> MultiViewDecoder:
         return MultiViewDecoder(
-            self.num_views, self.num_context_views, self.image_hw, self.with_depth, self.with_masks,
+            self.num_views,
+            self.num_context_views,
+            self.image_hw,
+            self.with_depth,
+            self.with_masks,
             self.max_zoom if train else 1.0,
-        )  # fmt: skip
+        )
 
     def _collate_fn(self) -> _CollateMultiView:
         return _CollateMultiView(self.num_context_views)

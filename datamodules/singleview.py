@@ -82,10 +82,19 @@ class SingleViewDecoder:
                 views = rng.sample(views, self.views_per_scene)
             size = (cameras.width, cameras.height)
             return [
-                self._item(raw, image_field(raw, v), view_field(v, DEPTH_SUFFIX), view_field(v, MASK_SUFFIX),
-                           cameras.depth_scale, size, int(meta["label"]), make_key(key, f"v{v:03d}"), rng)
+                self._item(
+                    raw,
+                    image_field(raw, v),
+                    view_field(v, DEPTH_SUFFIX),
+                    view_field(v, MASK_SUFFIX),
+                    cameras.depth_scale,
+                    size,
+                    int(meta["label"]),
+                    make_key(key, f"v{v:03d}"),
+                    rng,
+                )
                 for v in views
-            ]  # fmt: skip
+            ]
         meta = parse_meta(raw, required=False)
         scale = single_depth_scale(raw, meta) if self.with_depth else None
         return [self._item(raw, image_field(raw), DEPTH_SUFFIX, MASK_SUFFIX, scale, None, int(meta["label"]), key, rng)]
@@ -206,9 +215,18 @@ class SingleViewShards(ShardDataModule):
         pin_memory: bool = True,
     ) -> None:
         super().__init__(
-            train_urls, val_urls, batch_size, num_workers, image_size, shuffle_buffer, batches_per_epoch,
-            val_batches, strict, seed, pin_memory,
-        )  # fmt: skip
+            train_urls,
+            val_urls,
+            batch_size,
+            num_workers,
+            image_size,
+            shuffle_buffer,
+            batches_per_epoch,
+            val_batches,
+            strict,
+            seed,
+            pin_memory,
+        )
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ConfigError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
         if not 0 < crop_ratio[0] <= crop_ratio[1]:
@@ -231,10 +249,15 @@ class SingleViewShards(ShardDataModule):
 
     def _decoder(self, train: bool) -> SingleViewDecoder:
         return SingleViewDecoder(
-            self.image_hw, self.with_depth, self.with_masks, random_crop=train and self.random_resized_crop,
-            crop_scale=self.crop_scale, crop_ratio=self.crop_ratio, hflip=train and self.hflip,
+            self.image_hw,
+            self.with_depth,
+            self.with_masks,
+            random_crop=train and self.random_resized_crop,
+            crop_scale=self.crop_scale,
+            crop_ratio=self.crop_ratio,
+            hflip=train and self.hflip,
             views_per_scene=self.views_per_scene,
-        )  # fmt: skip
+        )
 
     def _collate_fn(self) -> _CollateSingleView:
         return _CollateSingleView()
