@@ -94,21 +94,25 @@ def _interpolation_matrix(points: Tensor, batch: int, size: int, box_size: float
         ``[B*M, 12]`` int32 column indices into the ``[B*3*H*W]`` texel rows and ``[B*M, 12]`` float32 weights.
     """
     m = points.shape[1]
-    pix = (points.float() * (2.0 / box_size) + 1.0) * (size / 2.0) - 0.5  # [B, M, 3], align_corners=False
-    lo = torch.floor(pix)
-    frac = pix - lo
-    lo_i = lo.to(torch.int32)
-    # per axis: the two neighbours (clamped into range) and their weights (0 outside)
-    idx = torch.stack([lo_i, lo_i + 1], dim=-1)  # [B, M, 3, 2]
-    wts = torch.stack([1.0 - frac, frac], dim=-1) * ((idx >= 0) & (idx < size))
-    idx = idx.clamp_(0, size - 1)
+    n = batch * m
+    # texel coordinates, one contiguous row per axis (align_corners=False: texel centres at i + 0.5)
+    xyz = points.reshape(n, 3).float().t() * (size / box_size) + (size / 2.0 - 0.5)  # [3, N]
+    lo = torch.floor(xyz)
+    frac = xyz - lo
+    i0 = lo.to(torch.int32)
+    # the two neighbours along each axis (clamped into range) and their weights (0 outside the plane)
+    w0 = (1.0 - frac) * ((i0 >= 0) & (i0 < size))
+    w1 = frac * ((i0 >= -1) & (i0 < size - 1))
+    c0 = i0.clamp(0, size - 1)
+    c1 = (i0 + 1).clamp_(0, size - 1)
+    first = (torch.arange(n, device=points.device, dtype=torch.int32) // m) * (3 * size * size)
     cols, weights = [], []
-    for p, (a, b) in enumerate(PLANE_AXES):  # x along the width (axis a), y along the height (axis b)
-        plane_base = (torch.arange(batch, device=points.device, dtype=torch.int32) * 3 + p) * (size * size)
-        c = plane_base.view(batch, 1, 1, 1) + idx[..., b, :, None] * size + idx[..., a, None, :]  # [B, M, 2, 2]
-        cols.append(c.reshape(batch, m, 4))
-        weights.append((wts[..., b, :, None] * wts[..., a, None, :]).reshape(batch, m, 4))
-    return torch.cat(cols, dim=-1).reshape(batch * m, 12), torch.cat(weights, dim=-1).reshape(batch * m, 12)
+    for p, (a, b) in enumerate(PLANE_AXES):  # x along the width from axis a, y along the height from axis b
+        r0 = first + (p * size * size) + c0[b] * size
+        r1 = first + (p * size * size) + c1[b] * size
+        cols += [r0 + c0[a], r0 + c1[a], r1 + c0[a], r1 + c1[a]]
+        weights += [w0[b] * w0[a], w0[b] * w1[a], w1[b] * w0[a], w1[b] * w1[a]]
+    return torch.stack(cols, dim=1), torch.stack(weights, dim=1)
 
 
 def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
@@ -118,43 +122,71 @@ def _csr(crow: Tensor, cols: Tensor, values: Tensor, size: tuple[int, int]) -> T
         return torch.sparse_csr_tensor(crow, cols, values, size=size, check_invariants=False)
 
 
-class _SparseTriplaneSample(torch.autograd.Function):
+_BACKWARD_BLOCK = 1 << 16
+"""Points per block in the backward pass of the sparse sampler."""
+
+
+class _SparseTexelSample(torch.autograd.Function):
     """``features = S @ texels`` with ``S`` the sparse bilinear interpolation matrix (12 entries a row)."""
 
     @staticmethod
-    def forward(ctx, planes: Tensor, points: Tensor, box_size: float, scale: float) -> Tensor:  # type: ignore[override]
-        b, _, c, h, w = planes.shape
+    def forward(ctx, texels: Tensor, points: Tensor, box_size: float, scale: float) -> Tensor:  # type: ignore[override]
+        b, _, h, w, c = texels.shape
         m = points.shape[1]
         cols, weights = _interpolation_matrix(points, b, h, box_size)
         if scale != 1.0:
             weights = weights * scale
-        texels = planes.permute(0, 1, 3, 4, 2).reshape(b * 3 * h * w, c)  # channels last
+        rows = texels.reshape(b * 3 * h * w, c)
         n = b * m
         crow = torch.arange(0, 12 * n + 1, 12, device=points.device, dtype=torch.int32)
-        matrix = _csr(crow, cols.reshape(-1), weights.reshape(-1).to(texels.dtype), (n, texels.shape[0]))
+        matrix = _csr(crow, cols.reshape(-1), weights.reshape(-1).to(rows.dtype), (n, rows.shape[0]))
         with torch.autocast(points.device.type, enabled=False):  # no sparse bf16 kernels
-            out = torch.sparse.mm(matrix, texels)
+            out = torch.sparse.mm(matrix, rows)
         ctx.save_for_backward(cols, weights)
-        ctx.shape = (b, c, h, w)
+        ctx.shape = (b, h, w, c)
         return out.view(b, m, c)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
         cols, weights = ctx.saved_tensors
-        b, c, h, w = ctx.shape
+        b, h, w, c = ctx.shape
         n_texels = b * 3 * h * w
-        # the transpose as CSR: entries sorted by texel
-        flat = cols.reshape(-1)
-        order = torch.argsort(flat)
-        rows = (order // 12).to(torch.int32)
-        counts = torch.bincount(flat, minlength=n_texels)
-        crow = torch.zeros(n_texels + 1, dtype=torch.int32, device=grad.device)
-        torch.cumsum(counts, dim=0, out=crow[1:])
-        grad_flat = grad.reshape(-1, c)
-        matrix_t = _csr(crow, rows, weights.reshape(-1)[order].to(grad_flat.dtype), (n_texels, grad_flat.shape[0]))
-        with torch.autocast(grad.device.type, enabled=False):
-            grad_texels = torch.sparse.mm(matrix_t, grad_flat)
-        return grad_texels.view(b, 3, h, w, c).permute(0, 1, 4, 2, 3), None, None, None
+        grad_flat = grad.reshape(-1, c).to(weights.dtype)
+        out = torch.zeros(n_texels, c, dtype=grad_flat.dtype, device=grad.device)
+        # Sᵀ @ grad, a block of points at a time (bounded temporaries): each block's transpose as CSR,
+        # its entries sorted by texel
+        for start in range(0, cols.shape[0], _BACKWARD_BLOCK):
+            block = cols[start : start + _BACKWARD_BLOCK].reshape(-1)
+            order = torch.argsort(block)
+            rows = (order // 12).to(torch.int32)
+            crow = torch.zeros(n_texels + 1, dtype=torch.int32, device=grad.device)
+            torch.cumsum(torch.bincount(block, minlength=n_texels), dim=0, out=crow[1:])
+            values = weights[start : start + _BACKWARD_BLOCK].reshape(-1)[order]
+            matrix_t = _csr(crow, rows, values, (n_texels, min(_BACKWARD_BLOCK, cols.shape[0] - start)))
+            with torch.autocast(grad.device.type, enabled=False):
+                out.addmm_(matrix_t, grad_flat[start : start + _BACKWARD_BLOCK])
+        return out.view(b, 3, h, w, c), None, None, None
+
+
+def triplane_texels(planes: Tensor) -> Tensor:
+    """``[B, 3, C, R, R]`` triplanes as contiguous channels-last texels ``[B, 3, R, R, C]`` (differentiable),
+    the layout :func:`sample_texels_sparse` reads. Convert once, sample many times."""
+    b, n_planes, c, h, w = planes.shape
+    if n_planes != 3 or h != w:
+        raise ValueError(f"planes must be [B, 3, C, R, R], got shape {tuple(planes.shape)}")
+    return planes.permute(0, 1, 3, 4, 2).contiguous()
+
+
+def sample_texels_sparse(texels: Tensor, points: Tensor, box_size: float, aggregate: Aggregate = "sum") -> Tensor:
+    """:func:`sample_triplane_sparse` on texels already converted by :func:`triplane_texels`."""
+    if texels.ndim != 5 or texels.shape[1] != 3 or texels.shape[2] != texels.shape[3]:
+        raise ValueError(f"texels must be [B, 3, R, R, C], got shape {tuple(texels.shape)}")
+    if aggregate not in ("sum", "mean"):
+        raise ValueError(f"sample_triplane_sparse aggregates by 'sum' or 'mean', got {aggregate!r}")
+    if points.requires_grad:
+        raise ValueError("sample_triplane_sparse does not differentiate with respect to the points")
+    scale = 1.0 / 3.0 if aggregate == "mean" else 1.0
+    return _SparseTexelSample.apply(texels, points.detach(), box_size, scale)
 
 
 def sample_triplane_sparse(planes: Tensor, points: Tensor, box_size: float, aggregate: Aggregate = "sum") -> Tensor:
@@ -164,7 +196,8 @@ def sample_triplane_sparse(planes: Tensor, points: Tensor, box_size: float, aggr
     matrix ``S`` (``[points, texels]``); features are ``S @ texels`` with the texels channels-last, so the
     plane sum costs nothing and every read is a contiguous row of ``C`` values. The backward pass is
     ``Sᵀ @ grad``. Only the index and weight arrays are kept for it (no per-plane features). On the CPU
-    this is several times faster than ``grid_sample`` forward and backward.
+    this is several times faster than ``grid_sample`` forward and backward. When sampling the same planes
+    several times, convert them once with :func:`triplane_texels` and call :func:`sample_texels_sparse`.
 
     Gradients flow to ``planes`` only: the points are treated as constants (rays of a fixed camera).
 
@@ -177,11 +210,4 @@ def sample_triplane_sparse(planes: Tensor, points: Tensor, box_size: float, aggr
     Returns:
         ``[B, M, C]`` features.
     """
-    b, n_planes, c, h, w = planes.shape
-    if n_planes != 3 or h != w:
-        raise ValueError(f"planes must be [B, 3, C, R, R], got shape {tuple(planes.shape)}")
-    if aggregate not in ("sum", "mean"):
-        raise ValueError(f"sample_triplane_sparse aggregates by 'sum' or 'mean', got {aggregate!r}")
-    if points.requires_grad:
-        raise ValueError("sample_triplane_sparse does not differentiate with respect to the points")
-    return _SparseTriplaneSample.apply(planes, points.detach(), box_size, 1.0 / 3.0 if aggregate == "mean" else 1.0)
+    return sample_texels_sparse(triplane_texels(planes), points, box_size, aggregate)

@@ -137,8 +137,11 @@ class TriplaneReconstruction(PretrainObjective):
         far: far plane of the fixed camera (z-depth).
         box_size: edge of the triplane box (centred at depth ``(near + far) / 2``); ``null`` is ``far - near``.
         background: colour behind the far plane; ``null`` adds none (black).
-        ray_chunk: rays rendered per chunk, each recomputed in the backward pass to save memory; ``null``
-            renders all rays at once.
+        ray_chunk: rays per image rendered at a time (``null``: all at once).
+        recompute_chunks: recompute each chunk's activations in the backward pass (memory independent of the
+            number of rays, one more forward pass of the renderer).
+        recompute_mlp: keep only the sampled plane features for the backward pass and recompute the radiance
+            MLP there (most of the renderer's memory for a small cost).
         density_shift: added to the raw density before the softplus (negative: the field starts empty).
         depth_normalization: how depth targets map into ``[near, far]`` per image: ``percentile`` (robust
             affine map for relative pseudo depth), ``median`` (scale only) or ``none`` (metric, as is).
@@ -178,6 +181,8 @@ class TriplaneReconstruction(PretrainObjective):
         box_size: float | None = None,
         background: float | None = None,
         ray_chunk: int | None = 8192,
+        recompute_chunks: bool = False,
+        recompute_mlp: bool = True,
         density_shift: float = -1.0,
         depth_normalization: DepthNormalization = "percentile",
         depth_quantiles: tuple[float, float] = (0.02, 0.98),
@@ -253,6 +258,7 @@ class TriplaneReconstruction(PretrainObjective):
             num_fine=num_fine,
             background=background,
             ray_chunk=ray_chunk,
+            recompute_chunks=recompute_chunks,
         )
         self.triplane: TriplaneDecoder | None = None
         self.field: TriplaneField | None = None
@@ -275,6 +281,7 @@ class TriplaneReconstruction(PretrainObjective):
                 aggregate=plane_aggregate,
                 sampler=sampler,
                 density_shift=density_shift,
+                recompute_mlp=recompute_mlp,
             )
         else:
             size = input_size or int(getattr(encoder, "config", {}).get("img_size", render_size))

@@ -6,9 +6,8 @@
 * :class:`TriplaneField`: features read from the three planes (bilinear), summed, then a 2-layer MLP
   gives density and colour.
 * :class:`FixedCameraRenderer`: rays of one fixed, viewer-centred pinhole camera through the triplane box,
-  stratified + importance samples, compositing (:mod:`selfsup3d.geometry.volume`); rays are processed in
-  chunks, each recomputed in the backward pass (activation checkpointing), so memory does not grow with
-  the number of rays.
+  stratified + importance samples, compositing (:mod:`selfsup3d.geometry.volume`); rays in chunks,
+  optionally recomputed in the backward pass (activation checkpointing).
 * :class:`ConvDecoder`: the "no triplane" ablation, colour and depth straight from the patch tokens.
 """
 
@@ -20,16 +19,19 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, Mlp, trunc_normal_
+from timm.layers import Attention, Mlp, build_sincos2d_pos_embed, trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from selfsup3d.errors import ConfigError
 from selfsup3d.geometry.cameras import camera_directions, intrinsics_from_fov
-from selfsup3d.geometry.triplane import Aggregate, inside_box, sample_triplane, sample_triplane_sparse
+from selfsup3d.geometry.triplane import Aggregate, inside_box, sample_texels_sparse, sample_triplane, triplane_texels
 from selfsup3d.geometry.volume import render_rays
 
 Sampler = Literal["auto", "grid_sample", "sparse"]
+
+_MLP_BLOCK = 1 << 14
+"""Points per block whose MLP activations are recomputed together in the backward pass."""
 
 
 class CrossAttention(nn.Module):
@@ -123,6 +125,9 @@ class TriplaneDecoder(nn.Module):
         channels: output channels ``C`` of each plane.
         mlp_ratio: MLP width of the query blocks as a multiple of ``dim``.
         self_attention: self-attention among the queries in each block.
+        positional: add fixed 2D sin-cos codes of grid position to the queries (each plane's ``(u, v)``
+            texel of the ``grid``) and to the patch tokens (their patch position), a spatial prior for the
+            attention; the learnable query embeddings are added on top.
     """
 
     def __init__(
@@ -136,9 +141,11 @@ class TriplaneDecoder(nn.Module):
         channels: int = 32,
         mlp_ratio: float = 4.0,
         self_attention: bool = True,
+        positional: bool = True,
     ) -> None:
         super().__init__()
-        self.grid, self.plane_size, self.channels = grid, plane_size, channels
+        self.grid, self.plane_size, self.channels, self.dim = grid, plane_size, channels, dim
+        self.positional = positional
         n_up = _num_doublings(grid, plane_size, "model.triplane_size vs model.triplane_grid")
         self.in_proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, dim))
         self.queries = nn.Parameter(torch.zeros(1, 3 * grid * grid, dim))
@@ -154,11 +161,22 @@ class TriplaneDecoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"queries"}
 
+    def _sincos(self, h: int, w: int, like: Tensor) -> Tensor:
+        """``[1, h·w, dim]`` sin-cos codes of the integer positions of an ``h × w`` grid (row-major)."""
+        pos = build_sincos2d_pos_embed([h, w], dim=self.dim, device=like.device, dtype=torch.float32)
+        return pos.to(like.dtype)[None]
+
     def forward(self, tokens: Tensor) -> Tensor:
         """``[B, T, in_dim]`` tokens to ``[B, 3, C, R, R]`` triplanes."""
-        b = tokens.shape[0]
+        b, n = tokens.shape[:2]
         context = self.in_proj(tokens)
         x = self.queries.expand(b, -1, -1)
+        if self.positional:
+            x = x + self._sincos(self.grid, self.grid, x).repeat(1, 3, 1)
+            side = int(round((n - 1) ** 0.5))
+            if side * side == n - 1:  # class token first, then a square patch grid
+                pos = self._sincos(side, side, context)
+                context = context + torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
         for block in self.blocks:
             x = block(x, context)
         x = self.norm(x)
@@ -176,10 +194,12 @@ class TriplaneField(nn.Module):
         hidden: hidden width of the MLP.
         box_size: edge of the cube the planes cover.
         aggregate: how the three planes' features combine (``sum``, ``mean``, ``concat``).
-        sampler: ``grid_sample``, ``sparse`` (:func:`~selfsup3d.geometry.triplane.sample_triplane_sparse`,
+        sampler: ``grid_sample``, ``sparse`` (:func:`~selfsup3d.geometry.triplane.sample_texels_sparse`,
             fastest on the CPU; sum/mean only) or ``auto`` (sparse on the CPU, grid_sample elsewhere).
         density_shift: added to the raw density before the softplus; negative values start the field
             mostly empty.
+        recompute_mlp: keep only the sampled features for the backward pass and recompute the MLP's hidden
+            activations there (activation checkpointing of the cheap part; saves most of the memory).
     """
 
     def __init__(
@@ -190,30 +210,58 @@ class TriplaneField(nn.Module):
         aggregate: Aggregate = "sum",
         sampler: Sampler = "auto",
         density_shift: float = -1.0,
+        recompute_mlp: bool = True,
     ) -> None:
         super().__init__()
         if sampler == "sparse" and aggregate == "concat":
             raise ConfigError("model.sampler 'sparse' sums the planes: use plane_aggregate 'sum' or 'mean'")
         self.box_size, self.aggregate, self.sampler, self.density_shift = box_size, aggregate, sampler, density_shift
+        self.recompute_mlp = recompute_mlp
         in_dim = channels * (3 if aggregate == "concat" else 1)
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.Softplus(), nn.Linear(hidden, 4))
 
-    def _sample(self, planes: Tensor, points: Tensor) -> Tensor:
-        sparse = self.sampler == "sparse" or (
-            self.sampler == "auto" and planes.device.type == "cpu" and self.aggregate != "concat"
-        )
-        if sparse:
-            return sample_triplane_sparse(planes.float(), points, self.box_size, self.aggregate)  # type: ignore[arg-type]
-        return sample_triplane(planes, points, self.box_size, self.aggregate)
+    def uses_sparse(self, device: torch.device) -> bool:
+        """Whether triplanes on ``device`` are read by the sparse sampler."""
+        if self.sampler == "sparse":
+            return True
+        return self.sampler == "auto" and device.type == "cpu" and self.aggregate != "concat"
+
+    def prepare(self, planes: Tensor) -> Tensor:
+        """Planes ``[B, 3, C, R, R]`` in the layout :meth:`query` reads (channels-last for the sparse sampler);
+        convert once per image batch, query many times."""
+        return triplane_texels(planes.float()) if self.uses_sparse(planes.device) else planes
+
+    def _decode(self, features: Tensor, inside: Tensor) -> tuple[Tensor, Tensor]:
+        raw = self.mlp(features.to(self.mlp[0].weight.dtype)).float()
+        density = F.softplus(raw[..., 0] + self.density_shift) * inside
+        return density, torch.sigmoid(raw[..., 1:])
+
+    def query(self, prepared: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Densities ``[B, ...]`` and colours ``[B, ..., 3]`` at points ``[B, ..., 3]`` in the box's frame, from
+        planes converted by :meth:`prepare`."""
+        b, lead = points.shape[0], points.shape[1:-1]
+        flat = points.reshape(b, -1, 3)
+        if self.uses_sparse(points.device):
+            features = sample_texels_sparse(prepared, flat, self.box_size, self.aggregate)  # type: ignore[arg-type]
+        else:
+            features = sample_triplane(prepared, flat, self.box_size, self.aggregate)
+        inside = inside_box(flat, self.box_size)
+        if self.recompute_mlp and torch.is_grad_enabled():
+            # blocks of points, each recomputed on its own in the backward pass: the hidden activations
+            # exist for one block at a time
+            features, inside = features.reshape(-1, features.shape[-1]), inside.reshape(-1)
+            parts = [
+                checkpoint(self._decode, f, i, use_reentrant=False)
+                for f, i in zip(features.split(_MLP_BLOCK), inside.split(_MLP_BLOCK))
+            ]
+            density, rgb = (torch.cat(p) for p in zip(*parts))
+        else:
+            density, rgb = self._decode(features, inside)
+        return density.view(b, *lead), rgb.view(b, *lead, 3)
 
     def forward(self, planes: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
         """Densities ``[B, ...]`` and colours ``[B, ..., 3]`` at points ``[B, ..., 3]`` in the box's frame."""
-        b, lead = points.shape[0], points.shape[1:-1]
-        flat = points.reshape(b, -1, 3)
-        raw = self.mlp(self._sample(planes, flat).to(self.mlp[0].weight.dtype)).float()
-        density = F.softplus(raw[..., 0] + self.density_shift) * inside_box(flat, self.box_size)
-        rgb = torch.sigmoid(raw[..., 1:])
-        return density.view(b, *lead), rgb.view(b, *lead, 3)
+        return self.query(self.prepare(planes), points)
 
 
 @dataclass
@@ -242,8 +290,9 @@ class FixedCameraRenderer(nn.Module):
         num_coarse: stratified samples per ray.
         num_fine: importance samples per ray.
         background: colour behind the far plane; ``null`` adds none (black).
-        ray_chunk: rays per chunk; each chunk's activations are recomputed in the backward pass
-            (``null``: all rays at once, activations kept).
+        ray_chunk: rays per image rendered at a time (``null``: all at once).
+        recompute_chunks: in training, recompute each chunk's activations in the backward pass instead of
+            keeping them (activation checkpointing): memory no longer grows with the number of rays.
     """
 
     def __init__(
@@ -257,6 +306,7 @@ class FixedCameraRenderer(nn.Module):
         num_fine: int = 16,
         background: float | None = None,
         ray_chunk: int | None = 8192,
+        recompute_chunks: bool = False,
     ) -> None:
         super().__init__()
         if not 0 < near < far:
@@ -270,18 +320,19 @@ class FixedCameraRenderer(nn.Module):
         self.size, self.near, self.far = size, near, far
         self.box_size = box_size if box_size is not None else far - near
         self.num_coarse, self.num_fine, self.background, self.ray_chunk = num_coarse, num_fine, background, ray_chunk
+        self.recompute_chunks = recompute_chunks
         K = intrinsics_from_fov(math.radians(fov_deg), size, size)
         self.register_buffer("K", K, persistent=False)
         self.register_buffer("directions", camera_directions(K, size, size).reshape(-1, 3), persistent=False)
         self.register_buffer("box_center", torch.tensor([0.0, 0.0, 0.5 * (near + far)]), persistent=False)
 
     def _render_chunk(
-        self, field: TriplaneField, planes: Tensor, directions: Tensor, perturb: bool
+        self, field: TriplaneField, prepared: Tensor, directions: Tensor, perturb: bool
     ) -> tuple[Tensor, ...]:
         origins = -self.box_center.expand_as(directions)  # the camera centre in the box's frame
 
         def radiance(points: Tensor) -> tuple[Tensor, Tensor]:
-            return field(planes, points)
+            return field.query(prepared, points)
 
         out = render_rays(
             radiance, origins, directions, self.near, self.far, self.num_coarse, self.num_fine, perturb, self.background
@@ -299,13 +350,14 @@ class FixedCameraRenderer(nn.Module):
         dirs = directions[pixels] if pixels is not None else directions.expand(b, -1, -1)
         n = dirs.shape[1]
         chunk = self.ray_chunk or n
+        prepared = field.prepare(planes)
         parts = []
         for start in range(0, n, chunk):
             d = dirs[:, start : start + chunk]
-            if torch.is_grad_enabled() and self.ray_chunk is not None and n > 0:
-                parts.append(checkpoint(self._render_chunk, field, planes, d, perturb, use_reentrant=False))
+            if torch.is_grad_enabled() and self.ray_chunk is not None and self.recompute_chunks:
+                parts.append(checkpoint(self._render_chunk, field, prepared, d, perturb, use_reentrant=False))
             else:
-                parts.append(self._render_chunk(field, planes, d, perturb))
+                parts.append(self._render_chunk(field, prepared, d, perturb))
         rgb, depth, opacity, density = (torch.cat(p, dim=1) for p in zip(*parts))
         return RenderedRays(rgb=rgb, depth=depth, opacity=opacity, mean_density=density)
 
