@@ -11,10 +11,13 @@ Sizes (defaults, the paper's): triplanes ``3 x 32 x 128 x 128`` per image, a 2-l
 * ``reference``: the textbook implementation: one ``F.grid_sample`` per plane, all rays at once in
   float32, transmittance as a cumulative product of ``1 - alpha``, every activation kept for the backward.
 * ``selfsup3d``: :class:`~selfsup3d.objectives.triplane_heads.FixedCameraRenderer` with
-  :class:`~selfsup3d.objectives.triplane_heads.TriplaneField`: on the CPU the sparse-matrix sampler
-  (:func:`~selfsup3d.geometry.triplane.sample_triplane_sparse`, the plane sum fused into one product, a
-  cheap backward), on CUDA ``grid_sample`` with the MLP in bf16; rays in chunks whose activations are
-  recomputed in the backward pass (``--chunk``), compositing in float32.
+  :class:`~selfsup3d.objectives.triplane_heads.TriplaneField` as the objective runs them: on the CPU the
+  sparse-matrix sampler (:func:`~selfsup3d.geometry.triplane.sample_texels_sparse`: texels converted to
+  channels-last once per render, the three planes' twelve bilinear taps and their sum one sparse-dense
+  product, a blocked transposed product for the backward, only indices and weights kept); on CUDA
+  ``grid_sample`` with the MLP in bf16; the MLP's hidden activations recomputed in the backward pass in
+  blocks of 16k points (only the sampled features are kept); compositing in float32. ``--chunk`` renders
+  rays in chunks, ``--recompute-chunks`` also recomputes whole chunks (not needed at these sizes).
 
 Both render the same rays with the same weights; the script first checks that they agree (colour,
 depth and the planes' gradient, deterministic samples), then times them. Throughput is rays x samples

@@ -187,6 +187,7 @@ class OnlineProbes(Callback):
         if not isinstance(batch, Mapping) or "image" not in batch:
             return
         heads = self._ready(pl_module)
+        heads.train()
         feats = self._features(pl_module, outputs, batch)
         labels = batch.get("label")
         depth = batch.get("depth") if self.depth else None
@@ -209,7 +210,6 @@ class OnlineProbes(Callback):
                 if self.knn and self.num_classes and labels is not None:
                     self.banks[role].add(global_features(f, self.feature), labels)
             if losses and self.optimizer is not None:
-                heads.train()
                 self.optimizer.zero_grad(set_to_none=True)
                 torch.stack(losses).sum().backward()
                 self.optimizer.step()

@@ -14,18 +14,21 @@ from selfsup3d.callbacks.images import colorize, image_grid, tensorboard
 
 
 def triplane_picture(outputs: Mapping[str, Any], num_images: int, near: float, far: float) -> Tensor:
-    """One ``[3, H, W]`` picture from a validation step's outputs: rows of inputs, rendered colours,
+    """One ``[3, H, W]`` picture from a validation step's outputs (``num_images`` spread over the batch):
+    rows of inputs, rendered colours,
     rendered depths and target depths (both depths on the same ``[near, far]`` colour scale, unknown target
     pixels black), and the rendered opacity when there is one."""
-    n = min(num_images, outputs["image"].shape[0])
-    rows = [outputs["image"][:n], outputs["render_rgb"][:n]]
-    rows.append(colorize(outputs["render_depth"][:n], vmin=near, vmax=far))
+    total = outputs["image"].shape[0]
+    n = min(num_images, total)
+    idx = torch.linspace(0, total - 1, n).round().long()  # spread over the batch (views of several scenes)
+    rows = [outputs["image"][idx], outputs["render_rgb"][idx]]
+    rows.append(colorize(outputs["render_depth"][idx], vmin=near, vmax=far))
     if outputs.get("target_depth") is not None:
         valid = outputs.get("depth_valid")
-        invalid = ~valid[:n].bool() if valid is not None else None
-        rows.append(colorize(outputs["target_depth"][:n], vmin=near, vmax=far, invalid=invalid))
+        invalid = ~valid[idx].bool() if valid is not None else None
+        rows.append(colorize(outputs["target_depth"][idx], vmin=near, vmax=far, invalid=invalid))
     if outputs.get("render_opacity") is not None:
-        rows.append(outputs["render_opacity"][:n])
+        rows.append(outputs["render_opacity"][idx])
     return image_grid([r.detach().float().cpu() for r in rows])
 
 

@@ -147,6 +147,9 @@ class TriplaneReconstruction(PretrainObjective):
             affine map for relative pseudo depth), ``median`` (scale only) or ``none`` (metric, as is).
         depth_quantiles: low/high quantiles of ``percentile``.
         depth_margin: share of ``[near, far]`` left free at each end by ``percentile``.
+        empty_background: when the batch has a foreground ``mask``, pixels outside it whose depth is unknown
+            are empty space: their target depth is ``far`` (what a ray that hits nothing renders). For
+            renders with masks (the embedded data); pseudo depth has no unknown pixels.
         lambda_rgb: weight of the colour MSE.
         lambda_depth: weight of the depth MSE (over pixels with known depth).
         lambda_dist: weight of the distillation MSE; 0 disables distillation and builds no teacher.
@@ -187,6 +190,7 @@ class TriplaneReconstruction(PretrainObjective):
         depth_normalization: DepthNormalization = "percentile",
         depth_quantiles: tuple[float, float] = (0.02, 0.98),
         depth_margin: float = 0.1,
+        empty_background: bool = False,
         lambda_rgb: float = 0.1,
         lambda_depth: float = 1.0,
         lambda_dist: float = 1.0,
@@ -221,6 +225,7 @@ class TriplaneReconstruction(PretrainObjective):
         self.depth_normalization: DepthNormalization = depth_normalization
         self.depth_quantiles = (float(depth_quantiles[0]), float(depth_quantiles[1]))
         self.depth_margin = depth_margin
+        self.empty_background = empty_background
         self.lambda_rgb, self.lambda_depth = lambda_rgb, lambda_depth
         self.lambda_dist, self.lambda_norm = lambda_dist, lambda_norm
 
@@ -365,6 +370,13 @@ class TriplaneReconstruction(PretrainObjective):
         norm, valid = normalize_depth(
             depth, self.near, self.far, self.depth_normalization, self.depth_quantiles, self.depth_margin
         )
+        mask = batch.get("mask")
+        if self.empty_background and mask is not None:
+            if mask.shape[-2:] != size:
+                mask = F.interpolate(mask.float(), size=size, mode="nearest")
+            empty = (mask <= 0.5) & ~valid
+            norm = torch.where(empty, torch.full_like(norm, self.far), norm)
+            valid = valid | empty
         return rgb.float(), norm, valid
 
     def render(

@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, Mlp, build_sincos2d_pos_embed, trunc_normal_
+from timm.layers import Attention, Mlp, trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -38,6 +38,10 @@ class CrossAttention(nn.Module):
     """Multi-head attention of queries ``[B, Q, dim]`` to context tokens ``[B, T, context_dim]`` through
     ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels where available).
 
+    Optional positional codes ``[Q, head_dim]`` and ``[T, head_dim]`` are added to every head's queries and
+    keys after the projections, times a learnable per-head scale: attention then prefers matching
+    positions from the first step instead of having to discover them.
+
     Args:
         dim: query width (and output width).
         context_dim: width of the context tokens.
@@ -52,12 +56,16 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.pos_scale = nn.Parameter(torch.ones(num_heads, 1, 1))
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, q_pos: Tensor | None = None, k_pos: Tensor | None = None) -> Tensor:
         b, q_len, d = x.shape
         h = self.num_heads
         q = self.q(x).view(b, q_len, h, d // h).transpose(1, 2)
         k, v = self.kv(context).view(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        if q_pos is not None and k_pos is not None:
+            q = q + self.pos_scale.to(q.dtype) * q_pos.to(q.dtype)
+            k = k + self.pos_scale.to(k.dtype) * k_pos.to(k.dtype)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, q_len, d))
 
@@ -84,8 +92,8 @@ class QueryBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.cross(self.norm_q(x), self.norm_ctx(context))
+    def forward(self, x: Tensor, context: Tensor, q_pos: Tensor | None = None, k_pos: Tensor | None = None) -> Tensor:
+        x = x + self.cross(self.norm_q(x), self.norm_ctx(context), q_pos, k_pos)
         if self.self_attn is not None and self.norm_self is not None:
             x = x + self.self_attn(self.norm_self(x))
         return x + self.mlp(self.norm_mlp(x))
@@ -102,6 +110,18 @@ class UpBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
         return F.silu(self.norm(self.conv(x)))
+
+
+def _sincos_at(coords: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """2D sin-cos codes ``[n², dim]`` of the grid ``coords × coords`` (row-major): sines and cosines of the
+    column coordinate at ``dim / 4`` frequencies, then of the row coordinate."""
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, device=coords.device, dtype=torch.float32) / (dim // 4))
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    out = []
+    for c in (cols.flatten(), rows.flatten()):
+        angles = c[:, None] * omega[None]
+        out += [angles.sin(), angles.cos()]
+    return torch.cat(out, dim=1)
 
 
 def _num_doublings(start: int, end: int, what: str) -> int:
@@ -125,9 +145,10 @@ class TriplaneDecoder(nn.Module):
         channels: output channels ``C`` of each plane.
         mlp_ratio: MLP width of the query blocks as a multiple of ``dim``.
         self_attention: self-attention among the queries in each block.
-        positional: add fixed 2D sin-cos codes of grid position to the queries (each plane's ``(u, v)``
-            texel of the ``grid``) and to the patch tokens (their patch position), a spatial prior for the
-            attention; the learnable query embeddings are added on top.
+        positional: a spatial prior for the cross-attention: fixed 2D sin-cos codes of the query's ``(u, v)``
+            on its plane and of each patch token's position (both grids normalised to the same extent) are
+            added to queries and keys after their projections (see :class:`CrossAttention`), so a plane
+            texel attends to the patches it sees from the first step; the class token gets none.
     """
 
     def __init__(
@@ -145,7 +166,9 @@ class TriplaneDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.grid, self.plane_size, self.channels, self.dim = grid, plane_size, channels, dim
-        self.positional = positional
+        self.num_heads, self.positional = num_heads, positional
+        if positional and (dim // num_heads) % 4:
+            raise ConfigError("model.decoder_dim / decoder_heads must be a multiple of 4 for positional codes")
         n_up = _num_doublings(grid, plane_size, "model.triplane_size vs model.triplane_grid")
         self.in_proj = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, dim))
         self.queries = nn.Parameter(torch.zeros(1, 3 * grid * grid, dim))
@@ -161,24 +184,24 @@ class TriplaneDecoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"queries"}
 
-    def _sincos(self, h: int, w: int, like: Tensor) -> Tensor:
-        """``[1, h·w, dim]`` sin-cos codes of the integer positions of an ``h × w`` grid (row-major)."""
-        pos = build_sincos2d_pos_embed([h, w], dim=self.dim, device=like.device, dtype=torch.float32)
-        return pos.to(like.dtype)[None]
+    def _sincos(self, side: int, device: torch.device) -> Tensor:
+        """``[side², head_dim]`` 2D sin-cos codes of a ``side × side`` grid (row-major), positions scaled to
+        the extent of the query grid so that grids of different sizes line up."""
+        coords = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) * self.grid / side - 0.5
+        return _sincos_at(coords, self.dim // self.num_heads)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``[B, T, in_dim]`` tokens to ``[B, 3, C, R, R]`` triplanes."""
         b, n = tokens.shape[:2]
         context = self.in_proj(tokens)
         x = self.queries.expand(b, -1, -1)
-        if self.positional:
-            x = x + self._sincos(self.grid, self.grid, x).repeat(1, 3, 1)
-            side = int(round((n - 1) ** 0.5))
-            if side * side == n - 1:  # class token first, then a square patch grid
-                pos = self._sincos(side, side, context)
-                context = context + torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+        q_pos = k_pos = None
+        side = int(round((n - 1) ** 0.5))
+        if self.positional and side * side == n - 1:  # class token first, then a square patch grid
+            q_pos = self._sincos(self.grid, x.device).repeat(3, 1)
+            k_pos = torch.cat([torch.zeros_like(q_pos[:1]), self._sincos(side, x.device)], dim=0)
         for block in self.blocks:
-            x = block(x, context)
+            x = block(x, context, q_pos, k_pos)
         x = self.norm(x)
         g = self.grid
         x = x.view(b * 3, g, g, -1).permute(0, 3, 1, 2)
