@@ -158,3 +158,13 @@ def test_grad_checkpointing_gives_same_gradients():
     ga = a.vit.blocks[0].attn.qkv.weight.grad
     gb = b.vit.blocks[0].attn.qkv.weight.grad
     assert b.vit.grad_checkpointing and torch.allclose(ga, gb, atol=1e-6)
+
+
+def test_layer_scale_init_override():
+    default = tiny_encoder()
+    neutral = tiny_encoder(layer_scale_init=1.0)
+    assert torch.allclose(default.vit.blocks[0].ls1.gamma, torch.full((32,), 1e-5))
+    assert torch.allclose(neutral.vit.blocks[0].ls1.gamma, torch.ones(32))
+    assert set(default.state_dict()) == set(neutral.state_dict())  # same key schema as DINOv2
+    with pytest.raises(ConfigError, match="cannot use pretrained weights"):
+        ViTEncoder("small", pretrained=True, layer_scale_init=1.0)

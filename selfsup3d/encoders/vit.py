@@ -110,6 +110,9 @@ class ViTEncoder(nn.Module):
         embed_dim: override the size's width (a fresh model; breaks pretrained weights).
         depth: override the number of blocks.
         num_heads: override the number of attention heads.
+        layer_scale_init: override the LayerScale start value (DINOv2 sizes: 1e-5). A randomly initialised
+            encoder trained for a short CPU demo barely moves at 1e-5; 1.0 keeps the same parameters with a
+            neutral start. Not with pretrained weights (they carry their own).
     """
 
     def __init__(
@@ -125,6 +128,7 @@ class ViTEncoder(nn.Module):
         embed_dim: int | None = None,
         depth: int | None = None,
         num_heads: int | None = None,
+        layer_scale_init: float | None = None,
     ) -> None:
         super().__init__()
         # Kept so that a checkpoint can rebuild this encoder (see PretrainObjective's hparams).
@@ -140,6 +144,7 @@ class ViTEncoder(nn.Module):
             "embed_dim": embed_dim,
             "depth": depth,
             "num_heads": num_heads,
+            "layer_scale_init": layer_scale_init,
         }
         self.vit = create_vit(
             name,
@@ -150,6 +155,7 @@ class ViTEncoder(nn.Module):
             embed_dim=embed_dim,
             depth=depth,
             num_heads=num_heads,
+            layer_scale_init=layer_scale_init,
         )
         if img_size % self.patch_size:
             raise ConfigError(
@@ -238,6 +244,7 @@ def create_vit(
     embed_dim: int | None = None,
     depth: int | None = None,
     num_heads: int | None = None,
+    layer_scale_init: float | None = None,
 ) -> VisionTransformer:
     """Build a timm ViT. See :class:`ViTEncoder` for the arguments."""
     model_name = SIZES.get(name, name)
@@ -250,7 +257,13 @@ def create_vit(
         "dynamic_img_size": True,
         "drop_path_rate": drop_path_rate,
     }
-    overrides = {"patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}
+    overrides = {
+        "patch_size": patch_size,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": num_heads,
+        "init_values": layer_scale_init,
+    }
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     if isinstance(pretrained, str) and pretrained.lower() in {"", "false", "none"}:
         pretrained = False
