@@ -1,0 +1,168 @@
+"""Pictures of masked-view prediction in TensorBoard: views, targets and renders, and the cameras.
+
+At every validation, from the first validation batch (rank 0 only):
+
+* ``masked_view/renders``: per scene, a row of context views (set A), a row of targets (set B), a row of
+  the model's renders of them and, when the batch has true cameras, a row of the nearest-view baseline;
+* ``masked_view/cameras_<i>``: a 3D plot of the true camera positions and viewing directions beside the
+  predicted ones after similarity alignment (needs the batch's true cameras).
+
+After ``selfsup3d validate`` it also prints a short summary: the model's PSNR/SSIM beside the baselines and
+the camera errors.
+
+Reads the tensors that :meth:`MaskedViewPrediction.evaluate` returns (``context``, ``target``, ``render``,
+``pred_c2w``, ``gt_c2w``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
+from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from selfsup3d.callbacks.images import image_grid, tensorboard  # noqa: E402
+from selfsup3d.eval.nvs import nearest_view_baseline  # noqa: E402
+
+
+def camera_figure(pred_c2w: Tensor, gt_c2w: Tensor, num_context: int | None = None, title: str = "") -> Figure:
+    """A 3D plot of true (circles) and predicted (crosses) camera centres with short viewing-direction
+    strokes; context cameras are drawn in blue, targets in orange; a grey line joins each pair.
+
+    Args:
+        pred_c2w: ``[V, 4, 4]`` predicted cameras, aligned to the true ones.
+        gt_c2w: ``[V, 4, 4]`` true cameras.
+        num_context: the first ``num_context`` views are context views (colour); ``None``: one colour.
+        title: the plot's title.
+    """
+    pred, gt = pred_c2w.detach().float().cpu(), gt_c2w.detach().float().cpu()
+    fig = plt.figure(figsize=(4.5, 4.5), dpi=100)
+    ax = fig.add_subplot(projection="3d")
+    centres = gt[:, :3, 3]
+    extent = float((centres - centres.mean(0)).norm(dim=-1).max().clamp(min=1e-6))
+    stroke = 0.25 * extent
+    v = gt.shape[0]
+    colours = ["tab:blue" if num_context is None or i < num_context else "tab:orange" for i in range(v)]
+    for i in range(v):
+        for cams, marker in ((gt, "o"), (pred, "x")):
+            c, z = cams[i, :3, 3], cams[i, :3, 2]
+            ax.scatter(*c.tolist(), color=colours[i], marker=marker, s=30)
+            end = c + stroke * z
+            ax.plot(*[[float(c[k]), float(end[k])] for k in range(3)], color=colours[i], linewidth=1)
+        ax.plot(*[[float(gt[i, k, 3]), float(pred[i, k, 3])] for k in range(3)], color="grey", linewidth=0.6)
+    ax.scatter([], [], color="black", marker="o", label="true")
+    ax.scatter([], [], color="black", marker="x", label="predicted (aligned)")
+    ax.legend(loc="upper left", fontsize=7)
+    mid = centres.mean(0)
+    for setter, k in ((ax.set_xlim, 0), (ax.set_ylim, 1), (ax.set_zlim, 2)):
+        setter(float(mid[k]) - 1.3 * extent, float(mid[k]) + 1.3 * extent)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def summary_text(metrics: Mapping[str, float]) -> str:
+    """The validation figures of masked-view prediction as a few lines of text.
+
+    Args:
+        metrics: logged values by name (``val/psnr``, ``val/psnr_mean_colour``, ``val/rot_err``, ...).
+    """
+    m = {k.removeprefix("val/"): v for k, v in metrics.items()}
+    lines = ["Masked-view prediction on held-out novel views (set B rendered from set A):", "  PSNR dB   SSIM"]
+    rows = [
+        ("model", ""),
+        ("mean colour of the context views", "_mean_colour"),
+        ("per-pixel mean of the context views", "_context_mean"),
+        ("nearest context view by true camera", "_nearest"),
+    ]
+    for label, suffix in rows:
+        if f"psnr{suffix}" in m:
+            line = f"  {m[f'psnr{suffix}']:7.2f}  {m.get(f'ssim{suffix}', float('nan')):5.3f}  {label}"
+            if suffix:
+                line += f" (model {m['psnr'] - m[f'psnr{suffix}']:+.2f} dB)"
+            lines.append(line)
+    if "rot_err" in m:
+        lines.append(
+            f"Cameras vs the data's, after similarity alignment: rotation error {m['rot_err']:.1f} deg, "
+            f"translation direction error {m['trans_err']:.1f} deg, AUC@5/15/30 "
+            f"{m.get('auc5', float('nan')):.3f}/{m.get('auc15', float('nan')):.3f}/{m.get('auc30', float('nan')):.3f}"
+        )
+    if "focal_err" in m:
+        lines.append(f"Focal length: relative error {100 * m['focal_err']:.1f}% (predicted FOV {m['fov_deg']:.1f} deg)")
+    return "\n".join(lines)
+
+
+class MaskedViewPictures(Callback):
+    """Logs renders and camera plots of masked-view prediction to TensorBoard at every validation.
+
+    Args:
+        max_scenes: scenes of the first validation batch to show.
+        max_views: at most this many views per row.
+        summary: print the figures after ``validate`` (see :func:`summary_text`).
+    """
+
+    def __init__(self, max_scenes: int = 4, max_views: int = 8, summary: bool = True) -> None:
+        super().__init__()
+        self.max_scenes = max_scenes
+        self.max_views = max_views
+        self.summary = summary
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.summary and trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            if "val/psnr" in metrics:
+                print(summary_text(metrics), flush=True)
+
+    @rank_zero_only
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if batch_idx != 0 or trainer.sanity_checking or not isinstance(outputs, Mapping):
+            return
+        if not all(isinstance(outputs.get(k), Tensor) for k in ("context", "target", "render")):
+            return
+        writer = tensorboard(trainer)
+        if writer is None:
+            return
+        step = trainer.global_step
+        writer.add_image("masked_view/renders", self.render_grid(outputs), step)
+        if isinstance(outputs.get("pred_c2w"), Tensor) and isinstance(outputs.get("gt_c2w"), Tensor):
+            num_context = outputs["context"].shape[1]
+            for i in range(min(self.max_scenes, 2, outputs["gt_c2w"].shape[0])):
+                fig = camera_figure(
+                    outputs["pred_c2w"][i], outputs["gt_c2w"][i], num_context, f"scene {i}: true o, predicted x"
+                )
+                writer.add_figure(f"masked_view/cameras_{i}", fig, step, close=True)
+
+    def render_grid(self, outputs: Mapping[str, Any]) -> Tensor:
+        """``[3, H', W']`` picture: for each scene, rows of context views, targets, renders (and nearest views)."""
+        rows: list[Tensor] = []
+        context, target, render = outputs["context"], outputs["target"], outputs["render"]
+        nearest = None
+        gt = outputs.get("gt_c2w")
+        if isinstance(gt, Tensor):
+            va = context.shape[1]
+            nearest = nearest_view_baseline(context.float(), gt[:, :va].float(), gt[:, va:].float())
+        for i in range(min(self.max_scenes, context.shape[0])):
+            rows.append(context[i, : self.max_views])
+            rows.append(target[i, : self.max_views])
+            rows.append(render[i, : self.max_views])
+            if nearest is not None:
+                rows.append(nearest[i, : self.max_views])
+        return image_grid(rows)

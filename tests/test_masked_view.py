@@ -1,0 +1,258 @@
+"""Masked-view prediction: shapes at any view count and split, camera-free loss, initial cameras, errors."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_encoder
+
+from selfsup3d.errors import CheckpointMismatchError, ConfigError
+from selfsup3d.geometry.cameras import intrinsics_from_fov, look_at, rotation_angle, spherical_to_cartesian
+from selfsup3d.geometry.rays import pixel_rays
+from selfsup3d.objectives.masked_view import ContextBlend, MaskedViewPrediction, camera_proximity
+
+HEADS = dict(dim=32, num_heads=2, camera_layers=1, scene_layers=1, render_layers=1, num_scene_tokens=8)
+
+
+def sphere_scenes(num_scenes: int, num_views: int, size: int, num_context: int, seed: int = 0) -> dict:
+    """Multi-view batches following the data contract, ray-traced analytically: a unit sphere with four
+    coloured quadrants on a coloured background, cameras on a sphere of radius 3 looking at it."""
+    g = torch.Generator().manual_seed(seed)
+    az = torch.rand(num_scenes, num_views, generator=g) * 2 * math.pi
+    el = torch.rand(num_scenes, num_views, generator=g) * 0.8 - 0.2
+    eye = spherical_to_cartesian(az, el, torch.full_like(az, 3.0))
+    c2w = look_at(eye, torch.zeros_like(eye))
+    K = intrinsics_from_fov(torch.full((num_scenes, num_views), math.radians(50.0)), size, size)
+    o, d = pixel_rays(K, c2w, size, size)  # [S, V, H, W, 3]
+    b = (o * d).sum(-1)
+    disc = b * b - ((o * o).sum(-1) - 1.0)
+    hit = disc > 0
+    p = o + (-b - disc.clamp(min=0).sqrt())[..., None] * d
+    colours = torch.rand(num_scenes, 5, 3, generator=g)  # four quadrants and the background
+    quadrant = (p[..., 0] > 0).long() * 2 + (p[..., 2] > 0).long()
+    idx = torch.arange(num_scenes)[:, None, None, None].expand_as(quadrant)
+    shade = 0.6 + 0.4 * (-(d * p).sum(-1)).clamp(0, 1)
+    fg = colours[idx, quadrant] * shade[..., None]
+    bg = colours[:, 4][:, None, None, None].expand_as(fg)
+    images = torch.where(hit[..., None], fg, bg).permute(0, 1, 4, 2, 3).contiguous()
+    return {
+        "images": images.float(),
+        "K": K.float(),
+        "c2w": c2w.float(),
+        "num_context": num_context,
+        "label": torch.full((num_scenes,), -1),
+        "key": [f"scene{i:03d}" for i in range(num_scenes)],
+    }
+
+
+def make_model(**kwargs) -> MaskedViewPrediction:
+    torch.manual_seed(0)
+    cfg = {**HEADS, **kwargs}
+    encoder = cfg.pop("encoder", None) or tiny_encoder(num_out_layers=0)
+    return MaskedViewPrediction(encoder, **cfg)
+
+
+@pytest.mark.parametrize("options", [{}, {"blend_context": True, "render_context_tokens": True, "ray_positions": True}])
+@pytest.mark.parametrize(("views", "context"), [(2, 1), (5, 2), (8, 6)])
+def test_any_view_count_and_split_with_one_model(views, context, options):
+    model = make_model(**options)
+    batch = sphere_scenes(2, views, 32, context)
+    out = model.step(batch, "train")
+    assert torch.isfinite(out["loss"]) and out["loss"].ndim == 0
+    pred = model(batch["images"], context)
+    assert pred["render"].shape == (2, views - context, 3, 32, 32)
+    assert pred["c2w"].shape == (2, views, 4, 4) and pred["K"].shape == (2, views, 3, 3)
+    assert ((pred["render"] >= 0) & (pred["render"] <= 1)).all()
+
+
+def test_other_resolution_and_patch_size_from_the_encoder():
+    model = make_model(encoder=tiny_encoder(num_out_layers=0, img_size=48, patch_size=16))
+    pred = model(torch.rand(1, 3, 3, 48, 64), 2)  # non-square too
+    assert pred["render"].shape == (1, 1, 3, 48, 64)
+    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+        model(torch.rand(1, 3, 3, 40, 48), 2)
+    with pytest.raises(ValueError, match="num_context=3"):
+        model(torch.rand(1, 3, 3, 48, 48), 3)
+
+
+def test_cameras_start_at_identity_pose_and_the_initial_field_of_view():
+    model = make_model(init_fov_deg=60.0)
+    pred = model(sphere_scenes(3, 4, 32, 2)["images"], 2)
+    c2w = pred["c2w"]
+    assert torch.equal(c2w[:, 0], torch.eye(4).expand(3, 4, 4))  # the canonical view is the reference
+    assert rotation_angle(c2w[:, 1:, :3, :3]).max() < math.radians(1.0)
+    assert c2w[:, 1:, :3, 3].norm(dim=-1).max() < 0.05
+    fov = 2 * torch.atan(0.5 * 32 / pred["K"][..., 0, 0])
+    assert torch.allclose(fov, torch.full_like(fov, math.radians(60.0)), atol=math.radians(1.0))
+
+
+def test_loss_never_reads_the_true_cameras():
+    model = make_model()
+    batch = sphere_scenes(3, 4, 32, 2)
+    gen = torch.Generator().manual_seed(1)
+    shuffled = dict(batch, K=batch["K"][torch.randperm(3, generator=gen)] * 1.7, c2w=batch["c2w"].flip(1))
+    shuffled["c2w"][..., :3, 3] += 5.0
+    deleted = {k: v for k, v in batch.items() if k not in ("K", "c2w")}
+    for stage in ("train", "val"):
+        reference = model.step(batch, stage)["loss"]
+        assert torch.equal(model.step(shuffled, stage)["loss"], reference)
+        assert torch.equal(model.step(deleted, stage)["loss"], reference)
+    # evaluation without true cameras still reports render quality, only no pose figures
+    out = model.step(deleted, "val")
+    assert "psnr_mean_colour" in out and "rot_err" not in out and "psnr_nearest" not in out
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_gradients_reach_the_encoder_and_every_head(blend):
+    model = make_model(blend_context=blend, render_context_tokens=blend)
+    model.step(sphere_scenes(2, 4, 32, 2), "train")["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    # the encoder's class token feeds nothing (only patch tokens are used)
+    assert [n for n in missing if "cls_token" not in n] == []
+    pose = model.camera.pose_head.fc2.weight.grad
+    assert pose.abs().sum() > 0  # the photometric loss trains the camera estimator
+
+
+def test_validation_reports_renders_baselines_and_pose_accuracy():
+    model = make_model()
+    batch = sphere_scenes(2, 5, 32, 3)
+    out = model.validation_step(batch, 0) if model._trainer else model.step(batch, "val")
+    for key in ("psnr", "ssim", "psnr_mean_colour", "ssim_mean_colour", "psnr_nearest", "ssim_nearest", "rot_err",
+                "trans_err", "centre_err", "auc5", "auc15", "auc30", "focal_err"):  # fmt: skip
+        assert out[key].ndim == 0 and torch.isfinite(out[key]), key
+    assert out["render"].shape == out["target"].shape == (2, 2, 3, 32, 32)
+    assert out["pred_c2w"].shape == out["gt_c2w"].shape == (2, 5, 4, 4)
+    assert 0 <= out["auc30"] <= 1
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = sphere_scenes(2, 4, 32, 2)
+    grads = []
+    for ckpt in (False, True):
+        model = make_model(grad_checkpointing=ckpt)
+        model.step(batch, "train")["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_bf16_autocast_step_on_the_cpu():
+    model = make_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.step(sphere_scenes(2, 4, 32, 2), "val")
+    assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
+    assert torch.isfinite(out["rot_err"])
+
+
+def test_compile_option_compiles_in_place_without_renaming_weights():
+    model = make_model(compile=True)
+    keys = set(model.state_dict())
+    model.configure_model()
+    model.configure_model()  # idempotent
+    assert set(model.state_dict()) == keys
+    assert model.encoder._compiled_call_impl is not None
+    assert all(b._compiled_call_impl is not None for b in model.renderer.transformer.blocks)
+
+
+def test_configuration_errors_name_the_keys():
+    with pytest.raises(ConfigError, match="model.init_args.dim=33 is not divisible by model.init_args.num_heads"):
+        make_model(dim=33)
+    with pytest.raises(ConfigError, match="model.init_args.perceptual_weights"):
+        make_model(perceptual_weight=0.5)
+    with pytest.raises(ConfigError, match="render_layers"):
+        make_model(render_layers=0)
+
+    model = make_model()
+
+    def setup_with(**data):
+        model._trainer = SimpleNamespace(datamodule=SimpleNamespace(**data))
+        model.setup("fit")
+
+    setup_with(image_size=32, num_views=4, num_context_views=2)  # fine
+    setup_with(image_hw=(32, 48), num_views=4, num_context_views=2)  # MultiViewShards keeps (height, width)
+    with pytest.raises(ConfigError, match=r"data.init_args.image_size=\[32, 44\]"):
+        setup_with(image_hw=(32, 44), num_views=4, num_context_views=2)
+    with pytest.raises(ConfigError) as err:
+        setup_with(image_size=36, num_views=4, num_context_views=2)
+    assert "data.init_args.image_size=36" in str(err.value)
+    assert "model.init_args.encoder.init_args.patch_size=8" in str(err.value)
+    with pytest.raises(ConfigError, match=r"data.init_args.num_context_views=0: set A"):
+        setup_with(image_size=32, num_views=4, num_context_views=0)
+    with pytest.raises(ConfigError, match=r"data.init_args.num_views=3 with data.init_args.num_context_views=3"):
+        setup_with(image_size=32, num_views=3, num_context_views=3)
+
+
+def vgg_stub(path, num_layers: int = 1) -> None:
+    """A VGG19 state dict of the first ``num_layers`` perceptual layers with random weights (no download)."""
+    from selfsup3d.objectives.perceptual import VGG19_LAYERS, vgg19_features
+
+    torch.manual_seed(3)
+    features = vgg19_features(VGG19_LAYERS[num_layers - 1] + 1)
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
+
+
+def test_perceptual_loss_from_a_local_file(tmp_path):
+    path = tmp_path / "vgg19.pth"
+    vgg_stub(path, num_layers=2)
+    model = make_model(perceptual_weight=0.5, perceptual_weights=str(path), perceptual_layers=2)
+    assert not any(k.startswith("perceptual") for k in model.state_dict())  # an external asset, not saved
+    assert all(not n.startswith("perceptual") for n, _ in model.named_parameters())
+    out = model.step(sphere_scenes(2, 4, 32, 2), "train")
+    assert out["perceptual"] > 0
+    assert torch.allclose(out["loss"], out["mse"] + 0.5 * out["perceptual"])
+    img = torch.rand(2, 3, 32, 32)
+    assert model.perceptual(img, img) == 0
+    out["loss"].backward()  # differentiable through the frozen network
+    assert all(p.grad is None for p in model.perceptual.net.parameters())
+    # the file holds only two layers: asking for three names the missing keys
+    with pytest.raises(CheckpointMismatchError, match="missing"):
+        make_model(perceptual_weight=0.5, perceptual_weights=str(path), perceptual_layers=3)
+    with pytest.raises(FileNotFoundError):
+        make_model(perceptual_weight=0.5, perceptual_weights=str(tmp_path / "none.pth"))
+
+
+def test_vgg19_prefix_matches_torchvision_layout():
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from selfsup3d.objectives.perceptual import VGG19_LAYERS, vgg19_features
+
+    full = make_layers(cfgs["E"])
+    assert all(isinstance(full[i], torch.nn.ReLU) for i in VGG19_LAYERS)
+    part = vgg19_features(VGG19_LAYERS[2] + 1)
+    assert [type(m) for m in part] == [type(m) for m in full[: VGG19_LAYERS[2] + 1]]
+    assert {k: v.shape for k, v in part.state_dict().items()} == {
+        k: v.shape for k, v in full[: VGG19_LAYERS[2] + 1].state_dict().items()
+    }
+
+
+def test_context_blend_starts_at_the_context_mean_and_weighs_near_cameras_more():
+    batch = sphere_scenes(2, 5, 32, 3)
+    context, c2w = batch["images"][:, :3], batch["c2w"]
+    blend = ContextBlend(init_sharpness=4.0)
+    eye = torch.eye(4).expand(2, 5, 4, 4)
+    assert torch.allclose(
+        blend(context, eye[:, :3], eye[:, 3:]), context.mean(1, keepdim=True).expand(2, 2, -1, -1, -1)
+    )
+    # the target sits on context view 1; with a sharp blend, view 1 dominates
+    sharp = ContextBlend(init_sharpness=200.0)
+    target_c2w = c2w[:, 1:2].clone()
+    out = sharp(context, c2w[:, :3], target_c2w)
+    assert torch.allclose(out[:, 0], context[:, 1], atol=1e-3)
+
+
+def test_camera_proximity_has_a_gradient_where_cameras_coincide():
+    eye = torch.eye(4).expand(1, 1, 4, 4)
+    moved = eye.clone().requires_grad_(True)
+    d = camera_proximity(moved, eye)
+    assert d.item() == pytest.approx(1e-4)
+    shifted = eye.clone()
+    shifted[..., 0, 3] = 1e-3
+    shifted.requires_grad_(True)
+    camera_proximity(shifted, eye).sum().backward()
+    assert shifted.grad[..., 0, 3].item() > 0.9  # ~1: the distance grows linearly, not quadratically
+    # symmetric, and 1 - cos of a quarter turn about z
+    quarter = torch.tensor([[0.0, -1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]).expand(1, 1, 4, 4)
+    assert camera_proximity(quarter, eye).item() == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(camera_proximity(quarter, eye), camera_proximity(eye, quarter))
