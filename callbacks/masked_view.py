@@ -16,6 +16,7 @@ Reads the tensors that :meth:`MaskedViewPrediction.evaluate` returns (``context`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
@@ -108,13 +110,16 @@ class MaskedViewPictures(Callback):
         max_scenes: scenes of the first validation batch to show.
         max_views: at most this many views per row.
         summary: print the figures after ``validate`` (see :func:`summary_text`).
+        min_size: views smaller than this many pixels are enlarged by a whole factor (nearest neighbour), so
+            that CPU-sized renders (16x16) stay legible in TensorBoard.
     """
 
-    def __init__(self, max_scenes: int = 4, max_views: int = 8, summary: bool = True) -> None:
+    def __init__(self, max_scenes: int = 4, max_views: int = 8, summary: bool = True, min_size: int = 64) -> None:
         super().__init__()
         self.max_scenes = max_scenes
         self.max_views = max_views
         self.summary = summary
+        self.min_size = min_size
 
     @rank_zero_only
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -165,4 +170,7 @@ class MaskedViewPictures(Callback):
             rows.append(render[i, : self.max_views])
             if nearest is not None:
                 rows.append(nearest[i, : self.max_views])
+        factor = math.ceil(self.min_size / min(context.shape[-2:]))
+        if factor > 1:
+            rows = [F.interpolate(row.float(), scale_factor=factor, mode="nearest") for row in rows]
         return image_grid(rows)

@@ -138,8 +138,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
-def test_bf16_autocast_step_on_the_cpu():
-    model = make_model()
+@pytest.mark.parametrize("blend", [False, True])
+def test_bf16_autocast_step_on_the_cpu(blend):
+    model = make_model(blend_context=blend, render_context_tokens=blend, ray_positions=blend)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.step(sphere_scenes(2, 4, 32, 2), "val")
     assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
@@ -256,3 +257,23 @@ def test_camera_proximity_has_a_gradient_where_cameras_coincide():
     quarter = torch.tensor([[0.0, -1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]).expand(1, 1, 4, 4)
     assert camera_proximity(quarter, eye).item() == pytest.approx(1.0, abs=1e-6)
     assert torch.allclose(camera_proximity(quarter, eye), camera_proximity(eye, quarter))
+
+
+def test_picture_grid_rows_and_enlargement():
+    from selfsup3d.callbacks import MaskedViewPictures
+
+    b, va, vb, size = 2, 3, 2, 16
+    outputs = {
+        "context": torch.rand(b, va, 3, size, size),
+        "target": torch.rand(b, vb, 3, size, size),
+        "render": torch.rand(b, vb, 3, size, size),
+        "gt_c2w": torch.eye(4).expand(b, va + vb, 4, 4).clone(),
+    }
+    outputs["gt_c2w"][:, :, 0, 3] = torch.arange(va + vb, dtype=torch.float32)
+    grid = MaskedViewPictures(max_scenes=2, min_size=64).render_grid(outputs)
+    # per scene 4 rows (context, targets, renders, nearest views) of 64-pixel views with 2 pixels of padding
+    assert grid.shape == (3, b * 4 * (64 + 4), va * (64 + 4))
+    plain = MaskedViewPictures(max_scenes=1, min_size=1).render_grid(outputs)
+    assert plain.shape == (3, 4 * (size + 4), va * (size + 4))
+    # the enlarged context row shows the views pixel for pixel
+    assert torch.equal(grid[:, 2 : 2 + 64 : 4, 2 : 2 + 64 : 4], outputs["context"][0, 0])

@@ -23,7 +23,13 @@ step (``grad_spike_factor``, the base class counts them).
 
 Unlike RayZer, whose absolute image-index embedding ties a model to the view count it was trained with, no
 token carries a view index: image tokens get 2D sin-cos patch positions and a learnable embedding that
-marks the canonical view versus the others, so any number of views and any A/B split work at inference.
+marks the canonical view versus the others, and the camera estimator alternates attention within each view
+and across views (as VGGT does), so any number of views and any A/B split work at inference.
+
+Small, short runs (the CPU demo) need more help than RayZer's recipe gives; three options, off by default,
+provide it: ``blend_context`` (the renderer refines a blend of the context views weighted by predicted-camera
+distance, :class:`ContextBlend`), ``render_context_tokens`` (the renderer also attends to set A's tokens, as
+LVSM's decoder-only model does) and ``ray_positions`` (2D patch positions on the ray tokens).
 """
 
 from __future__ import annotations
@@ -347,9 +353,10 @@ class ContextBlend(nn.Module):
     def forward(self, context: Tensor, context_c2w: Tensor, target_c2w: Tensor) -> Tensor:
         """``[B, Va, 3, H, W]`` context views, ``[B, Va, 4, 4]`` and ``[B, Vb, 4, 4]`` predicted cameras ->
         ``[B, Vb, 3, H, W]`` base images."""
-        dist = camera_proximity(target_c2w.float(), context_c2w.float())  # [B, Vb, Va]
-        weights = torch.softmax(-self.log_sharpness.exp() * dist, dim=-1)
-        return torch.einsum("btc,bcxyz->btxyz", weights, context.float())
+        with torch.autocast(device_type=context.device.type, enabled=False):  # pixels stay float32
+            dist = camera_proximity(target_c2w.float(), context_c2w.float())  # [B, Vb, Va]
+            weights = torch.softmax(-self.log_sharpness.exp() * dist, dim=-1)
+            return torch.einsum("btc,bcxyz->btxyz", weights, context.float())
 
 
 # ---------------------------------------------------------------------------- objective
@@ -391,6 +398,7 @@ class MaskedViewPrediction(PretrainObjective):
             (:class:`ContextBlend`; the per-pixel context mean at the start). An image-based-rendering prior
             for small, short runs (the CPU demo); it gives the camera estimator a direct gradient too.
             RayZer: off.
+        blend_sharpness: the blend's initial sharpness ``s`` (learned from there).
         grad_checkpointing: recompute the activations of every head block (and the encoder's) in backward.
         compile: ``torch.compile`` the encoder and every head block in place at ``configure_model``.
         lr: peak learning rate (RayZer: 4e-4).
@@ -417,6 +425,7 @@ class MaskedViewPrediction(PretrainObjective):
         render_context_tokens: bool = False,
         ray_positions: bool = False,
         blend_context: bool = False,
+        blend_sharpness: float = 4.0,
         grad_checkpointing: bool = False,
         compile: bool = False,
         lr: float = 4e-4,
@@ -439,6 +448,8 @@ class MaskedViewPrediction(PretrainObjective):
             raise ConfigError(f"model.init_args.dim={dim} is not divisible by model.init_args.num_heads={num_heads}")
         if not 1.0 < init_fov_deg < 179.0:
             raise ConfigError(f"model.init_args.init_fov_deg must be in (1, 179), got {init_fov_deg}")
+        if blend_sharpness <= 0:
+            raise ConfigError(f"model.init_args.blend_sharpness must be > 0, got {blend_sharpness}")
         if focal_range <= 1:
             raise ConfigError(f"model.init_args.focal_range must be > 1, got {focal_range}")
         if perceptual_weight < 0:
@@ -454,7 +465,7 @@ class MaskedViewPrediction(PretrainObjective):
             in_dim, ray_dim, dim, scene_layers, num_heads, mlp_ratio, num_scene_tokens
         )
         self.renderer = Renderer(ray_dim, dim, render_layers, num_heads, mlp_ratio, patch, refine_base=blend_context)
-        self.blend = ContextBlend() if blend_context else None
+        self.blend = ContextBlend(blend_sharpness) if blend_context else None
         self.perceptual_weight = perceptual_weight
         self.perceptual: PerceptualLoss | None = None
         if perceptual_weight > 0:

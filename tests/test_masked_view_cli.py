@@ -1,0 +1,137 @@
+"""Masked-view prediction through the CLI on tiny rendered shards: fit (bf16-mixed on the CPU), validate,
+the pictures in TensorBoard, the shipped configs, and start-up errors that name the keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from shards import write_multiview_shards
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from selfsup3d.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ENCODER = {
+    "class_path": "selfsup3d.encoders.ViTEncoder",
+    "init_args": {
+        "name": "tiny",
+        "img_size": 32,
+        "patch_size": 8,
+        "embed_dim": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "num_out_layers": 0,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def shard_urls(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("mv_shards")
+    train = write_multiview_shards(root, num_scenes=4, num_views=5, size=32, num_shards=2, with_depth=False)
+    val = write_multiview_shards(root, num_scenes=2, num_views=5, size=32, num_shards=1, split="val", seed=1)
+    return train, val
+
+
+def write_config(tmp_path: Path, urls: tuple[str, str], **data_args) -> Path:
+    cfg = {
+        "model": {
+            "class_path": "selfsup3d.objectives.masked_view.MaskedViewPrediction",
+            "init_args": {
+                "encoder": ENCODER,
+                "dim": 32,
+                "num_heads": 2,
+                "camera_layers": 2,
+                "scene_layers": 1,
+                "render_layers": 1,
+                "num_scene_tokens": 8,
+                "lr": 1e-3,
+                "warmup_steps": 1,
+            },
+        },
+        "data": {
+            "class_path": "selfsup3d.datamodules.MultiViewShards",
+            "init_args": {
+                "train_urls": urls[0],
+                "val_urls": urls[1],
+                "batch_size": 2,
+                "num_workers": 0,
+                "image_size": 32,
+                "num_views": 4,
+                "num_context_views": 2,
+                "batches_per_epoch": 2,
+                **data_args,
+            },
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 2,
+            "default_root_dir": str(tmp_path),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "log_every_n_steps": 1,
+            "callbacks": [{"class_path": "selfsup3d.callbacks.MaskedViewPictures", "init_args": {"max_scenes": 2}}],
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_fit_bf16_then_validate_with_pictures_and_figures(tmp_path, shard_urls, capsys):
+    cfg = write_config(tmp_path, shard_urls)
+    main(["fit", "--config", str(cfg), "--trainer.precision", "bf16-mixed"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert "masked_view/renders" in tags["images"] and "masked_view/cameras_0" in tags["images"]
+    for name in ("psnr", "psnr_mean_colour", "psnr_nearest", "ssim", "rot_err", "trans_err", "auc30"):
+        assert f"val/{name}" in tags["scalars"], name
+    assert "train/loss" in tags["scalars"] and "train/skipped_steps" in tags["scalars"]
+
+    # evaluation of the checkpoint: another view count and split than in training, from the config alone
+    capsys.readouterr()
+    main(["validate", "--config", str(cfg), "--ckpt_path", str(ckpt), "--data.init_args.num_views", "5",
+          "--data.init_args.num_context_views", "3"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "held-out novel views" in printed and "mean colour of the context views (model" in printed
+    assert "per-pixel mean of the context views (model" in printed and "nearest context view" in printed
+    assert "AUC@5/15/30" in printed
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        (
+            ["--data.init_args.image_size", "36"],
+            ["data.init_args.image_size=36", "model.init_args.encoder.init_args.patch_size=8"],
+        ),
+        (["--data.init_args.num_context_views", "0"], ["num_context_views"]),
+        (["--data.init_args.num_context_views", "4"], ["num_context_views", "num_views"]),
+        (["--model.init_args.num_heads", "3"], ["model.init_args.dim=32", "model.init_args.num_heads=3"]),
+    ],
+)
+def test_impossible_configs_fail_at_start_up_naming_the_keys(tmp_path, shard_urls, capsys, override, needles):
+    cfg = write_config(tmp_path, shard_urls)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(cfg), *override])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert all(n in err for n in needles), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["configs/masked_view.yaml", "configs/demo/masked_view.yaml"])
+def test_shipped_configs_parse(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(ROOT / name), "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "selfsup3d.objectives.masked_view.MaskedViewPrediction"
+    assert printed["data"]["class_path"] == "selfsup3d.datamodules.MultiViewShards"
