@@ -72,7 +72,7 @@ def peak_tflops(device_name: str) -> float | None:
 
 def build(config: Path, device: str, overrides: list[str]) -> tuple[Any, Any, str]:
     """Model, datamodule and precision of ``config`` as the CLI builds them (no training run)."""
-    args = ["--config", str(config), "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+    args = ["--config", str(config), "--trainer.logger", "false",
             "--trainer.callbacks", "[]", "--trainer.devices", "1", "--trainer.strategy", "auto",
             "--trainer.accelerator", "gpu" if device == "cuda" else "cpu", *overrides]  # fmt: skip
     cli = SelfSup3DCLI(args=args, run=False)
@@ -198,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":
         print("no GPU found (torch.cuda.is_available() is False): measuring on the CPU; no MFU", flush=True)
     for config in args.configs:
-        steps = args.steps
+        steps, warmup = args.steps, args.warmup
         if device == "cpu" and config.resolve() == GPU.resolve():
-            args.steps = min(args.steps, 2)  # tens of seconds a step on a CPU
+            args.steps, args.warmup = min(steps, 1), min(warmup, 1)  # minutes a step on a CPU
         print(report(bench_config(config, device, args)), flush=True)
-        args.steps = steps
+        args.steps, args.warmup = steps, warmup
         gc.collect()  # the previous config's model is garbage now
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -10,22 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from toy import tiny_encoder_config
 
 from selfsup3d.cli import main
 from selfsup3d.encoders.export import load_exported_encoder
 
-ENCODER = {
-    "class_path": "selfsup3d.encoders.ViTEncoder",
-    "init_args": {
-        "name": "tiny",
-        "img_size": 32,
-        "patch_size": 8,
-        "embed_dim": 32,
-        "depth": 2,
-        "num_heads": 2,
-        "num_out_layers": 2,
-    },
-}
+ENCODER = tiny_encoder_config(num_out_layers=2)
 
 
 def write_config(tmp_path: Path, max_steps: int = 3, **model_args) -> Path:

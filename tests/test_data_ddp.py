@@ -100,7 +100,7 @@ class _CountBatches(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-@pytest.mark.slow  # about 30 s on two busy cores, most of it importing in the spawned processes
+# about 16 s on two cores, most of it importing in the spawned processes: worth it, real DDP in `make test`
 def test_two_process_ddp_over_uneven_shards_finishes_every_epoch(tmp_path):
     """Two CPU processes (gloo), three shards of 1, 2 and 4 scenes: both ranks run every epoch to the end.
     The fast tests above check the same equal counts with simulated ranks in one process."""

@@ -9,22 +9,12 @@ import pytest
 import yaml
 from shards import write_multiview_shards
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from toy import tiny_encoder_config
 
 from selfsup3d.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-ENCODER = {
-    "class_path": "selfsup3d.encoders.ViTEncoder",
-    "init_args": {
-        "name": "tiny",
-        "img_size": 32,
-        "patch_size": 8,
-        "embed_dim": 32,
-        "depth": 2,
-        "num_heads": 2,
-        "num_out_layers": 0,
-    },
-}
+ENCODER = tiny_encoder_config(num_out_layers=0)
 
 
 @pytest.fixture(scope="module")

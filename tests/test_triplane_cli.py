@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 from shards import write_singleview_shards
+from toy import tiny_encoder_config
 
 from selfsup3d.cli import main
 
@@ -16,18 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {
     "class_path": "selfsup3d.objectives.triplane.TriplaneReconstruction",
     "init_args": {
-        "encoder": {
-            "class_path": "selfsup3d.encoders.ViTEncoder",
-            "init_args": {
-                "name": "tiny",
-                "img_size": 32,
-                "patch_size": 8,
-                "embed_dim": 32,
-                "depth": 2,
-                "num_heads": 2,
-                "num_out_layers": 2,
-            },
-        },
+        "encoder": tiny_encoder_config(num_out_layers=2),
         "decoder_dim": 32,
         "decoder_depth": 1,
         "decoder_heads": 2,

@@ -62,3 +62,12 @@ class InterruptAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             raise KeyboardInterrupt
+
+
+def tiny_encoder_config(num_out_layers: int = 2, **init_args) -> dict:
+    """The ``encoder`` entry of a test config: a 2-block, 32-wide ViT on 32x32 images in patches of 8."""
+    args = {"name": "tiny", "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    return {
+        "class_path": "selfsup3d.encoders.ViTEncoder",
+        "init_args": {**args, "num_out_layers": num_out_layers, **init_args},
+    }

@@ -1,0 +1,27 @@
+"""The benchmark scripts still run against the shipped configs (one short step each; figures are not checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_masked_view_bench_prints_throughput_memory_and_flops_for_the_demo_config(capsys):
+    bench = load_script("masked_view")
+    demo = ROOT / "configs" / "demo" / "masked_view.yaml"
+    assert bench.main(["--configs", str(demo), "--device", "cpu", "--steps", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "configs/demo/masked_view.yaml" in out
+    for needle in ("samples/s", "peak memory", "GFLOP/step"):
+        assert needle in out, out
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_tflops("Some Unknown Accelerator") is None
