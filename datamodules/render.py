@@ -118,7 +118,8 @@ GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 
 def look_at_c2w(eye: np.ndarray, target: np.ndarray, up: np.ndarray | None = None) -> np.ndarray:
     """OpenCV camera-to-world ``[4, 4]`` of a camera at ``eye`` looking at ``target`` (image y points away
-    from ``up``, default +z)."""
+    from ``up``, default +z). The numpy twin of :func:`selfsup3d.geometry.cameras.look_at` (a test holds them
+    equal), so that the renderer stays free of torch."""
     up = np.array([0.0, 0.0, 1.0]) if up is None else np.asarray(up, dtype=np.float64)
     z = target - eye
     z = z / np.linalg.norm(z)

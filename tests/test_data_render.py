@@ -170,3 +170,16 @@ def test_eval_order_matches_round_trip_of_rendered_cameras(tmp_path):
     order = eval_view_order(6, 3, 1)
     assert order == [0, 2, 4]
     assert torch.allclose(batch["c2w"][0], _t(scenes[0].c2w[order]).float(), atol=1e-6)
+
+
+def test_numpy_look_at_matches_the_geometry_module():
+    import torch
+
+    from selfsup3d.geometry.cameras import look_at
+
+    rng = np.random.default_rng(0)
+    for eye in [*rng.normal(size=(5, 3)), np.array([0.0, 0.0, 2.0])]:  # the last looks straight down +z
+        target = np.zeros(3) if eye[0] == 0 else rng.normal(size=3)
+        ours = look_at_c2w(eye, target)
+        theirs = look_at(torch.from_numpy(eye)[None], torch.from_numpy(target)[None])[0].numpy()
+        np.testing.assert_allclose(ours, theirs, atol=1e-12)
