@@ -110,7 +110,7 @@ def bench_config(config: Path, device: str, args: argparse.Namespace) -> dict[st
 
     def train_step() -> None:
         with autocast:
-            loss = model.step(batch, "train")["loss"]
+            loss = model.step(batch, "train", model.encoder)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -131,7 +131,7 @@ def bench_config(config: Path, device: str, args: argparse.Namespace) -> dict[st
     step_s = (time.perf_counter() - start) / args.steps
 
     with FlopCounterMode(display=False) as counter, autocast:
-        model.step(batch, "train")["loss"].backward()
+        model.step(batch, "train", model.encoder)["loss"].backward()
     optimizer.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
     if device == "cuda":

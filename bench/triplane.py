@@ -10,8 +10,8 @@ Sizes (defaults, the paper's): triplanes ``3 x 32 x 128 x 128`` per image, a 2-l
 
 * ``reference``: the textbook implementation: one ``F.grid_sample`` per plane, all rays at once in
   float32, transmittance as a cumulative product of ``1 - alpha``, every activation kept for the backward.
-* ``selfsup3d``: :class:`~selfsup3d.objectives.triplane_heads.FixedCameraRenderer` with
-  :class:`~selfsup3d.objectives.triplane_heads.TriplaneField` as the objective runs them: on the CPU the
+* ``selfsup3d``: :class:`~selfsup3d.heads.triplane.FixedCameraRenderer` with
+  :class:`~selfsup3d.heads.triplane.TriplaneField` as the objective runs them: on the CPU the
   sparse-matrix sampler (:func:`~selfsup3d.geometry.triplane.sample_texels_sparse`: texels converted to
   channels-last once per render, the three planes' twelve bilinear taps and their sum one sparse-dense
   product, a blocked transposed product for the backward, only indices and weights kept); on CUDA
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup3d.geometry.triplane import PLANE_AXES
-from selfsup3d.objectives.triplane_heads import FixedCameraRenderer, TriplaneField
+from selfsup3d.heads.triplane import FixedCameraRenderer, TriplaneField
 
 
 # ---------------------------------------------------------------------------- the reference
@@ -154,7 +154,7 @@ def make_step(name: str, args: argparse.Namespace, device: torch.device, perturb
         else:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = renderer(field, planes, pixels, perturb=perturb)
-            rgb, depth = out.rgb, out.depth
+            rgb, depth = out.values, out.depth
         (rgb.square().mean() + depth.square().mean()).backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -228,7 +228,7 @@ def check_agreement(args: argparse.Namespace, device: torch.device) -> dict:
             )
         else:
             out = renderer(field, planes, pixels, perturb=False)
-            rgb, depth = out.rgb, out.depth
+            rgb, depth = out.values, out.depth
         (rgb.square().mean() + depth.square().mean()).backward()
         results.append((rgb.detach(), depth.detach(), planes.grad.detach()))
     (r0, d0, g0), (r1, d1, g1) = results

@@ -11,7 +11,8 @@ After ``selfsup3d validate`` it also prints a short summary: the model's PSNR/SS
 the camera errors.
 
 Reads the tensors that :meth:`MaskedViewPrediction.evaluate` returns (``context``, ``target``, ``render``,
-``pred_c2w``, ``gt_c2w``).
+``pred_c2w``, ``gt_c2w``), for the objective fitted alone or for each masked-view component of a multi-task
+run (tags ``<name>/renders``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from torch import Tensor  # noqa: E402
 
 from selfsup3d.callbacks.images import image_grid, tensorboard  # noqa: E402
 from selfsup3d.eval.nvs import nearest_view_baseline  # noqa: E402
+from selfsup3d.objectives.base import PretrainObjective, component_outputs  # noqa: E402
+from selfsup3d.objectives.masked_view import MaskedViewPrediction  # noqa: E402
 
 
 def camera_figure(pred_c2w: Tensor, gt_c2w: Tensor, num_context: int | None = None, title: str = "") -> Figure:
@@ -123,10 +126,17 @@ class MaskedViewPictures(Callback):
 
     @rank_zero_only
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.summary and trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            if "val/psnr" in metrics:
-                print(summary_text(metrics), flush=True)
+        if not (self.summary and trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking):
+            return
+        if not isinstance(pl_module, PretrainObjective):
+            return
+        for name, component in pl_module.components():
+            if isinstance(component, MaskedViewPrediction):
+                prefix = f"val/{name}/" if name else "val/"
+                logged = trainer.callback_metrics.items()
+                metrics = {k.removeprefix(prefix): float(v) for k, v in logged if k.startswith(prefix)}
+                if "psnr" in metrics:
+                    print(summary_text(metrics), flush=True)
 
     @rank_zero_only
     def on_validation_batch_end(
@@ -138,22 +148,23 @@ class MaskedViewPictures(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if batch_idx != 0 or trainer.sanity_checking or not isinstance(outputs, Mapping):
-            return
-        if not all(isinstance(outputs.get(k), Tensor) for k in ("context", "target", "render")):
-            return
         writer = tensorboard(trainer)
-        if writer is None:
+        if batch_idx != 0 or trainer.sanity_checking or writer is None or not isinstance(pl_module, PretrainObjective):
             return
-        step = trainer.global_step
-        writer.add_image("masked_view/renders", self.render_grid(outputs), step)
+        for name, _, out in component_outputs(pl_module, outputs, MaskedViewPrediction):
+            if all(isinstance(out.get(k), Tensor) for k in ("context", "target", "render")):
+                self.log_pictures(writer, name or "masked_view", out, trainer.global_step)
+
+    def log_pictures(self, writer: Any, tag: str, outputs: Mapping[str, Any], step: int) -> None:
+        """The render grid and the camera plots of one validation batch's outputs, under ``tag/``."""
+        writer.add_image(f"{tag}/renders", self.render_grid(outputs), step)
         if isinstance(outputs.get("pred_c2w"), Tensor) and isinstance(outputs.get("gt_c2w"), Tensor):
             num_context = outputs["context"].shape[1]
             for i in range(min(self.max_scenes, 2, outputs["gt_c2w"].shape[0])):
                 fig = camera_figure(
                     outputs["pred_c2w"][i], outputs["gt_c2w"][i], num_context, f"scene {i}: true o, predicted x"
                 )
-                writer.add_figure(f"masked_view/cameras_{i}", fig, step, close=True)
+                writer.add_figure(f"{tag}/cameras_{i}", fig, step, close=True)
 
     def render_grid(self, outputs: Mapping[str, Any]) -> Tensor:
         """``[3, H', W']`` picture: for each scene, rows of context views, targets, renders (and nearest views)."""

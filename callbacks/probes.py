@@ -33,7 +33,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from selfsup3d.encoders.vit import FrozenTeacher, make_teacher
+from selfsup3d.encoders.teacher import FrozenTeacher, make_teacher
 from selfsup3d.eval.probes import (
     DepthProbe,
     DepthTarget,
@@ -47,6 +47,7 @@ from selfsup3d.eval.probes import (
     squared_error,
     token_cosine,
 )
+from selfsup3d.objectives.base import PretrainObjective
 
 _ROLES = ("student", "teacher")
 
@@ -149,15 +150,16 @@ class OnlineProbes(Callback):
         """The frozen reference: the objective's teacher, or a copy of the encoder made at fit start."""
         if not self.use_reference:
             return None
-        teacher = getattr(pl_module, "teacher", None)
-        if isinstance(teacher, nn.Module):
+        teacher = pl_module.frozen_teacher() if isinstance(pl_module, PretrainObjective) else None
+        if teacher is not None:
             return teacher
         if self._reference is None:
             self._reference = make_teacher(pl_module.encoder)
         return self._reference.to(pl_module.device)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.use_reference and not isinstance(getattr(pl_module, "teacher", None), nn.Module):
+        teacher = pl_module.frozen_teacher() if isinstance(pl_module, PretrainObjective) else None
+        if self.use_reference and teacher is None:
             self._reference = make_teacher(pl_module.encoder).to(pl_module.device)
 
     # ------------------------------------------------------------------ features

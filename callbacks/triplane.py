@@ -11,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from selfsup3d.callbacks.images import colorize, image_grid, tensorboard
+from selfsup3d.objectives.base import PretrainObjective, component_outputs
+from selfsup3d.objectives.triplane import TriplaneReconstruction
 
 
 def triplane_picture(outputs: Mapping[str, Any], num_images: int, near: float, far: float) -> Tensor:
@@ -64,11 +66,14 @@ class TriplaneImages(Callback):
     ) -> None:
         if batch_idx != 0 or trainer.sanity_checking or (self._epochs - 1) % self.every_n_epochs:
             return
-        if not isinstance(outputs, Mapping) or "render_rgb" not in outputs:
+        if not isinstance(pl_module, PretrainObjective):
             return
-        near, far = float(getattr(pl_module, "near", 0.0)), float(getattr(pl_module, "far", 1.0))
-        with torch.no_grad():
-            self.last_picture = triplane_picture(outputs, self.num_images, near, far)
-        writer = tensorboard(trainer)
-        if writer is not None:
-            writer.add_image("val/triplane", self.last_picture, global_step=trainer.global_step)
+        for name, objective, out in component_outputs(pl_module, outputs, TriplaneReconstruction):
+            if "render_rgb" not in out:
+                continue
+            with torch.no_grad():
+                self.last_picture = triplane_picture(out, self.num_images, objective.near, objective.far)
+            writer = tensorboard(trainer)
+            if writer is not None:
+                tag = f"val/{name}/triplane" if name else "val/triplane"
+                writer.add_image(tag, self.last_picture, global_step=trainer.global_step)

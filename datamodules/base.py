@@ -1,18 +1,36 @@
-"""What the shard datamodules share: arguments, set-up checks, loaders, skipped-sample counts, and the
-crop/resize that keeps intrinsics consistent."""
+"""What the shard datamodules share: arguments, set-up checks (a look at the first sample), loaders,
+skipped-sample counts, depth and mask decoding, collation, batch preparation and photometric jitter, the
+description of the batches (:class:`~selfsup3d.datamodules.spec.DataSpec`), and the crop/resize that keeps
+intrinsics consistent."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from kornia.augmentation import ColorJitter
 from lightning.pytorch import LightningDataModule
 from PIL import Image
 
+from selfsup3d.datamodules.format import (
+    CAMERAS_FIELD,
+    SampleError,
+    decode_depth,
+    decode_mask,
+    image_field,
+    is_multiview,
+    parse_cameras,
+    parse_meta,
+    sample_where,
+    view_indices,
+)
 from selfsup3d.datamodules.pipeline import (
     BadSampleHandler,
     Decoder,
@@ -20,12 +38,14 @@ from selfsup3d.datamodules.pipeline import (
     TrainStage,
     ValStage,
     expand_urls,
+    first_sample,
     make_loader,
     rank_and_world_size,
     train_pipeline,
     val_pipeline,
 )
-from selfsup3d.errors import ConfigError
+from selfsup3d.datamodules.spec import DataSpec
+from selfsup3d.errors import ConfigError, current_prefix
 
 
 # ============================================================================ geometry of crops
@@ -112,19 +132,137 @@ def resize_window(
     return image.resize((out_hw[1], out_hw[0]), resample=resample, box=box)
 
 
+# ============================================================================ depth, masks, collation
+def read_depth(
+    raw: Mapping[str, Any],
+    name: str,
+    src_wh: tuple[int, int] | None,
+    box: tuple[float, float, float, float],
+    out_hw: tuple[int, int],
+    scale: float,
+) -> np.ndarray:
+    """Field ``name`` (16-bit depth) of ``raw``: the window ``box`` resized to ``out_hw`` (nearest), in metres
+    (``scale`` per unit), float32 ``[H, W]``, 0 = unknown."""
+    units = resize_window(decode_depth(raw, name, src_wh), box, out_hw, nearest=True)
+    return np.asarray(units, dtype=np.float32) * np.float32(scale)
+
+
+def read_mask(
+    raw: Mapping[str, Any],
+    name: str,
+    src_wh: tuple[int, int] | None,
+    box: tuple[float, float, float, float],
+    out_hw: tuple[int, int],
+) -> np.ndarray:
+    """Field ``name`` (a mask) of ``raw``: the window ``box`` resized to ``out_hw`` (nearest), uint8 ``{0, 1}``."""
+    mask = resize_window(decode_mask(raw, name, src_wh), box, out_hw, nearest=True)
+    return (np.asarray(mask) > 0).astype(np.uint8)
+
+
+def require_depth_scale(raw: Mapping[str, Any], scale: float | None, field: str = CAMERAS_FIELD) -> float:
+    """The depth scale of a sample whose depth was asked for; a bad sample when it has none."""
+    if scale is None:
+        raise SampleError(*sample_where(raw), field, "depth requested (with_depth) but depth_scale is null")
+    return scale
+
+
+class Collate:
+    """Stack decoded samples into a batch: numpy ``fields`` (those present) as tensors, ``label`` as int64,
+    ``key`` as a list, plus constant ``extras`` (e.g. ``num_context``). Picklable: workers get it."""
+
+    def __init__(self, fields: tuple[str, ...], extras: Mapping[str, Any] | None = None) -> None:
+        self.fields, self.extras = fields, dict(extras or {})
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        # numpy stacking: torch's uint8 copies are slow with several intra-op threads
+        batch: dict[str, Any] = {
+            name: torch.from_numpy(np.stack([s[name] for s in samples])) for name in self.fields if name in samples[0]
+        }
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.int64)
+        batch["key"] = [s["key"] for s in samples]
+        batch.update(self.extras)
+        return batch
+
+
+# ============================================================================ the first sample
+@dataclass(frozen=True)
+class ShardSummary:
+    """What the first sample of a split shows (read at set-up): its kind, views, size, depth and masks."""
+
+    multiview: bool
+    num_views: int
+    width: int | None
+    height: int | None
+    has_depth: bool
+    has_masks: bool
+    where: str
+
+
+def summarize_first_sample(urls: list[str]) -> ShardSummary | None:
+    """Read the first sample of the first shard of ``urls`` (``None`` when it cannot be read: the stream's own
+    bad-sample handling then reports it)."""
+    try:
+        raw = first_sample(urls)
+    except Exception:
+        return None
+    if raw is None:
+        return None
+    url, key = sample_where(raw)
+    where = f"shard {url}, sample {key}"
+    try:
+        if is_multiview(raw):
+            cameras = parse_cameras(raw)
+            views = view_indices(raw)
+            return ShardSummary(
+                True,
+                len(views),
+                cameras.width,
+                cameras.height,
+                cameras.depth_scale is not None and any(k.endswith(".depth.png") for k in raw),
+                any(k.endswith(".mask.png") for k in raw),
+                where,
+            )
+        meta = parse_meta(raw, required=False)
+        image_field(raw)
+        has_depth = "depth.png" in raw and meta.get("depth_scale") is not None
+        return ShardSummary(False, 1, None, None, has_depth, "mask.png" in raw, where)
+    except SampleError:
+        return None
+
+
+def class_names_near(urls: list[str]) -> list[str] | None:
+    """The class names of ``info.json`` beside the first local shard (written by ``selfsup3d data``)."""
+    for url in urls[:1]:
+        path = Path(url.removeprefix("file:")).parent / "info.json"
+        try:
+            names = json.loads(path.read_text()).get("class_names")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return list(names) if isinstance(names, list) and names else None
+    return None
+
+
 # ============================================================================ the datamodule base
 class ShardDataModule(LightningDataModule):
     """Base of :class:`MultiViewShards` and :class:`SingleViewShards` (see their docstrings for the batches).
 
-    Subclasses implement ``_decoder(train)``, ``_collate_fn()`` and ``prepare_batch``."""
+    Subclasses implement ``_decoder(train)``, ``_collate_fn()``, ``_check_summary(summary)`` and
+    ``data_spec()``; the base prepares batches (``images``/``image`` to float, masks to float, jitter)."""
+
+    kind: str = "multi_view"
 
     def __init__(
         self,
+        *,
         train_urls: str | list[str],
         val_urls: str | list[str] | None,
         batch_size: int,
         num_workers: int,
         image_size: int | tuple[int, int],
+        with_depth: bool | None,
+        with_masks: bool | None,
+        color_jitter: bool,
+        jitter_strength: float,
         shuffle_buffer: int,
         batches_per_epoch: int,
         val_batches: int | None,
@@ -133,6 +271,7 @@ class ShardDataModule(LightningDataModule):
         pin_memory: bool,
     ) -> None:
         super().__init__()
+        self.key_prefix = current_prefix("data")
         for name, value, low in (
             ("batch_size", batch_size, 1),
             ("num_workers", num_workers, 0),
@@ -140,24 +279,36 @@ class ShardDataModule(LightningDataModule):
             ("batches_per_epoch", batches_per_epoch, 1),
         ):
             if not isinstance(value, int) or value < low:
-                raise ConfigError(f"data.{name} must be an integer >= {low}, got {value!r}")
+                raise ConfigError(f"{self.key(name)} must be an integer >= {low}, got {value!r}")
         if val_batches is not None and val_batches < 1:
-            raise ConfigError(f"data.val_batches must be >= 1 or null (one full pass), got {val_batches}")
+            raise ConfigError(f"{self.key('val_batches')} must be >= 1 or null (one full pass), got {val_batches}")
+        if not 0 <= jitter_strength <= 1:
+            raise ConfigError(f"{self.key('jitter_strength')} must be in [0, 1], got {jitter_strength}")
         self.train_urls = train_urls
         self.val_urls = val_urls
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.image_hw = image_hw(image_size)
+        self.image_hw = image_hw(image_size, self.key("image_size"))
+        self.with_depth, self.with_masks = with_depth, with_masks
+        self.color_jitter = color_jitter
+        self.jitter_strength = jitter_strength
+        s = jitter_strength
+        self._jitter = ColorJitter(s, s, s, s / 4, p=1.0) if color_jitter and s > 0 else None
         self.shuffle_buffer = shuffle_buffer
         self.batches_per_epoch = batches_per_epoch
         self.val_batches = val_batches
         self.strict = strict
         self.seed = seed
         self.pin_memory = pin_memory
+        self.num_classes: int | None = None
         self._train_list: list[str] | None = None
         self._val_list: list[str] | None = None
         self._counters: dict[str, SkipCounter] = {}
         self._rank, self._world_size, self._seed = 0, 1, 0
+
+    def key(self, name: str) -> str:
+        """The YAML key of this datamodule's argument ``name``."""
+        return f"{self.key_prefix}.{name}"
 
     # ------------------------------------------------------------------ hooks for subclasses
     def _decoder(self, train: bool) -> Decoder:
@@ -167,23 +318,41 @@ class ShardDataModule(LightningDataModule):
         """A picklable collate function (workers get it, not the datamodule)."""
         raise NotImplementedError
 
-    def prepare_batch(self, batch: dict[str, Any], train: bool) -> dict[str, Any]:
-        """uint8 -> float and augmentation on the batch's device (Lightning calls it through
-        ``on_after_batch_transfer``; call it yourself when iterating a loader outside a Trainer)."""
+    def _check_summary(self, summary: ShardSummary, split: str) -> None:
+        """Refuse shards that cannot give this datamodule's samples (kind, views), at set-up."""
+
+    def data_spec(self) -> DataSpec:
+        """What the batches are (see :class:`~selfsup3d.datamodules.spec.DataSpec`); after :meth:`setup`."""
         raise NotImplementedError
+
+    def data_specs(self) -> dict[str, DataSpec]:
+        """The datamodule's one source, named ``data``."""
+        return {"data": self.data_spec()}
 
     # ------------------------------------------------------------------ Lightning
     def setup(self, stage: str | None = None) -> None:
         """Expand and check the shard URLs (a pattern that matches nothing or a file that is not a tar
-        fails here, naming it), and learn this process's rank."""
+        fails here, naming it), look at the first sample of each split (its kind, views, depth and masks:
+        ``with_depth``/``with_masks`` left at ``null`` follow what the shards have), read the class names of
+        ``info.json``, and learn this process's rank."""
         self._rank, self._world_size = rank_and_world_size(getattr(self, "trainer", None))
         self._seed = int(self.seed if self.seed is not None else torch.initial_seed() % (2**31))
         if stage in (None, "fit") and self._train_list is None:
-            self._train_list = expand_urls(self.train_urls, "data.train_urls")
+            self._train_list = expand_urls(self.train_urls, self.key("train_urls"))
         if self.val_urls is not None and stage in (None, "fit", "validate") and self._val_list is None:
-            self._val_list = expand_urls(self.val_urls, "data.val_urls")
-        for split in ("train", "val"):
+            self._val_list = expand_urls(self.val_urls, self.key("val_urls"))
+        for split, urls in (("train", self._train_list), ("val", self._val_list)):
             self._counters.setdefault(split, SkipCounter())
+            summary = summarize_first_sample(urls) if urls else None
+            if summary is not None:
+                self._check_summary(summary, split)
+                if self.with_depth is None:
+                    self.with_depth = summary.has_depth
+                if self.with_masks is None:
+                    self.with_masks = summary.has_masks
+        if self.num_classes is None:
+            names = class_names_near(self._train_list or self._val_list or [])
+            self.num_classes = len(names) if names else None
 
     def _ensure_setup(self, stage: str) -> None:
         if not self._counters:
@@ -193,7 +362,7 @@ class ShardDataModule(LightningDataModule):
         """Infinite resampled stream, ``batches_per_epoch`` full batches per epoch on every rank."""
         self._ensure_setup("fit")
         if self._train_list is None:
-            self._train_list = expand_urls(self.train_urls, "data.train_urls")
+            self._train_list = expand_urls(self.train_urls, self.key("train_urls"))
         handler = BadSampleHandler(self._counters["train"], self.strict, "training")
         stage = TrainStage(self._decoder(train=True), handler, self._seed, self._rank, self.shuffle_buffer)
         pipeline = train_pipeline(
@@ -208,13 +377,38 @@ class ShardDataModule(LightningDataModule):
         if self.val_urls is None:
             return []
         if self._val_list is None:
-            self._val_list = expand_urls(self.val_urls, "data.val_urls")
+            self._val_list = expand_urls(self.val_urls, self.key("val_urls"))
         handler = BadSampleHandler(self._counters["val"], self.strict, "validation")
         stage = ValStage(self._decoder(train=False), handler, self._rank, self._world_size)
         pipeline = val_pipeline(self._val_list, stage, self._collate_fn(), self.batch_size, handler)
         # more workers than shards would only idle
         workers = min(self.num_workers, len(self._val_list))
         return make_loader(pipeline, workers, self.pin_memory, self.val_batches)
+
+    def prepare_batch(self, batch: dict[str, Any], train: bool) -> dict[str, Any]:
+        """uint8 images -> float32 in [0, 1], masks -> float32; in training, the photometric jitter (one draw
+        per image, or per scene for all its views). Lightning calls it through ``on_after_batch_transfer`` on
+        the batch's device; call it yourself when iterating a loader outside a Trainer."""
+        name = "images" if "images" in batch else "image"
+        images = batch[name]
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        if train and self._jitter is not None:
+            images = self._jitter_images(images)
+        batch[name] = images
+        if "mask" in batch and batch["mask"].dtype != torch.float32:
+            batch["mask"] = batch["mask"].float()
+        return batch
+
+    def _jitter_images(self, images: torch.Tensor) -> torch.Tensor:
+        assert self._jitter is not None
+        if images.ndim == 4:
+            return self._jitter(images).clamp_(0.0, 1.0)
+        # the views of a scene tiled side by side: one draw per scene
+        b, v, c, h, w = images.shape
+        tiled = images.permute(0, 2, 3, 1, 4).reshape(b, c, h, v * w)
+        tiled = self._jitter(tiled).clamp_(0.0, 1.0)
+        return tiled.reshape(b, c, h, v, w).permute(0, 3, 1, 2, 4).contiguous()
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer = getattr(self, "trainer", None)

@@ -6,13 +6,16 @@ import random
 from typing import Any
 
 import numpy as np
-import torch
-from kornia.augmentation import ColorJitter
 
 from selfsup3d.datamodules.base import (
+    Collate,
     ShardDataModule,
+    ShardSummary,
     crop_box,
     crop_intrinsics,
+    read_depth,
+    read_mask,
+    require_depth_scale,
     resize_window,
 )
 from selfsup3d.datamodules.format import (
@@ -20,8 +23,6 @@ from selfsup3d.datamodules.format import (
     MASK_SUFFIX,
     SampleError,
     check_views,
-    decode_depth,
-    decode_mask,
     decode_rgb,
     image_field,
     parse_cameras,
@@ -29,6 +30,7 @@ from selfsup3d.datamodules.format import (
     sample_where,
     view_field,
 )
+from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.errors import ConfigError
 
 
@@ -75,8 +77,7 @@ class MultiViewDecoder:
         n = cameras.num_views
         if n < self.num_views:
             raise SampleError(url, key, None, f"too few views: the scene has {n}, data.num_views is {self.num_views}")
-        if self.with_depth and cameras.depth_scale is None:
-            raise SampleError(url, key, "cameras.json", "depth requested (with_depth) but depth_scale is null")
+        depth_scale = require_depth_scale(raw, cameras.depth_scale) if self.with_depth else 0.0
         meta = parse_meta(raw)
         if rng is None:
             order = eval_view_order(n, self.num_views, self.num_context)
@@ -95,11 +96,9 @@ class MultiViewDecoder:
             images[slot] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
             Ks[slot] = crop_intrinsics(cameras.K[view], box, self.out_hw)
             if depth is not None:
-                units = resize_window(decode_depth(raw, view_field(view, DEPTH_SUFFIX), size), box, self.out_hw, True)
-                depth[slot, 0] = np.asarray(units, dtype=np.float32) * np.float32(cameras.depth_scale)
+                depth[slot, 0] = read_depth(raw, view_field(view, DEPTH_SUFFIX), size, box, self.out_hw, depth_scale)
             if mask is not None:
-                m = resize_window(decode_mask(raw, view_field(view, MASK_SUFFIX), size), box, self.out_hw, True)
-                mask[slot, 0] = np.asarray(m) > 0
+                mask[slot, 0] = read_mask(raw, view_field(view, MASK_SUFFIX), size, box, self.out_hw)
         sample = {
             "images": images,
             "K": Ks,
@@ -114,23 +113,6 @@ class MultiViewDecoder:
         return [sample]
 
 
-class _CollateMultiView:
-    def __init__(self, num_context: int) -> None:
-        self.num_context = num_context
-
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        # numpy stacking: torch's uint8 copies are slow with several intra-op threads
-        batch: dict[str, Any] = {
-            name: torch.from_numpy(np.stack([s[name] for s in samples]))
-            for name in ("images", "K", "c2w", "depth", "mask")
-            if name in samples[0]
-        }
-        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.int64)
-        batch["key"] = [s["key"] for s in samples]
-        batch["num_context"] = self.num_context
-        return batch
-
-
 class MultiViewShards(ShardDataModule):
     """Multi-view scenes from WebDataset shards in the selfsup3d format (``docs/shard-format.md``).
 
@@ -142,8 +124,9 @@ class MultiViewShards(ShardDataModule):
       top-left corner is ``(0, 0)``, the centre of pixel ``(row i, column j)`` is ``(j + 0.5, i + 0.5)``.
     - ``c2w``: float32 ``[B, V, 4, 4]`` camera-to-world, OpenCV axes (x right, y down, z forward), in the
       shard's world units.
-    - ``depth``: float32 ``[B, V, 1, H, W]`` metric z-depth, 0 = unknown (only with ``with_depth``).
-    - ``mask``: float32 ``[B, V, 1, H, W]`` in ``{0, 1}`` (only with ``with_masks``).
+    - ``depth``: float32 ``[B, V, 1, H, W]`` metric z-depth, 0 = unknown (with ``with_depth``; by default when
+      the shards have depth).
+    - ``mask``: float32 ``[B, V, 1, H, W]`` in ``{0, 1}`` (with ``with_masks``).
     - ``num_context``: int; views ``[:num_context]`` are the context set, the rest the targets.
     - ``label``: int64 ``[B]``, -1 when unknown.
     - ``key``: list of ``B`` scene keys.
@@ -165,8 +148,9 @@ class MultiViewShards(ShardDataModule):
             cropped (centre in validation), intrinsics follow.
         num_views: views per scene in a sample (scenes with fewer are skipped as bad).
         num_context_views: context views; default ``num_views // 2``; needs ``1 <= it < num_views``.
-        with_depth: deliver ``depth`` (shards must have depth).
-        with_masks: deliver ``mask`` (shards must have masks).
+        with_depth: deliver ``depth``: ``true`` (shards must have depth), ``false``, or ``null`` (deliver it when
+            the shards have it, as their first sample shows).
+        with_masks: deliver ``mask``: ``true`` (shards must have masks), ``false`` or ``null`` (when they have).
         max_zoom: training crops zoom in by a random factor in ``[1, max_zoom]`` at a random position
             (1 = no zoom; validation always uses 1 and centre crops).
         color_jitter: photometric jitter in training, the same for all views of a scene.
@@ -189,8 +173,8 @@ class MultiViewShards(ShardDataModule):
         image_size: int | tuple[int, int] = 64,
         num_views: int = 4,
         num_context_views: int | None = None,
-        with_depth: bool = False,
-        with_masks: bool = False,
+        with_depth: bool | None = None,
+        with_masks: bool | None = False,
         max_zoom: float = 1.0,
         color_jitter: bool = False,
         jitter_strength: float = 0.2,
@@ -202,65 +186,76 @@ class MultiViewShards(ShardDataModule):
         pin_memory: bool = True,
     ) -> None:
         super().__init__(
-            train_urls,
-            val_urls,
-            batch_size,
-            num_workers,
-            image_size,
-            shuffle_buffer,
-            batches_per_epoch,
-            val_batches,
-            strict,
-            seed,
-            pin_memory,
+            train_urls=train_urls,
+            val_urls=val_urls,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            image_size=image_size,
+            with_depth=with_depth,
+            with_masks=with_masks,
+            color_jitter=color_jitter,
+            jitter_strength=jitter_strength,
+            shuffle_buffer=shuffle_buffer,
+            batches_per_epoch=batches_per_epoch,
+            val_batches=val_batches,
+            strict=strict,
+            seed=seed,
+            pin_memory=pin_memory,
         )
         if num_views < 2:
-            raise ConfigError(f"data.num_views must be >= 2 (context and target views), got {num_views}")
+            raise ConfigError(f"{self.key('num_views')} must be >= 2 (context and target views), got {num_views}")
         num_context = num_views // 2 if num_context_views is None else num_context_views
         if not 1 <= num_context < num_views:
             raise ConfigError(
-                f"data.num_context_views must satisfy 1 <= data.num_context_views < data.num_views, "
-                f"got num_context_views={num_context_views}, num_views={num_views}"
+                f"{self.key('num_context_views')} must satisfy 1 <= {self.key('num_context_views')} < "
+                f"{self.key('num_views')}, got num_context_views={num_context_views}, num_views={num_views}"
             )
         if max_zoom < 1:
-            raise ConfigError(f"data.max_zoom must be >= 1, got {max_zoom}")
-        if not 0 <= jitter_strength <= 1:
-            raise ConfigError(f"data.jitter_strength must be in [0, 1], got {jitter_strength}")
+            raise ConfigError(f"{self.key('max_zoom')} must be >= 1, got {max_zoom}")
         self.num_views = num_views
         self.num_context_views = num_context
-        self.with_depth = with_depth
-        self.with_masks = with_masks
         self.max_zoom = max_zoom
-        self.color_jitter = color_jitter
-        self.jitter_strength = jitter_strength
-        s = jitter_strength
-        self._jitter = ColorJitter(s, s, s, s / 4, p=1.0) if color_jitter and s > 0 else None
+
+    def _check_summary(self, summary: ShardSummary, split: str) -> None:
+        urls = self.key(f"{split}_urls")
+        if not summary.multiview:
+            raise ConfigError(
+                f"{urls} holds single-view samples ({summary.where}): MultiViewShards reads multi-view scenes; "
+                "use selfsup3d.datamodules.SingleViewShards for images"
+            )
+        if summary.num_views < self.num_views:
+            raise ConfigError(
+                f"{self.key('num_views')}={self.num_views} but the scenes of {urls} have {summary.num_views} views "
+                f"({summary.where}): ask for at most {summary.num_views}"
+            )
+        if self.with_depth and not summary.has_depth:
+            raise ConfigError(
+                f"{self.key('with_depth')}=true but the scenes of {urls} have no depth ({summary.where}): set it to "
+                "false or null"
+            )
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
+            kind="multi_view",
+            image_hw=self.image_hw,
+            num_views=self.num_views,
+            num_context_views=self.num_context_views,
+            num_classes=self.num_classes,
+            with_depth=bool(self.with_depth),
+            with_masks=bool(self.with_masks),
+            has_cameras=True,
+            key_prefix=self.key_prefix,
+        )
 
     def _decoder(self, train: bool) -> MultiViewDecoder:
         return MultiViewDecoder(
             self.num_views,
             self.num_context_views,
             self.image_hw,
-            self.with_depth,
-            self.with_masks,
+            bool(self.with_depth),
+            bool(self.with_masks),
             self.max_zoom if train else 1.0,
         )
 
-    def _collate_fn(self) -> _CollateMultiView:
-        return _CollateMultiView(self.num_context_views)
-
-    def prepare_batch(self, batch: dict[str, Any], train: bool) -> dict[str, Any]:
-        """uint8 images -> float32 in [0, 1], masks -> float32; in training, the photometric jitter (one draw
-        per scene, applied to all its views: the views are tiled side by side into one image)."""
-        images = batch["images"]
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255.0)
-        if train and self._jitter is not None:
-            b, v, c, h, w = images.shape
-            tiled = images.permute(0, 2, 3, 1, 4).reshape(b, c, h, v * w)
-            tiled = self._jitter(tiled).clamp_(0.0, 1.0)
-            images = tiled.reshape(b, c, h, v, w).permute(0, 3, 1, 2, 4).contiguous()
-        batch["images"] = images
-        if "mask" in batch and batch["mask"].dtype != torch.float32:
-            batch["mask"] = batch["mask"].float()
-        return batch
+    def _collate_fn(self) -> Collate:
+        return Collate(("images", "K", "c2w", "depth", "mask"), {"num_context": self.num_context_views})

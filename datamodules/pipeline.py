@@ -163,6 +163,20 @@ def expand_tars(data: Iterable[dict[str, Any]], handler: Callable[[Exception], b
         yield {}
 
 
+def first_sample(urls: Sequence[str]) -> dict[str, Any] | None:
+    """The first complete sample (raw fields) of the first shard of ``urls``, or ``None`` when it has none.
+    Errors (an unreadable shard) are raised."""
+
+    def reraise(err: Exception) -> bool:
+        raise err
+
+    samples = group_by_keys(expand_tars(open_shards([{"url": urls[0]}], reraise), reraise), handler=reraise)
+    try:
+        return next(iter(samples), None)
+    finally:
+        samples.close()
+
+
 # ============================================================================ bad samples
 class SkipCounter:
     """Number of skipped samples, shared between the main process and DataLoader workers.

@@ -7,18 +7,22 @@ import random
 from typing import Any
 
 import numpy as np
-import torch
-from kornia.augmentation import ColorJitter
 
-from selfsup3d.datamodules.base import ShardDataModule, crop_box, random_resized_box, resize_window
+from selfsup3d.datamodules.base import (
+    Collate,
+    ShardDataModule,
+    ShardSummary,
+    crop_box,
+    random_resized_box,
+    read_depth,
+    read_mask,
+    require_depth_scale,
+    resize_window,
+)
 from selfsup3d.datamodules.format import (
-    CAMERAS_FIELD,
     DEPTH_SUFFIX,
     MASK_SUFFIX,
-    SampleError,
     check_views,
-    decode_depth,
-    decode_mask,
     decode_rgb,
     image_field,
     is_multiview,
@@ -30,6 +34,7 @@ from selfsup3d.datamodules.format import (
     view_field,
     view_indices,
 )
+from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.errors import ConfigError
 
 
@@ -75,8 +80,7 @@ class SingleViewDecoder:
             cameras = parse_cameras(raw)
             check_views(raw, cameras)
             meta = parse_meta(raw)
-            if self.with_depth and cameras.depth_scale is None:
-                raise SampleError(url, key, CAMERAS_FIELD, "depth requested (with_depth) but depth_scale is null")
+            scale = require_depth_scale(raw, cameras.depth_scale) if self.with_depth else None
             views = list(range(cameras.num_views))
             if rng is not None and self.views_per_scene is not None and self.views_per_scene < len(views):
                 views = rng.sample(views, self.views_per_scene)
@@ -87,7 +91,7 @@ class SingleViewDecoder:
                     image_field(raw, v),
                     view_field(v, DEPTH_SUFFIX),
                     view_field(v, MASK_SUFFIX),
-                    cameras.depth_scale,
+                    scale,
                     size,
                     int(meta["label"]),
                     make_key(key, f"v{v:03d}"),
@@ -127,25 +131,11 @@ class SingleViewDecoder:
             "label": label,
             "key": key,
         }
-        if self.with_depth:
-            units = np.asarray(resize_window(decode_depth(raw, depth_name, src), box, self.out_hw, True))
-            item["depth"] = finish((units.astype(np.float32) * np.float32(depth_scale))[None])
+        if self.with_depth and depth_scale is not None:
+            item["depth"] = finish(read_depth(raw, depth_name, src, box, self.out_hw, depth_scale)[None])
         if self.with_masks:
-            mask = np.asarray(resize_window(decode_mask(raw, mask_name, src), box, self.out_hw, True))
-            item["mask"] = finish((mask > 0).astype(np.uint8)[None])
+            item["mask"] = finish(read_mask(raw, mask_name, src, box, self.out_hw)[None])
         return item
-
-
-class _CollateSingleView:
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {
-            name: torch.from_numpy(np.stack([s[name] for s in samples]))
-            for name in ("image", "depth", "mask")
-            if name in samples[0]
-        }
-        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.int64)
-        batch["key"] = [s["key"] for s in samples]
-        return batch
 
 
 class SingleViewShards(ShardDataModule):
@@ -159,7 +149,7 @@ class SingleViewShards(ShardDataModule):
 
     - ``image``: float32 ``[B, 3, H, W]`` in ``[0, 1]``.
     - ``depth``: float32 ``[B, 1, H, W]``, metric or relative (the shard's ``depth_kind``), 0 = unknown;
-      only with ``with_depth`` (default).
+      with ``with_depth`` (by default when the shards have depth).
     - ``mask``: float32 ``[B, 1, H, W]`` in ``{0, 1}``; only with ``with_masks``.
     - ``label``: int64 ``[B]``, -1 when unknown.
     - ``key``: list of ``B`` keys.
@@ -174,8 +164,9 @@ class SingleViewShards(ShardDataModule):
         batch_size: images per batch (per device).
         num_workers: DataLoader workers per device.
         image_size: delivered size, an int (square) or ``[height, width]``.
-        with_depth: deliver ``depth`` (samples without depth are bad samples).
-        with_masks: deliver ``mask`` (samples without a mask are bad samples).
+        with_depth: deliver ``depth``: ``true`` (samples without depth are bad samples), ``false``, or ``null``
+            (deliver it when the shards have it, as their first sample shows).
+        with_masks: deliver ``mask``: ``true`` (samples without a mask are bad), ``false`` or ``null``.
         random_resized_crop: random-resized crops in training (else the validation centre crop).
         crop_scale: area fraction range of the random-resized crops.
         crop_ratio: aspect-ratio range (relative to ``image_size``'s) of the random-resized crops.
@@ -198,8 +189,8 @@ class SingleViewShards(ShardDataModule):
         batch_size: int = 32,
         num_workers: int = 4,
         image_size: int | tuple[int, int] = 64,
-        with_depth: bool = True,
-        with_masks: bool = False,
+        with_depth: bool | None = None,
+        with_masks: bool | None = False,
         random_resized_crop: bool = True,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
@@ -215,43 +206,56 @@ class SingleViewShards(ShardDataModule):
         pin_memory: bool = True,
     ) -> None:
         super().__init__(
-            train_urls,
-            val_urls,
-            batch_size,
-            num_workers,
-            image_size,
-            shuffle_buffer,
-            batches_per_epoch,
-            val_batches,
-            strict,
-            seed,
-            pin_memory,
+            train_urls=train_urls,
+            val_urls=val_urls,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            image_size=image_size,
+            with_depth=with_depth,
+            with_masks=with_masks,
+            color_jitter=color_jitter,
+            jitter_strength=jitter_strength,
+            shuffle_buffer=shuffle_buffer,
+            batches_per_epoch=batches_per_epoch,
+            val_batches=val_batches,
+            strict=strict,
+            seed=seed,
+            pin_memory=pin_memory,
         )
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ConfigError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
+            raise ConfigError(f"{self.key('crop_scale')} must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
         if not 0 < crop_ratio[0] <= crop_ratio[1]:
-            raise ConfigError(f"data.crop_ratio must satisfy 0 < min <= max, got {list(crop_ratio)}")
+            raise ConfigError(f"{self.key('crop_ratio')} must satisfy 0 < min <= max, got {list(crop_ratio)}")
         if views_per_scene is not None and views_per_scene < 1:
-            raise ConfigError(f"data.views_per_scene must be >= 1 or null, got {views_per_scene}")
-        if not 0 <= jitter_strength <= 1:
-            raise ConfigError(f"data.jitter_strength must be in [0, 1], got {jitter_strength}")
-        self.with_depth = with_depth
-        self.with_masks = with_masks
+            raise ConfigError(f"{self.key('views_per_scene')} must be >= 1 or null, got {views_per_scene}")
         self.random_resized_crop = random_resized_crop
         self.crop_scale = tuple(crop_scale)
         self.crop_ratio = tuple(crop_ratio)
         self.hflip = hflip
-        self.color_jitter = color_jitter
-        self.jitter_strength = jitter_strength
         self.views_per_scene = views_per_scene
-        s = jitter_strength
-        self._jitter = ColorJitter(s, s, s, s / 4, p=1.0) if color_jitter and s > 0 else None
+
+    def _check_summary(self, summary: ShardSummary, split: str) -> None:
+        if self.with_depth and not summary.has_depth:
+            raise ConfigError(
+                f"{self.key('with_depth')}=true but the samples of {self.key(f'{split}_urls')} have no depth "
+                f"({summary.where}): set it to false or null, or annotate them with `selfsup3d data pseudo-depth`"
+            )
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
+            kind="single_view",
+            image_hw=self.image_hw,
+            num_classes=self.num_classes,
+            with_depth=bool(self.with_depth),
+            with_masks=bool(self.with_masks),
+            key_prefix=self.key_prefix,
+        )
 
     def _decoder(self, train: bool) -> SingleViewDecoder:
         return SingleViewDecoder(
             self.image_hw,
-            self.with_depth,
-            self.with_masks,
+            bool(self.with_depth),
+            bool(self.with_masks),
             random_crop=train and self.random_resized_crop,
             crop_scale=self.crop_scale,
             crop_ratio=self.crop_ratio,
@@ -259,17 +263,5 @@ class SingleViewShards(ShardDataModule):
             views_per_scene=self.views_per_scene,
         )
 
-    def _collate_fn(self) -> _CollateSingleView:
-        return _CollateSingleView()
-
-    def prepare_batch(self, batch: dict[str, Any], train: bool) -> dict[str, Any]:
-        """uint8 image -> float32 in [0, 1], mask -> float32; colour jitter in training when enabled."""
-        image = batch["image"]
-        if image.dtype == torch.uint8:
-            image = image.float().div_(255.0)
-        if train and self._jitter is not None:
-            image = self._jitter(image).clamp_(0.0, 1.0)
-        batch["image"] = image
-        if "mask" in batch and batch["mask"].dtype != torch.float32:
-            batch["mask"] = batch["mask"].float()
-        return batch
+    def _collate_fn(self) -> Collate:
+        return Collate(("image", "depth", "mask"))

@@ -36,6 +36,8 @@ from lightning.pytorch.utilities import rank_zero_info
 import selfsup3d.callbacks  # noqa: F401  (short class names in YAML resolve for imported classes)
 import selfsup3d.datamodules  # noqa: F401
 import selfsup3d.objectives  # noqa: F401
+from selfsup3d.callbacks import EncoderExport, LearningRates
+from selfsup3d.datamodules import SkippedSamplesLogger
 from selfsup3d.errors import CheckpointMismatchError, ConfigError
 from selfsup3d.objectives.base import PretrainObjective
 
@@ -60,10 +62,12 @@ class ConfigLoggingSaveConfig(SaveConfigCallback):
 
 
 class SelfSup3DCLI(LightningCLI):
-    """LightningCLI with selfsup3d's defaults: any objective and datamodule by ``class_path``, a
-    checkpoint section (``--checkpoint.*``; ``save_last`` and ``save_on_exception`` on, so an interrupted
-    run loses nothing and ``--ckpt_path last`` resumes it), a pinned
-    seed, the config saved next to the logs, and configuration errors reported as usage errors."""
+    """LightningCLI with selfsup3d's defaults: any objective and datamodule by ``class_path``; the callbacks
+    every run has, each in its own section: ``--checkpoint.*`` (``save_last`` and ``save_on_exception`` on, so
+    an interrupted run loses nothing and ``--ckpt_path last`` resumes it), ``--export.*`` (the encoder as
+    ``encoder.safetensors`` next to the logs), ``--lr_monitor.*`` (learning rates in TensorBoard),
+    ``--skipped_samples.*`` (counts of skipped bad samples); a pinned seed, the config saved next to the logs,
+    and configuration errors reported as usage errors."""
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         defaults: dict[str, Any] = {
@@ -81,6 +85,10 @@ class SelfSup3DCLI(LightningCLI):
         super().__init__(args=args, run=run, **defaults)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # callbacks every run has, each configurable in its own section (written once, not in every config)
+        parser.add_lightning_class_args(EncoderExport, "export")
+        parser.add_lightning_class_args(LearningRates, "lr_monitor")
+        parser.add_lightning_class_args(SkippedSamplesLogger, "skipped_samples")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {

@@ -1,4 +1,22 @@
-"""Exceptions that carry a message meant for the user, not a stack trace."""
+"""Exceptions that carry a message meant for the user, not a stack trace, and the YAML keys they name.
+
+A configuration error names the key as the user writes it: ``model.init_args.dim`` for an objective fitted
+alone, ``model.init_args.objectives.masked_view.init_args.dim`` for the same objective inside a multi-task
+run, ``data.init_args.sources.scenes.init_args.num_views`` for a source of a combined datamodule. Modules
+ask :func:`config_key` for the full name of one of their arguments; whoever builds a nested module sets the
+prefix around its construction with :func:`config_prefix`, and the module keeps the prefix it was built
+under (:func:`current_prefix`) for checks that run later (at set-up)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+_PREFIXES: dict[str, ContextVar[str]] = {
+    "model": ContextVar("selfsup3d_model_key_prefix", default="model.init_args"),
+    "data": ContextVar("selfsup3d_data_key_prefix", default="data.init_args"),
+}
 
 
 class ConfigError(ValueError):
@@ -9,3 +27,23 @@ class ConfigError(ValueError):
 
 class CheckpointMismatchError(ValueError):
     """Weights that do not fit the model they are loaded into; the message names the keys."""
+
+
+def current_prefix(section: str = "model") -> str:
+    """The key prefix that modules of ``section`` (``model`` or ``data``) built now are configured under."""
+    return _PREFIXES[section].get()
+
+
+def config_key(name: str, section: str = "model", prefix: str | None = None) -> str:
+    """The full YAML key of argument ``name``: ``prefix`` (default: the current one of ``section``) + name."""
+    return f"{prefix if prefix is not None else current_prefix(section)}.{name}"
+
+
+@contextmanager
+def config_prefix(prefix: str, section: str = "model") -> Iterator[None]:
+    """Modules of ``section`` built inside this block name their keys under ``prefix``."""
+    token = _PREFIXES[section].set(prefix)
+    try:
+        yield
+    finally:
+        _PREFIXES[section].reset(token)

@@ -121,7 +121,7 @@ def test_print_config_is_complete_and_valid(tmp_path, capsys):
         (["--model.init_args.no_such_key", "1"], "no_such_key"),
         (["--model.init_args.lr", "fast"], "lr"),
         (["--model", "toy.NoSuchObjective"], "toy.NoSuchObjective"),
-        (["--model.init_args.layer_decay", "2.0"], "model.layer_decay"),
+        (["--model.init_args.layer_decay", "2.0"], "model.init_args.layer_decay"),
         (["--model.init_args.encoder.init_args.img_size", "36"], "img_size=36"),
         (["--model.init_args.init_encoder_from", "/nonexistent/enc.ckpt"], "/nonexistent/enc.ckpt"),
     ],

@@ -100,11 +100,22 @@ def test_scene_with_too_few_views_is_skipped(tmp_path):
         assert len(_val_keys(dm)) == 1
 
 
-def test_depth_requested_but_absent(tmp_path):
+def test_depth_requested_but_absent_is_refused_at_set_up(tmp_path):
     url = write_multiview_shards(tmp_path, num_scenes=2, num_views=2, num_shards=1, with_depth=False, split="val")
     dm = MultiViewShards(url, url, batch_size=2, num_workers=0, image_size=32, num_views=2, with_depth=True)
+    with pytest.raises(ConfigError, match=r"data.init_args.with_depth=true but the scenes of .* have no depth"):
+        dm.setup("validate")
+
+
+def test_a_scene_without_depth_among_scenes_with_depth_is_a_bad_sample(tmp_path):
+    with_depth = write_multiview_shards(tmp_path / "a", num_scenes=1, num_views=2, num_shards=1, split="val")
+    without = write_multiview_shards(tmp_path / "b", num_scenes=1, num_views=2, num_shards=1, with_depth=False,
+                                     split="val", seed=5)  # fmt: skip
+    dm = MultiViewShards([with_depth, without], None, batch_size=2, num_workers=0, image_size=32, num_views=2)
+    dm.val_urls = [with_depth, without]
     with pytest.warns(BadSampleWarning, match=r"field cameras\.json: depth requested \(with_depth\) but depth_scale"):
-        assert _val_keys(dm) == []
+        assert len(_val_keys(dm)) == 1
+    assert dm.with_depth  # null: the first scene has depth, so depth is read
 
 
 def test_bad_single_view_samples(tmp_path):
@@ -146,9 +157,11 @@ def test_truncated_shard_is_skipped_and_training_continues(tmp_path):
 
 
 def test_every_sample_bad_stops_with_an_explanation(tmp_path):
-    url = write_multiview_shards(tmp_path, num_scenes=2, num_views=2, num_shards=1, with_depth=False)
-    dm = MultiViewShards(url, None, batch_size=1, num_workers=0, image_size=32, num_views=2, with_depth=True,
-                         batches_per_epoch=2)  # fmt: skip
+    records = _records()
+    for record in records:
+        _malformed_json(record)
+    url = _write(tmp_path, records, split="train")
+    dm = MultiViewShards(url, None, batch_size=1, num_workers=0, image_size=16, num_views=2, batches_per_epoch=2)
     dm.setup("fit")
     with pytest.warns(BadSampleWarning), pytest.raises(RuntimeError, match="samples in a row were bad"):
         list(dm.train_dataloader())
@@ -164,16 +177,16 @@ def test_counts_cross_worker_processes(tmp_path):
 def test_setup_fails_on_patterns_that_match_nothing_and_non_tar_files(tmp_path):
     url = write_multiview_shards(tmp_path, num_scenes=2, num_views=2, num_shards=2)
     missing = str(tmp_path / "train-{000000..000002}.tar")
-    with pytest.raises(ConfigError, match=r"data.train_urls: shard '.*train-000002.tar' does not exist"):
+    with pytest.raises(ConfigError, match=r"data.init_args.train_urls: shard '.*train-000002.tar' does not exist"):
         MultiViewShards(missing, num_workers=0, num_views=2).setup("fit")
-    with pytest.raises(ConfigError, match=r"data.val_urls: the pattern '.*nothing-\*.tar' matches no file"):
+    with pytest.raises(ConfigError, match=r"data.init_args.val_urls: the pattern '.*nothing-\*.tar' matches no file"):
         MultiViewShards(url, str(tmp_path / "nothing-*.tar"), num_workers=0, num_views=2).setup("fit")
     (tmp_path / "notes.tar").write_text("this is not a tar archive\n" * 40)
-    with pytest.raises(ConfigError, match=r"data.train_urls: '.*notes.tar' is not a tar archive"):
+    with pytest.raises(ConfigError, match=r"data.init_args.train_urls: '.*notes.tar' is not a tar archive"):
         MultiViewShards([url, str(tmp_path / "notes.tar")], num_workers=0, num_views=2).setup("fit")
     with pytest.raises(ConfigError, match=r"is a folder"):
         SingleViewShards(str(tmp_path), num_workers=0).setup("fit")
-    with pytest.raises(ConfigError, match=r"data.train_urls is empty"):
+    with pytest.raises(ConfigError, match=r"data.init_args.train_urls is empty"):
         SingleViewShards([], num_workers=0).setup("fit")
     # globs and fsspec URLs are accepted
     dm = MultiViewShards(str(tmp_path / "train-*.tar"), num_workers=0, num_views=2)

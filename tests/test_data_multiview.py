@@ -67,11 +67,19 @@ def test_batch_contract_types_and_shapes(tmp_path):
         assert batch["num_context"] == 1
 
 
-def test_depth_and_masks_only_when_requested(tmp_path):
+def test_depth_when_the_shards_have_it_and_masks_when_requested(tmp_path):
     url = write_multiview_shards(tmp_path, num_scenes=2, num_views=2, num_shards=1)
     dm = MultiViewShards(url, url, batch_size=2, num_workers=0, image_size=32, num_views=2)
     (batch,) = _val_batches(dm)
-    assert "depth" not in batch and "mask" not in batch
+    assert "depth" in batch and "mask" not in batch  # with_depth null: the shards have depth
+    assert dm.data_spec().with_depth and not dm.data_spec().with_masks
+    dm = MultiViewShards(url, url, batch_size=2, num_workers=0, image_size=32, num_views=2, with_depth=False)
+    (batch,) = _val_batches(dm)
+    assert "depth" not in batch and not dm.data_spec().with_depth
+    plain = write_multiview_shards(tmp_path / "plain", num_scenes=2, num_views=2, num_shards=1, with_depth=False)
+    dm = MultiViewShards(plain, plain, batch_size=2, num_workers=0, image_size=32, num_views=2)
+    (batch,) = _val_batches(dm)
+    assert "depth" not in batch and not dm.data_spec().with_depth
 
 
 def test_training_views_are_random_subsets_with_matching_cameras(tmp_path):
@@ -146,13 +154,13 @@ def test_crops_keep_intrinsics_consistent(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(num_views=4, num_context_views=4), "data.num_context_views"),
-        (dict(num_views=4, num_context_views=0), "data.num_views"),
-        (dict(num_views=1), "data.num_views"),
-        (dict(batch_size=0), "data.batch_size"),
-        (dict(image_size=(32, 0)), "data.image_size"),
-        (dict(max_zoom=0.5), "data.max_zoom"),
-        (dict(val_batches=0), "data.val_batches"),
+        (dict(num_views=4, num_context_views=4), "data.init_args.num_context_views"),
+        (dict(num_views=4, num_context_views=0), "data.init_args.num_views"),
+        (dict(num_views=1), "data.init_args.num_views"),
+        (dict(batch_size=0), "data.init_args.batch_size"),
+        (dict(image_size=(32, 0)), "data.init_args.image_size"),
+        (dict(max_zoom=0.5), "data.init_args.max_zoom"),
+        (dict(val_batches=0), "data.init_args.val_batches"),
     ],
 )
 def test_impossible_settings_raise_config_errors(kwargs, message):

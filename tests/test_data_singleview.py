@@ -128,10 +128,10 @@ def test_validation_centre_crop_is_deterministic(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(crop_scale=(0.5, 1.5)), "data.crop_scale"),
-        (dict(crop_ratio=(0.0, 1.0)), "data.crop_ratio"),
-        (dict(views_per_scene=0), "data.views_per_scene"),
-        (dict(num_workers=-1), "data.num_workers"),
+        (dict(crop_scale=(0.5, 1.5)), "data.init_args.crop_scale"),
+        (dict(crop_ratio=(0.0, 1.0)), "data.init_args.crop_ratio"),
+        (dict(views_per_scene=0), "data.init_args.views_per_scene"),
+        (dict(num_workers=-1), "data.init_args.num_workers"),
     ],
 )
 def test_impossible_settings_raise_config_errors(kwargs, message):

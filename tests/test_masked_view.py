@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import tiny_encoder
 
+from selfsup3d.datamodules import DataSpec
 from selfsup3d.errors import CheckpointMismatchError, ConfigError
 from selfsup3d.geometry.cameras import intrinsics_from_fov, look_at, rotation_angle, spherical_to_cartesian
 from selfsup3d.geometry.rays import pixel_rays
-from selfsup3d.objectives.masked_view import ContextBlend, MaskedViewPrediction, camera_proximity
+from selfsup3d.heads.lvsm import ContextBlend, camera_proximity
+from selfsup3d.objectives.masked_view import MaskedViewPrediction
 
 HEADS = dict(dim=32, num_heads=2, camera_layers=1, scene_layers=1, render_layers=1, num_scene_tokens=8)
 
@@ -60,7 +61,7 @@ def make_model(**kwargs) -> MaskedViewPrediction:
 def test_any_view_count_and_split_with_one_model(views, context, options):
     model = make_model(**options)
     batch = sphere_scenes(2, views, 32, context)
-    out = model.step(batch, "train")
+    out = model.step(batch, "train", model.encoder)
     assert torch.isfinite(out["loss"]) and out["loss"].ndim == 0
     pred = model(batch["images"], context)
     assert pred["render"].shape == (2, views - context, 3, 32, 32)
@@ -97,18 +98,18 @@ def test_loss_never_reads_the_true_cameras():
     shuffled["c2w"][..., :3, 3] += 5.0
     deleted = {k: v for k, v in batch.items() if k not in ("K", "c2w")}
     for stage in ("train", "val"):
-        reference = model.step(batch, stage)["loss"]
-        assert torch.equal(model.step(shuffled, stage)["loss"], reference)
-        assert torch.equal(model.step(deleted, stage)["loss"], reference)
+        reference = model.step(batch, stage, model.encoder)["loss"]
+        assert torch.equal(model.step(shuffled, stage, model.encoder)["loss"], reference)
+        assert torch.equal(model.step(deleted, stage, model.encoder)["loss"], reference)
     # evaluation without true cameras still reports render quality, only no pose figures
-    out = model.step(deleted, "val")
+    out = model.step(deleted, "val", model.encoder)
     assert "psnr_mean_colour" in out and "rot_err" not in out and "psnr_nearest" not in out
 
 
 @pytest.mark.parametrize("blend", [False, True])
 def test_gradients_reach_the_encoder_and_every_head(blend):
     model = make_model(blend_context=blend, render_context_tokens=blend)
-    model.step(sphere_scenes(2, 4, 32, 2), "train")["loss"].backward()
+    model.step(sphere_scenes(2, 4, 32, 2), "train", model.encoder)["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     # the encoder's class token feeds nothing (only patch tokens are used)
     assert [n for n in missing if "cls_token" not in n] == []
@@ -119,7 +120,7 @@ def test_gradients_reach_the_encoder_and_every_head(blend):
 def test_validation_reports_renders_baselines_and_pose_accuracy():
     model = make_model()
     batch = sphere_scenes(2, 5, 32, 3)
-    out = model.validation_step(batch, 0) if model._trainer else model.step(batch, "val")
+    out = model.validation_step(batch, 0) if model._trainer else model.step(batch, "val", model.encoder)
     for key in ("psnr", "ssim", "psnr_mean_colour", "ssim_mean_colour", "psnr_nearest", "ssim_nearest", "rot_err",
                 "trans_err", "centre_err", "auc5", "auc15", "auc30", "focal_err"):  # fmt: skip
         assert out[key].ndim == 0 and torch.isfinite(out[key]), key
@@ -133,7 +134,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
         model = make_model(grad_checkpointing=ckpt)
-        model.step(batch, "train")["loss"].backward()
+        model.step(batch, "train", model.encoder)["loss"].backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
@@ -142,7 +143,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_bf16_autocast_step_on_the_cpu(blend):
     model = make_model(blend_context=blend, render_context_tokens=blend, ray_positions=blend)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.step(sphere_scenes(2, 4, 32, 2), "val")
+        out = model.step(sphere_scenes(2, 4, 32, 2), "val", model.encoder)
     assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
     assert torch.isfinite(out["rot_err"])
 
@@ -167,27 +168,27 @@ def test_configuration_errors_name_the_keys():
 
     model = make_model()
 
-    def setup_with(**data):
-        model._trainer = SimpleNamespace(datamodule=SimpleNamespace(**data))
-        model.setup("fit")
+    def check(image_hw, num_views=4, num_context_views=2):
+        spec = DataSpec("multi_view", image_hw, num_views, num_context_views, has_cameras=True)
+        model.check_data(spec)
 
-    setup_with(image_size=32, num_views=4, num_context_views=2)  # fine
-    setup_with(image_hw=(32, 48), num_views=4, num_context_views=2)  # MultiViewShards keeps (height, width)
+    check((32, 32))  # fine
+    check((32, 48))  # (height, width)
     with pytest.raises(ConfigError, match=r"data.init_args.image_size=\[32, 44\]"):
-        setup_with(image_hw=(32, 44), num_views=4, num_context_views=2)
+        check((32, 44))
     with pytest.raises(ConfigError) as err:
-        setup_with(image_size=36, num_views=4, num_context_views=2)
+        check((36, 36))
     assert "data.init_args.image_size=36" in str(err.value)
     assert "model.init_args.encoder.init_args.patch_size=8" in str(err.value)
     with pytest.raises(ConfigError, match=r"data.init_args.num_context_views=0: set A"):
-        setup_with(image_size=32, num_views=4, num_context_views=0)
+        check((32, 32), num_context_views=0)
     with pytest.raises(ConfigError, match=r"data.init_args.num_views=3 with data.init_args.num_context_views=3"):
-        setup_with(image_size=32, num_views=3, num_context_views=3)
+        check((32, 32), num_views=3, num_context_views=3)
 
 
 def vgg_stub(path, num_layers: int = 1) -> None:
     """A VGG19 state dict of the first ``num_layers`` perceptual layers with random weights (no download)."""
-    from selfsup3d.objectives.perceptual import VGG19_LAYERS, vgg19_features
+    from selfsup3d.losses.perceptual import VGG19_LAYERS, vgg19_features
 
     torch.manual_seed(3)
     features = vgg19_features(VGG19_LAYERS[num_layers - 1] + 1)
@@ -200,7 +201,7 @@ def test_perceptual_loss_from_a_local_file(tmp_path):
     model = make_model(perceptual_weight=0.5, perceptual_weights=str(path), perceptual_layers=2)
     assert not any(k.startswith("perceptual") for k in model.state_dict())  # an external asset, not saved
     assert all(not n.startswith("perceptual") for n, _ in model.named_parameters())
-    out = model.step(sphere_scenes(2, 4, 32, 2), "train")
+    out = model.step(sphere_scenes(2, 4, 32, 2), "train", model.encoder)
     assert out["perceptual"] > 0
     assert torch.allclose(out["loss"], out["mse"] + 0.5 * out["perceptual"])
     img = torch.rand(2, 3, 32, 32)
@@ -217,7 +218,7 @@ def test_perceptual_loss_from_a_local_file(tmp_path):
 def test_vgg19_prefix_matches_torchvision_layout():
     from torchvision.models.vgg import cfgs, make_layers
 
-    from selfsup3d.objectives.perceptual import VGG19_LAYERS, vgg19_features
+    from selfsup3d.losses.perceptual import VGG19_LAYERS, vgg19_features
 
     full = make_layers(cfgs["E"])
     assert all(isinstance(full[i], torch.nn.ReLU) for i in VGG19_LAYERS)

@@ -86,7 +86,11 @@ def test_warmup_cosine_schedule():
 
 @pytest.mark.parametrize(
     ("kwargs", "key"),
-    [({"lr": 0}, "model.lr"), ({"layer_decay": 1.5}, "model.layer_decay"), ({"grad_spike_factor": 0.5}, "grad_spike")],
+    [
+        ({"lr": 0}, "model.init_args.lr"),
+        ({"layer_decay": 1.5}, "model.init_args.layer_decay"),
+        ({"grad_spike_factor": 0.5}, "grad_spike"),
+    ],
 )
 def test_bad_optimiser_settings(encoder, kwargs, key):
     with pytest.raises(ConfigError, match=key):
@@ -118,8 +122,8 @@ def test_schedule_follows_max_steps(encoder, tmp_path):
 
 def test_grad_spikes_are_skipped_and_counted(encoder, tmp_path):
     class Spiky(RotationPrediction):
-        def step(self, batch, stage):
-            out = super().step(batch, stage)
+        def step(self, batch, stage, encoder):
+            out = super().step(batch, stage, encoder)
             if stage == "train" and self.global_step == 3:
                 out["loss"] = out["loss"] * 1e6  # a spike
             return out

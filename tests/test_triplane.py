@@ -61,7 +61,7 @@ def test_step_reports_every_term_and_the_weighted_loss():
     batch = sphere_batch(3)
     with torch.no_grad():
         model.encoder.vit.norm.weight.add_(0.1)  # the student moves away from the teacher
-    out = model.step(batch, "train")
+    out = model.step(batch, "train", model.encoder)
     s = scalars(out)
     for key in ("rgb_loss", "depth_loss", "dist_loss", "density_l1", "psnr", "depth_rmse", "opacity", "teacher_cosine"):
         assert key in s, key
@@ -76,7 +76,7 @@ def test_step_reports_every_term_and_the_weighted_loss():
 def test_validation_renders_whole_images_for_pictures():
     model = make().eval()
     with torch.no_grad():
-        out = model.step(sphere_batch(2), "val")
+        out = model.step(sphere_batch(2), "val", model.encoder)
     assert out["render_rgb"].shape == (2, 3, 16, 16) and out["render_depth"].shape == (2, 1, 16, 16)
     assert out["target_depth"].shape == (2, 1, 16, 16) and out["depth_valid"].dtype == torch.bool
     assert out["render_depth"].min() >= 1.5 and out["render_depth"].max() <= 4.5
@@ -99,7 +99,7 @@ def test_representation_is_the_last_layers_concatenated():
 def test_ablations_build_and_train_a_step(ablation):
     torch.manual_seed(0)
     model = make(**ablation)
-    out = model.step(sphere_batch(2), "train")
+    out = model.step(sphere_batch(2), "train", model.encoder)
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
     if ablation.get("decoder") == "conv":
@@ -121,13 +121,13 @@ def test_configuration_errors_name_the_key():
     with pytest.raises(ConfigError, match="num_out_layers"):
         make(tiny_encoder(num_out_layers=0))
     with pytest.raises(ConfigError, match="no depth"):
-        make().step({"image": torch.rand(2, 3, 32, 32)}, "train")
+        (m := make()).step({"image": torch.rand(2, 3, 32, 32)}, "train", m.encoder)
 
 
 def test_bf16_autocast_step_is_finite():
     model = make()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.step(sphere_batch(2), "train")
+        out = model.step(sphere_batch(2), "train", model.encoder)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
 
@@ -144,7 +144,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_random_init_teacher_is_saved_once_and_resume_restores_it(tmp_path):
     torch.manual_seed(1)
     model = make()
-    assert not model.teacher_reproducible
+    assert not model.teacher.reproducible
     original = _teacher_state(model)
     trainer(tmp_path, 2).fit(model, SphereDataModule(num_train=4, batch_size=2))
     ckpt_path = tmp_path / "run.ckpt"
@@ -170,7 +170,7 @@ def test_reproducible_teacher_is_not_saved_and_resume_rebuilds_it(tmp_path):
     weights = tmp_path / "enc.safetensors"
     save_encoder(source.export_state_dict(), None, weights)
     model = make(tiny_encoder(checkpoint_path=str(weights)))
-    assert model.teacher_reproducible
+    assert model.teacher.reproducible
     original = _teacher_state(model)
     assert _same({k.removeprefix("vit."): v for k, v in original.items()}, source.export_state_dict())
     trainer(tmp_path, 2).fit(model, SphereDataModule(num_train=4, batch_size=2))
@@ -198,9 +198,9 @@ def test_teacher_from_another_file_and_mismatched_checkpoints(tmp_path):
     weights = tmp_path / "teacher.safetensors"
     save_encoder(other.export_state_dict(), other.config, weights)
     model = make(teacher=str(weights))
-    assert model.teacher_reproducible and model.teacher.module.embed_dim == 48
+    assert model.teacher.reproducible and model.teacher.module.embed_dim == 48
     assert isinstance(model.distill_proj, torch.nn.Linear)  # 2x32 student dims -> 2x48 teacher dims
-    out = model.step(sphere_batch(2), "train")
+    out = model.step(sphere_batch(2), "train", model.encoder)
     assert out["dist_loss"] > 0
     # a checkpoint missing weights is refused, naming them
     bad = {"state_dict": {k: v for k, v in model.state_dict().items() if not k.startswith("triplane.")}}
@@ -215,14 +215,14 @@ def test_depth_error_falls_when_fitting_a_few_scenes():
     batch = sphere_batch(4)
     model.eval()
     with torch.no_grad():
-        before = float(model.step(batch, "val")["depth_rmse"])
+        before = float(model.step(batch, "val", model.encoder)["depth_rmse"])
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(40):
         opt.zero_grad()
-        model.step(batch, "train")["loss"].backward()
+        model.step(batch, "train", model.encoder)["loss"].backward()
         opt.step()
     model.eval()
     with torch.no_grad():
-        after = float(model.step(batch, "val")["depth_rmse"])
+        after = float(model.step(batch, "val", model.encoder)["depth_rmse"])
     assert after < 0.6 * before, (before, after)

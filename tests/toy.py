@@ -8,21 +8,24 @@ from lightning.pytorch import Callback, LightningDataModule
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from selfsup3d.encoders import Encoder
 from selfsup3d.objectives.base import PretrainObjective
 
 
 class RotationPrediction(PretrainObjective):
     """Predict which of four rotations was applied to an image (Gidaris et al. 2018), in 15 lines."""
 
-    def __init__(self, encoder: nn.Module, hidden: int = 16, **kwargs) -> None:
+    input_kind = "single_view"
+
+    def __init__(self, encoder: Encoder, hidden: int = 16, **kwargs) -> None:
         super().__init__(encoder, **kwargs)
         self.head = nn.Sequential(nn.Linear(encoder.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 4))
 
-    def step(self, batch: dict, stage: str) -> dict:
+    def step(self, batch: dict, stage: str, encoder: Encoder) -> dict:
         images = batch["image"]
         k = torch.arange(images.shape[0], device=images.device) % 4
         rotated = torch.stack([torch.rot90(im, int(r), dims=(1, 2)) for im, r in zip(images, k)])
-        logits = self.head(self.encoder(rotated).cls)
+        logits = self.head(encoder(rotated).cls)
         loss = F.cross_entropy(logits, k)
         return {"loss": loss, "accuracy": (logits.argmax(-1) == k).float().mean()}
 

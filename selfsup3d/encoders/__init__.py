@@ -1,13 +1,17 @@
-"""The shared encoder (a timm ViT of the DINOv2 family), its weights and its frozen teacher copies."""
+"""The shared encoder (a timm ViT of the DINOv2 family), its interface, its weights and its frozen teachers."""
 
+from selfsup3d.encoders.base import Encoder, EncoderOutput
 from selfsup3d.encoders.checkpoint import load_encoder_weights, read_encoder_state_dict
-from selfsup3d.encoders.vit import SIZES, EncoderOutput, FrozenTeacher, ViTEncoder, create_vit, make_teacher
+from selfsup3d.encoders.teacher import FrozenTeacher, build_teacher, make_teacher
+from selfsup3d.encoders.vit import SIZES, ViTEncoder, create_vit
 
 __all__ = [
     "SIZES",
+    "Encoder",
     "EncoderOutput",
     "FrozenTeacher",
     "ViTEncoder",
+    "build_teacher",
     "create_vit",
     "load_encoder_weights",
     "make_teacher",

@@ -13,16 +13,17 @@ weights) when the network allows, or ``checkpoint_path`` (a local file, see
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
-from torch import Tensor, nn
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from torch import Tensor
 
+from selfsup3d.encoders.base import Encoder, EncoderOutput
 from selfsup3d.encoders.checkpoint import load_encoder_weights
 from selfsup3d.errors import ConfigError
 
@@ -57,39 +58,7 @@ def vit_tiny_patch14_dinov2(pretrained: bool = False, **kwargs: Any) -> VisionTr
     return _create_vision_transformer("vit_tiny_patch14_dinov2", pretrained=False, **dict(model_args, **kwargs))
 
 
-@dataclass
-class EncoderOutput:
-    """What one forward pass of the encoder gives.
-
-    Attributes:
-        cls: ``[B, D]`` final-normed class token.
-        patches: ``[B, N, D]`` final-normed patch tokens, row-major over the patch grid.
-        grid: ``(h, w)`` of the patch grid, ``N = h * w``.
-        layers: the last ``num_out_layers`` blocks' tokens, each ``[B, 1 + N, D]`` (class token first,
-            register tokens dropped), final-normed; oldest first.
-    """
-
-    cls: Tensor
-    patches: Tensor
-    grid: tuple[int, int]
-    layers: list[Tensor] = field(default_factory=list)
-
-    @property
-    def patch_grid(self) -> Tensor:
-        """Patch tokens as a ``[B, D, h, w]`` feature map."""
-        b, _, d = self.patches.shape
-        return self.patches.transpose(1, 2).reshape(b, d, *self.grid)
-
-    def concat_layers(self) -> Tensor:
-        """Class and patch tokens of the collected layers concatenated on channels: ``[B, 1 + N, L * D]``.
-
-        This is the representation of the 3D-Prior paper (last four layers)."""
-        if not self.layers:
-            raise ValueError("encoder was built with num_out_layers=0; no layer tokens to concatenate")
-        return torch.cat(self.layers, dim=-1)
-
-
-class ViTEncoder(nn.Module):
+class ViTEncoder(Encoder):
     """A timm ViT (DINOv2 family) behind a small, stable interface.
 
     Args:
@@ -159,12 +128,15 @@ class ViTEncoder(nn.Module):
         )
         if img_size % self.patch_size:
             raise ConfigError(
-                f"encoder img_size={img_size} is not divisible by patch_size={self.patch_size}; "
-                "pick sizes so that the patch grid is whole"
+                f"{self.key('img_size')}={img_size} is not divisible by the patch size "
+                f"{self.patch_size} ({self.key('patch_size')}): pick sizes so that the patch "
+                "grid is whole"
             )
         if not 0 <= num_out_layers <= len(self.vit.blocks):
-            raise ConfigError(f"encoder num_out_layers={num_out_layers} must be in [0, depth={len(self.vit.blocks)}]")
-        self.num_out_layers = num_out_layers
+            raise ConfigError(
+                f"{self.key('num_out_layers')}={num_out_layers} must be in [0, depth={len(self.vit.blocks)}]"
+            )
+        self._num_out_layers = num_out_layers
         self.set_grad_checkpointing(grad_checkpointing)
         cfg = self.vit.pretrained_cfg or {}
         mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32)
@@ -184,6 +156,17 @@ class ViTEncoder(nn.Module):
         return int(self.vit.patch_embed.patch_size[0])
 
     @property
+    def num_out_layers(self) -> int:
+        return self._num_out_layers
+
+    @property
+    def reproducible(self) -> bool:
+        pretrained = self.config["pretrained"]
+        if isinstance(pretrained, str):
+            pretrained = pretrained.lower() not in {"", "false", "none"}
+        return bool(pretrained) or bool(self.config["checkpoint_path"])
+
+    @property
     def depth(self) -> int:
         return len(self.vit.blocks)
 
@@ -201,6 +184,27 @@ class ViTEncoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names (relative to this module) that take no weight decay: embeddings and tokens."""
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}
+
+    def param_groups(self, weight_decay: float, layer_decay: float | None) -> list[dict[str, Any]]:
+        """timm's groups: no decay on 1-d parameters, biases, embeddings and tokens; with ``layer_decay``,
+        block ``i`` of ``L`` gets ``lr_scale = decay ** (L - 1 - i)``, the embeddings ``decay ** L``, the
+        final norm 1 (timm's ``group_matcher``)."""
+        skip = set(self.vit.no_weight_decay())
+        if layer_decay is None:
+            groups = param_groups_weight_decay(self.vit, weight_decay, no_weight_decay_list=skip)
+        else:
+            groups = param_groups_layer_decay(
+                self.vit, weight_decay=weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay
+            )
+        for group in groups:
+            group.setdefault("lr_scale", 1.0)
+        return groups
+
+    def load_weights(self, source: str | Path) -> None:
+        load_encoder_weights(self.vit, source)
+
+    def reinitialize(self) -> None:
+        self.vit.init_weights()
 
     # ------------------------------------------------------------------ forward
     def normalize(self, images: Tensor) -> Tensor:
@@ -293,25 +297,3 @@ def create_vit(
         # timm routes attention through F.scaled_dot_product_attention (flash / memory-efficient kernels).
         block.attn.fused_attn = True
     return model
-
-
-class FrozenTeacher(nn.Module):
-    """A frozen module: no gradients, always in eval mode (``.train()`` cannot switch it back), and its
-    forward runs without autograd. Wraps the teacher of distillation objectives."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module.requires_grad_(False)
-        self.train(False)
-
-    def train(self, mode: bool = True) -> FrozenTeacher:
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-
-def make_teacher(encoder: nn.Module) -> FrozenTeacher:
-    """A frozen copy of ``encoder`` (see :class:`FrozenTeacher`)."""
-    return FrozenTeacher(copy.deepcopy(encoder))

@@ -10,18 +10,28 @@ Conventions:
   at ``far`` (:func:`sample_intervals`), so the intervals tile ``[near, far]`` whatever the samples. For
   stratified samples at bin centres these are exactly the bins.
 * Compositing: ``alpha_i = 1 - exp(-σ_i δ_i)``, transmittance ``T_i = exp(-Σ_{j<i} σ_j δ_j)``, weights
-  ``w_i = T_i alpha_i``; colour ``Σ w_i c_i + (1 - Σ w_i) · background``; depth ``Σ w_i t_i + (1 - Σ w_i)
-  · far`` (what the ray does not hit is at the far plane).
+  ``w_i = T_i alpha_i``; values (colour, or any ``C`` channels: features, scores) ``Σ w_i c_i + (1 - Σ w_i) ·
+  background``; depth ``Σ w_i t_i + (1 - Σ w_i) · far`` (what the ray does not hit is at the far plane).
+* ``near`` and ``far`` are floats (one range for every ray) or tensors broadcastable to the rays' leading
+  shape (a range per ray, e.g. where each ray enters and leaves a box).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import torch
 from torch import Tensor
+
+Bound: TypeAlias = "float | Tensor"
+"""A depth bound: one float for every ray, or a tensor broadcastable to the rays' leading shape."""
+
+
+def _bound(value: float | Tensor, lead: tuple[int, ...] | torch.Size, like: Tensor) -> Tensor:
+    """``value`` as a ``[*lead, 1]`` tensor of ``like``'s dtype and device."""
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device).expand(lead)[..., None]
 
 
 @dataclass
@@ -29,7 +39,7 @@ class Composite:
     """What compositing a batch of rays gives (leading shape ``[...]`` of the rays).
 
     Attributes:
-        rgb: ``[..., 3]`` colour.
+        rgb: ``[..., C]`` composited values (colour for ``C = 3``).
         depth: ``[...]`` expected z-depth, with the missing opacity at ``far``.
         opacity: ``[...]`` accumulated opacity ``Σ w_i`` in ``[0, 1]``.
         weights: ``[..., S]`` per-sample weights.
@@ -57,8 +67,8 @@ class RenderResult(Composite):
 
 
 def stratified_samples(
-    near: float,
-    far: float,
+    near: Bound,
+    far: Bound,
     shape: tuple[int, ...],
     num_samples: int,
     perturb: bool = True,
@@ -81,25 +91,25 @@ def stratified_samples(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    if not far > near:
+    if not isinstance(near, Tensor) and not isinstance(far, Tensor) and not far > near:
         raise ValueError(f"far ({far}) must be greater than near ({near})")
-    step = (far - near) / num_samples
     offset = (
         torch.rand(*shape, num_samples, device=device, generator=generator)
         if perturb
         else torch.full((*shape, num_samples), 0.5, device=device)
     )
-    return near + (torch.arange(num_samples, device=device, dtype=offset.dtype) + offset) * step
+    lo, hi = _bound(near, tuple(shape), offset), _bound(far, tuple(shape), offset)
+    return lo + (torch.arange(num_samples, device=device, dtype=offset.dtype) + offset) * ((hi - lo) / num_samples)
 
 
-def interval_edges(t: Tensor, near: float, far: float) -> Tensor:
+def interval_edges(t: Tensor, near: Bound, far: Bound) -> Tensor:
     """``[..., S + 1]`` edges of the intervals the sorted samples ``t`` ``[..., S]`` stand for."""
     mids = 0.5 * (t[..., 1:] + t[..., :-1])
     lead = t.shape[:-1]
-    return torch.cat([t.new_full((*lead, 1), near), mids, t.new_full((*lead, 1), far)], dim=-1)
+    return torch.cat([_bound(near, lead, t), mids, _bound(far, lead, t)], dim=-1)
 
 
-def sample_intervals(t: Tensor, near: float, far: float) -> Tensor:
+def sample_intervals(t: Tensor, near: Bound, far: Bound) -> Tensor:
     """``[..., S]`` lengths (in depth) of the intervals the sorted samples ``t`` stand for; they sum to
     ``far - near``."""
     return interval_edges(t, near, far).diff(dim=-1)
@@ -109,8 +119,8 @@ def composite(
     density: Tensor,
     rgb: Tensor,
     t: Tensor,
-    near: float,
-    far: float,
+    near: Bound,
+    far: Bound,
     ray_norm: Tensor | None = None,
     background: Tensor | float | None = None,
 ) -> Composite:
@@ -120,15 +130,15 @@ def composite(
 
     Args:
         density: ``[..., S]`` non-negative densities (per unit distance).
-        rgb: ``[..., S, 3]`` colours.
+        rgb: ``[..., S, C]`` colours (or any per-sample values).
         t: ``[..., S]`` sorted sample depths.
         near: start of the depth range.
         far: end of the depth range.
         ray_norm: ``[...]`` length of each ray's direction (distance per unit of ``t``); 1 when ``None``.
-        background: colour behind everything (a float, or ``[3]``/``[..., 3]``); nothing when ``None``.
+        background: values behind everything (a float, or ``[C]``/``[..., C]``); nothing when ``None``.
 
     Returns:
-        :class:`Composite` with colour, depth, opacity and weights.
+        :class:`Composite` with values, depth, opacity and weights.
     """
     density = density.float()
     rgb = rgb.float()
@@ -147,15 +157,15 @@ def composite(
     if background is not None:
         bg = torch.as_tensor(background, dtype=color.dtype, device=color.device)
         color = color + (1.0 - opacity)[..., None] * bg
-    depth = (weights * t).sum(dim=-1) + (1.0 - opacity) * far
+    depth = (weights * t).sum(dim=-1) + (1.0 - opacity) * _bound(far, opacity.shape, opacity)[..., 0]
     return Composite(rgb=color, depth=depth, opacity=opacity, weights=weights)
 
 
 def sample_pdf(
     t: Tensor,
     weights: Tensor,
-    near: float,
-    far: float,
+    near: Bound,
+    far: Bound,
     num_samples: int,
     perturb: bool = True,
     floor: float = 0.01,
@@ -182,10 +192,11 @@ def sample_pdf(
     weights = weights.detach().float()
     edges = interval_edges(t, near, far)  # [..., S+1]
     lengths = edges.diff(dim=-1)
+    uniform = lengths / lengths.sum(dim=-1, keepdim=True).clamp(min=1e-12)
     pmf = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-12)
-    pmf = (1.0 - floor) * pmf + floor * lengths / (far - near)
+    pmf = (1.0 - floor) * pmf + floor * uniform
     has_mass = weights.sum(dim=-1, keepdim=True) > 1e-12
-    pmf = torch.where(has_mass, pmf, lengths / (far - near))
+    pmf = torch.where(has_mass, pmf, uniform)
     cdf = torch.cumsum(pmf, dim=-1)
     cdf = torch.cat([torch.zeros_like(cdf[..., :1]), cdf], dim=-1)  # [..., S+1]
     cdf = cdf / cdf[..., -1:]
@@ -199,7 +210,8 @@ def sample_pdf(
     cdf_lo, cdf_hi = cdf.gather(-1, idx - 1), cdf.gather(-1, idx)
     edge_lo, edge_hi = edges.gather(-1, idx - 1), edges.gather(-1, idx)
     frac = (u - cdf_lo) / (cdf_hi - cdf_lo).clamp(min=1e-12)
-    return (edge_lo + frac.clamp(0, 1) * (edge_hi - edge_lo)).clamp(near, far)
+    samples = edge_lo + frac.clamp(0, 1) * (edge_hi - edge_lo)
+    return torch.minimum(torch.maximum(samples, edges[..., :1]), edges[..., -1:])
 
 
 def merge_samples(t_a: Tensor, t_b: Tensor, *values: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
@@ -226,15 +238,15 @@ def merge_samples(t_a: Tensor, t_b: Tensor, *values: tuple[Tensor, Tensor]) -> t
 
 
 Field = Callable[[Tensor], tuple[Tensor, Tensor]]
-"""A radiance field: points ``[B, R, S, 3]`` -> densities ``[B, R, S]`` and colours ``[B, R, S, 3]``."""
+"""A field: points ``[B, R, S, 3]`` -> densities ``[B, R, S]`` and values ``[B, R, S, C]`` (colours, features)."""
 
 
 def render_rays(
     field: Field,
     origins: Tensor,
     directions: Tensor,
-    near: float,
-    far: float,
+    near: Bound,
+    far: Bound,
     num_coarse: int = 16,
     num_fine: int = 16,
     perturb: bool = True,

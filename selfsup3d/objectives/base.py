@@ -1,20 +1,26 @@
 """The shared base of every objective.
 
-:class:`PretrainObjective` owns what all objectives share, so that a subclass writes only its heads
-and its losses:
+:class:`PretrainObjective` is a LightningModule that owns what all objectives share, so that a subclass writes
+only its heads, its losses and :meth:`~PretrainObjective.step`:
 
-* the injected encoder (any ``nn.Module``; :class:`~selfsup3d.encoders.ViTEncoder` in the configs);
+* the injected encoder (an :class:`~selfsup3d.encoders.Encoder`; :class:`~selfsup3d.encoders.ViTEncoder` in
+  the configs), passed to ``step`` explicitly, so that the same objective trains alone or as one component
+  of a :class:`~selfsup3d.objectives.MultiTask` over a shared encoder;
 * AdamW with parameter groups: no weight decay on norms, biases, embeddings and learnable tokens,
-  optional layer-wise learning-rate decay over the encoder's blocks (timm's grouping);
+  optional layer-wise learning-rate decay over the encoder's blocks (the encoder builds its own groups);
 * a linear warm-up then cosine schedule, stepped every optimiser step;
 * skipping of optimiser steps whose gradient norm spikes far above its running mean (counted);
-* logging conventions: every scalar a step returns is logged as ``train/<name>`` or ``val/<name>``;
-* fine-tuning: ``init_encoder_from`` loads the encoder strictly from a checkpoint of any objective
-  or from an exported encoder, naming mismatched keys;
-* :meth:`encoder_state_dict` for export.
+* logging: every scalar a step returns is logged as ``train/<name>`` or ``val/<name>`` (in a multi-task run
+  ``train/<objective>/<name>``);
+* the data check at start-up: the datamodule's :class:`~selfsup3d.datamodules.DataSpec` reaches
+  :meth:`~PretrainObjective.check_data`, and a multi-view source feeds an objective that reads single images
+  through :func:`~selfsup3d.datamodules.views.views_as_images`;
+* frozen teachers (:class:`~selfsup3d.encoders.FrozenTeacher`) that can be rebuilt are left out of
+  checkpoints and rebuilt on load; checkpoints are checked key by key before loading;
+* fine-tuning: ``init_encoder_from`` loads the encoder strictly from a checkpoint of any objective or from an
+  exported encoder, naming mismatched keys; :meth:`~PretrainObjective.encoder_state_dict` for export.
 
-A subclass implements :meth:`step`, returning a dict with a ``loss`` entry. See ``README.md``,
-"Plugging in a new objective".
+See ``README.md``, "Plugging in a new objective".
 """
 
 from __future__ import annotations
@@ -22,20 +28,21 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from selfsup3d.encoders.checkpoint import load_encoder_weights
-from selfsup3d.errors import ConfigError
+from selfsup3d.datamodules.spec import DataSpec, data_specs
+from selfsup3d.datamodules.views import batch_size, views_as_images
+from selfsup3d.encoders.base import Encoder
+from selfsup3d.encoders.teacher import FrozenTeacher
+from selfsup3d.errors import CheckpointMismatchError, ConfigError, config_key, current_prefix
 
-# Children that are never optimised and never part of the student (see TriplaneReconstruction).
-FROZEN_CHILDREN = ("teacher",)
+InputKind = Literal["multi_view", "single_view", "any"]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -61,12 +68,26 @@ def _collect_no_weight_decay(module: nn.Module) -> set[str]:
     return names
 
 
+def _teacher_prefixes(module: nn.Module, reproducible_only: bool) -> list[str]:
+    """State-dict prefixes (``name.``) of the frozen teachers inside ``module``."""
+    return [
+        f"{name}."
+        for name, sub in module.named_modules()
+        if isinstance(sub, FrozenTeacher) and (sub.reproducible or not reproducible_only)
+    ]
+
+
 class PretrainObjective(LightningModule):
     """Base class of selfsup3d objectives.
 
+    A subclass implements :meth:`step` (and, when it has requirements on the data, :meth:`check_data`); it
+    declares in :attr:`input_kind` which batches its ``step`` reads.
+
     Args:
         encoder: the shared encoder, injected (in YAML: ``class_path: selfsup3d.encoders.ViTEncoder``).
-        lr: peak learning rate of the heads (and of the encoder, times ``encoder_lr_scale``).
+        lr: peak learning rate of the heads (and of the encoder, times ``encoder_lr_scale``). In a multi-task
+            run each objective's ``lr`` is its heads' peak rate; the encoder's and the schedule come from the
+            multi-task module.
         weight_decay: AdamW weight decay on matrices; norms, biases, embeddings and tokens get none.
         betas: AdamW betas.
         warmup_steps: linear warm-up length in optimiser steps.
@@ -80,11 +101,17 @@ class PretrainObjective(LightningModule):
         grad_spike_warmup: steps before skipping may start.
         init_encoder_from: fine-tuning: a checkpoint of any selfsup3d objective or an exported encoder;
             the encoder is loaded strictly. (Resume a run with ``--ckpt_path last`` instead.)
+        compile: ``torch.compile`` the encoder and the heads' blocks (:meth:`compile_targets`) in place when
+            the model is configured (state-dict keys unchanged; the first steps are slow).
     """
+
+    input_kind: ClassVar[InputKind] = "any"
+    """Which batches :meth:`step` reads: ``multi_view``, ``single_view`` (a multi-view source is then given as
+    its views, :func:`~selfsup3d.datamodules.views.views_as_images`) or ``any``."""
 
     def __init__(
         self,
-        encoder: nn.Module,
+        encoder: Encoder,
         lr: float = 1e-4,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -95,18 +122,28 @@ class PretrainObjective(LightningModule):
         grad_spike_factor: float | None = None,
         grad_spike_warmup: int = 100,
         init_encoder_from: str | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
+        self.key_prefix = current_prefix("model")
+        if not isinstance(encoder, Encoder):
+            raise ConfigError(
+                f"{self.key('encoder')} must be a selfsup3d.encoders.Encoder (e.g. selfsup3d.encoders.ViTEncoder), "
+                f"got {type(encoder).__name__}"
+            )
         for key, value in {"lr": lr, "encoder_lr_scale": encoder_lr_scale}.items():
             if value <= 0:
-                raise ConfigError(f"model.{key} must be > 0, got {value}")
+                raise ConfigError(f"{self.key(key)} must be > 0, got {value}")
         if layer_decay is not None and not 0 < layer_decay <= 1:
-            raise ConfigError(f"model.layer_decay must be in (0, 1], got {layer_decay}")
+            raise ConfigError(f"{self.key('layer_decay')} must be in (0, 1], got {layer_decay}")
         if not 0 <= min_lr_ratio <= 1:
-            raise ConfigError(f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+            raise ConfigError(f"{self.key('min_lr_ratio')} must be in [0, 1], got {min_lr_ratio}")
         if grad_spike_factor is not None and grad_spike_factor <= 1:
-            raise ConfigError(f"model.grad_spike_factor must be > 1, got {grad_spike_factor}")
+            raise ConfigError(f"{self.key('grad_spike_factor')} must be > 1, got {grad_spike_factor}")
+        if warmup_steps < 0:
+            raise ConfigError(f"{self.key('warmup_steps')} must be >= 0, got {warmup_steps}")
         self.encoder = encoder
+        self._encoder_key_prefix = encoder.key_prefix
         self.lr = lr
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
@@ -116,12 +153,23 @@ class PretrainObjective(LightningModule):
         self.encoder_lr_scale = encoder_lr_scale
         self.grad_spike_factor = grad_spike_factor
         self.grad_spike_warmup = grad_spike_warmup
+        self.compile_modules = compile
+        self._compiled = False
         # running mean of the gradient norm and the number of skipped steps survive resume
         self.register_buffer("_grad_norm_ema", torch.zeros(()), persistent=True)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long), persistent=True)
+        self.data_spec: DataSpec | None = None
         self._save_hparams()
         if init_encoder_from:
             self.load_encoder(init_encoder_from)
+
+    def key(self, name: str) -> str:
+        """The YAML key of this objective's argument ``name`` (``model.init_args.<name>`` when fitted alone)."""
+        return config_key(name, prefix=self.key_prefix)
+
+    def encoder_key(self, name: str) -> str:
+        """The YAML key of the (shared) encoder's argument ``name``."""
+        return config_key(name, prefix=self._encoder_key_prefix)
 
     # ------------------------------------------------------------------ hyper-parameters
     def _save_hparams(self) -> None:
@@ -137,58 +185,107 @@ class PretrainObjective(LightningModule):
             self.save_hyperparameters()
         converted = False
         for key, value in list(self.hparams.items()):
-            if isinstance(value, nn.Module):
-                config = getattr(value, "config", None)
-                if isinstance(config, Mapping):
-                    cls = type(value)
-                    self.hparams[key] = {
-                        "class_path": f"{cls.__module__}.{cls.__qualname__}",
-                        "init_args": dict(config),
-                    }
-                    converted = True
-                else:
-                    del self.hparams[key]
-                    warnings.warn(
-                        f"{key}={type(value).__name__} has no `config` dict and is not saved in the hyper-parameters; "
-                        f"pass {key}=... to load_from_checkpoint",
-                        stacklevel=3,
-                    )
+            plain = _as_config(value)
+            if plain is not None:
+                self.hparams[key] = plain
+                converted = converted or plain is not value
+            elif not _is_plain(value):
+                del self.hparams[key]
+                warnings.warn(
+                    f"{key}={type(value).__name__} cannot be saved as plain data and is left out of the "
+                    f"hyper-parameters; pass {key}=... to load_from_checkpoint",
+                    stacklevel=3,
+                )
         if converted and "_instantiator" not in self.hparams:
             cls = type(self)
             self.hparams["_class_path"] = f"{cls.__module__}.{cls.__qualname__}"
             self.hparams["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
 
+    # ------------------------------------------------------------------ what a subclass writes
+    def step(self, batch: Any, stage: str, encoder: Encoder) -> dict[str, Any]:
+        """Compute one step's losses with ``encoder``. Return a dict with the optimised ``loss``; every other
+        0-dim tensor or number is logged as ``<stage>/<name>``, larger tensors are handed to callbacks."""
+        raise NotImplementedError(f"{type(self).__name__} must implement step(batch, stage, encoder)")
+
+    def check_data(self, spec: DataSpec) -> None:
+        """Refuse data this objective cannot train on, at start-up (raise ConfigError naming the keys: the
+        spec's :meth:`~selfsup3d.datamodules.DataSpec.key` and :meth:`key`). ``spec`` is already adapted to
+        :attr:`input_kind` (a multi-view source given to a single-view objective arrives as images)."""
+
+    def components(self) -> Iterator[tuple[str, PretrainObjective]]:
+        """The objectives this module trains, by name: itself (name ``""``) for an objective fitted alone."""
+        yield "", self
+
+    def compile_targets(self) -> list[nn.Module]:
+        """The head modules that ``compile: true`` compiles besides the encoder (e.g. transformer blocks)."""
+        return []
+
+    def configure_model(self) -> None:
+        """``compile: true``: compile the encoder and every component's :meth:`compile_targets` in place."""
+        if not self.compile_modules or self._compiled:
+            return
+        self.encoder.compile()
+        for _, component in self.components():
+            for module in component.compile_targets():
+                module.compile()
+        self._compiled = True
+
+    # ------------------------------------------------------------------ data
+    def adapt_spec(self, spec: DataSpec) -> DataSpec:
+        """``spec`` as this objective's ``step`` sees it (views as images for a single-view objective)."""
+        if self.input_kind == "single_view" and spec.kind == "multi_view":
+            return spec.as_images()
+        if self.input_kind == "multi_view" and spec.kind != "multi_view":
+            raise ConfigError(
+                f"{type(self).__name__} trains on multi-view scenes, but the data source at {spec.key_prefix} "
+                "delivers single images: use selfsup3d.datamodules.MultiViewShards"
+            )
+        return spec
+
+    def adapt_batch(self, batch: Any, max_views: int | None = None) -> Any:
+        """A batch as this objective's ``step`` reads it (a multi-view batch's views for a single-view one)."""
+        if self.input_kind == "single_view" and isinstance(batch, Mapping) and "images" in batch:
+            return views_as_images(batch, max_views)
+        return batch
+
+    def configure_data(self, specs: Mapping[str, DataSpec]) -> None:
+        """Check the data sources at start-up (called from :meth:`setup` with the datamodule's specs)."""
+        if not specs:
+            return
+        if len(specs) != 1:
+            raise ConfigError(
+                f"{type(self).__name__} reads one data source, the datamodule has {len(specs)} ({', '.join(specs)}): "
+                "train several objectives together with selfsup3d.objectives.MultiTask"
+            )
+        self.data_spec = self.adapt_spec(next(iter(specs.values())))
+        self.check_data(self.data_spec)
+
+    def setup(self, stage: str) -> None:
+        """Start-up checks of the data against the model (see :meth:`check_data`)."""
+        if self._trainer is not None:
+            self.configure_data(data_specs(self.trainer.datamodule))
+
     # ------------------------------------------------------------------ encoder
     def load_encoder(self, source: str) -> None:
         """Load encoder weights strictly from ``source`` (see :mod:`selfsup3d.encoders.checkpoint`)."""
-        target = getattr(self.encoder, "vit", self.encoder)
-        load_encoder_weights(target, source)
+        self.encoder.load_weights(source)
         rank_zero_info(f"encoder initialised from {source}")
 
     def encoder_state_dict(self) -> dict[str, Tensor]:
         """The encoder's weights for export (timm key schema for ViTEncoder)."""
-        if hasattr(self.encoder, "export_state_dict"):
-            return self.encoder.export_state_dict()
-        return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
+        return self.encoder.export_state_dict()
 
-    # ------------------------------------------------------------------ steps
-    def step(self, batch: Any, stage: str) -> dict[str, Any]:
-        """Compute one step's losses. Return a dict with the optimised ``loss``; every other 0-dim tensor
-        or number is logged as ``<stage>/<name>``, larger tensors are handed to callbacks (pictures)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement step(batch, stage)")
+    def frozen_teacher(self) -> FrozenTeacher | None:
+        """The first frozen teacher any component holds (probes report it beside the student), or ``None``."""
+        for _, component in self.components():
+            for module in component.modules():
+                if isinstance(module, FrozenTeacher):
+                    return module
+        return None
 
-    def batch_size(self, batch: Any) -> int:
-        """Samples in ``batch``, for logging."""
-        if isinstance(batch, Mapping):
-            for value in batch.values():
-                if isinstance(value, Tensor) and value.ndim > 0:
-                    return int(value.shape[0])
-        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-            return int(batch[0].shape[0])
-        return 1
-
-    def log_scalars(self, stage: str, out: Mapping[str, Any], batch_size: int) -> None:
-        """Log every scalar of ``out`` under ``<stage>/``; the loss also on the progress bar."""
+    # ------------------------------------------------------------------ steps and logging
+    def log_scalars(self, stage: str, out: Mapping[str, Any], size: int, prefix: str = "") -> None:
+        """Log every scalar of ``out`` as ``<stage>/<prefix><name>``; the loss also on the progress bar."""
         on_step = stage == "train"
         for name, value in out.items():
             if isinstance(value, Tensor):
@@ -198,77 +295,99 @@ class PretrainObjective(LightningModule):
             elif not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             self.log(
-                f"{stage}/{name}",
+                f"{stage}/{prefix}{name}",
                 value,
                 on_step=on_step,
                 on_epoch=not on_step,
-                prog_bar=name == "loss",
-                batch_size=batch_size,
+                prog_bar=name == "loss" and not prefix,
+                batch_size=size,
                 sync_dist=not on_step,
+                add_dataloader_idx=False,
             )
+
+    def _run(self, batch: Any, stage: str) -> dict[str, Any]:
+        out = self.step(self.adapt_batch(batch), stage, self.encoder)
+        self.log_scalars(stage, out, batch_size(batch))
+        return out
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        out = self.step(batch, "train")
-        self.log_scalars("train", out, self.batch_size(batch))
-        return _detach_outputs(out)
+        return _detach_outputs(self._run(batch, "train"))
 
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        out = self.step(batch, "val")
-        self.log_scalars("val", out, self.batch_size(batch))
-        return out
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self._run(batch, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        out = self.step(batch, "test")
-        self.log_scalars("test", out, self.batch_size(batch))
-        return out
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self._run(batch, "test")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The module's state without the frozen teachers that can be rebuilt from their source."""
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        drop = tuple(f"{prefix}{p}" for p in _teacher_prefixes(self, reproducible_only=True))
+        for key in [k for k in state if drop and k.startswith(drop)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load strictly; rebuilt teachers keep their own weights when the state has none for them."""
+        own = super().state_dict(keep_vars=True)
+        for prefix in _teacher_prefixes(self, reproducible_only=True):
+            if not any(k.startswith(prefix) for k in state_dict):
+                state_dict = {**state_dict, **{k: v for k, v in own.items() if k.startswith(prefix)}}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint's keys before loading, naming what is missing or unexpected (teachers that are
+        rebuilt from their source may be absent)."""
+        saved = set(checkpoint.get("state_dict", {}))
+        expected = set(self.state_dict())
+        rebuilt = tuple(_teacher_prefixes(self, reproducible_only=True))
+        missing = sorted(expected - saved)
+        unexpected = sorted(k for k in saved - expected if not (rebuilt and k.startswith(rebuilt)))
+        if missing or unexpected:
+            parts = [f"the checkpoint does not match {type(self).__name__}"]
+            if missing:
+                parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}")
+            if unexpected:
+                parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
+            raise CheckpointMismatchError("; ".join(parts))
 
     # ------------------------------------------------------------------ optimisation
-    def head_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Trainable parameters outside the encoder (and outside frozen children such as the teacher)."""
-        skip = ("encoder.", *(f"{c}." for c in FROZEN_CHILDREN))
-        for name, param in self.named_parameters():
-            if param.requires_grad and not name.startswith(skip):
-                yield name, param
-
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """AdamW parameter groups, each with its ``lr`` (base lr times layer/encoder scale) and ``weight_decay``."""
-        groups: list[dict[str, Any]] = []
-        no_wd = _collect_no_weight_decay(self)  # names relative to this module, encoder's included
-        enc_no_wd = {n.removeprefix("encoder.") for n in no_wd if n.startswith("encoder.")}
-        if self.layer_decay is not None:
-            vit = getattr(self.encoder, "vit", None)
-            if vit is None or not hasattr(vit, "group_matcher"):
-                raise ConfigError("model.layer_decay needs a timm ViT encoder (with .vit and a group_matcher)")
-            vit_no_wd = {n.removeprefix("vit.") for n in enc_no_wd if n.startswith("vit.")}
-            enc_groups = param_groups_layer_decay(
-                vit, weight_decay=self.weight_decay, no_weight_decay_list=vit_no_wd, layer_decay=self.layer_decay
-            )
-            for g in enc_groups:
-                g["lr_scale"] = g.get("lr_scale", 1.0) * self.encoder_lr_scale
-        else:
-            enc_groups = param_groups_weight_decay(self.encoder, self.weight_decay, no_weight_decay_list=enc_no_wd)
-            for g in enc_groups:
-                g["lr_scale"] = self.encoder_lr_scale
-        for g in enc_groups:
-            g["name"] = f"encoder_{'decay' if g['weight_decay'] else 'no_decay'}"
-            if self.layer_decay is not None:
-                g["name"] += f"_scale{g['lr_scale']:.3g}"
-        groups.extend(enc_groups)
-
+    def head_parameter_groups(self, lr: float, name: str = "heads") -> list[dict[str, Any]]:
+        """AdamW groups of this objective's own trainable parameters (outside the encoder and frozen teachers),
+        split into decayed matrices and undecayed norms, biases, embeddings and tokens."""
+        frozen = {id(p) for m in self.modules() if isinstance(m, FrozenTeacher) for p in m.parameters()}
+        no_wd = _collect_no_weight_decay(self)
         decay, no_decay = [], []
-        for name, param in self.head_parameters():
-            if param.ndim <= 1 or name.endswith(".bias") or name in no_wd:
+        for pname, param in self.named_parameters():
+            if not param.requires_grad or pname.startswith("encoder.") or id(param) in frozen:
+                continue
+            if param.ndim <= 1 or pname.endswith(".bias") or pname in no_wd:
                 no_decay.append(param)
             else:
                 decay.append(param)
-        if decay:
-            groups.append({"name": "heads_decay", "params": decay, "weight_decay": self.weight_decay, "lr_scale": 1.0})
-        if no_decay:
-            groups.append({"name": "heads_no_decay", "params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0})
-        groups = [g for g in groups if g["params"]]
-        for g in groups:
-            g["lr"] = self.lr * g.pop("lr_scale")
-        return groups
+        groups = [
+            {"name": f"{name}_decay", "params": decay, "weight_decay": self.weight_decay, "lr": lr},
+            {"name": f"{name}_no_decay", "params": no_decay, "weight_decay": 0.0, "lr": lr},
+        ]
+        return [g for g in groups if g["params"]]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW parameter groups, each with its ``lr`` (base lr times layer/encoder scale) and ``weight_decay``:
+        the encoder's (built by the encoder, optionally with layer-wise decay), then each component's heads."""
+        groups: list[dict[str, Any]] = []
+        for g in self.encoder.param_groups(self.weight_decay, self.layer_decay):
+            scale = g.pop("lr_scale", 1.0)
+            g["name"] = f"encoder_{'decay' if g['weight_decay'] else 'no_decay'}"
+            if self.layer_decay is not None:
+                g["name"] += f"_scale{scale:.3g}"
+            g["lr"] = self.lr * self.encoder_lr_scale * scale
+            groups.append(g)
+        for name, component in self.components():
+            heads = component.head_parameter_groups(component.lr, f"{name}_heads" if name else "heads")
+            groups.extend(heads)
+        return [g for g in groups if g["params"]]
 
     def total_steps(self) -> int:
         """Length of the schedule: ``trainer.max_steps``, else the trainer's estimate from epochs."""
@@ -308,5 +427,60 @@ class PretrainObjective(LightningModule):
         self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
 
 
+def component_outputs(
+    module: PretrainObjective, outputs: Any, kind: type[PretrainObjective]
+) -> Iterator[tuple[str, PretrainObjective, Mapping[str, Any]]]:
+    """The step outputs of every component of ``module`` that is a ``kind``: ``(name, objective, outputs)``.
+
+    For callbacks (pictures, probes) that serve one objective whether it is fitted alone (its outputs are the
+    step's) or inside a multi-task run (its outputs are under its name)."""
+    if not isinstance(outputs, Mapping):
+        return
+    for name, component in module.components():
+        out = outputs if not name else outputs.get(name)
+        if isinstance(component, kind) and isinstance(out, Mapping):
+            yield name, component, out
+
+
+def _is_plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _as_config(value: Any) -> Any:
+    """``value`` as plain data: a module with a ``config`` dict, or ``functools.partial(Class, **kwargs)`` (a
+    component factory), becomes ``{"class_path", "init_args"}``; containers are converted item by item.
+    ``None`` when ``value`` cannot be expressed as plain data."""
+    import functools
+
+    if _is_plain(value):
+        return value
+    if isinstance(value, nn.Module) and isinstance(getattr(value, "config", None), Mapping):
+        cls = type(value)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(value.config)}
+    if isinstance(value, functools.partial) and isinstance(value.func, type) and not value.args:
+        cls = value.func
+        init = {k: _as_config(v) for k, v in value.keywords.items()}
+        if any(v is None and value.keywords[k] is not None for k, v in init.items()):
+            return None
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init}
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        items = {k: _as_config(v) for k, v in value.items()}
+        return None if any(v is None and value[k] is not None for k, v in items.items()) else items
+    return None
+
+
 def _detach_outputs(out: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v if k == "loss" or not isinstance(v, Tensor) else v.detach()) for k, v in out.items()}
+    def detach(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.detach()
+        if isinstance(value, dict):
+            return {k: detach(v) for k, v in value.items()}
+        return value
+
+    return {k: (v if k == "loss" else detach(v)) for k, v in out.items()}

@@ -17,18 +17,17 @@ Ablations (the paper's Table 4): ``decoder: conv`` (no triplane: colour and dept
 tokens), ``lambda_dist: 0`` (no distillation; no teacher is built), ``random_init: true`` (the student starts
 from random weights; the default teacher is the encoder as loaded, before re-initialisation).
 
-The teacher (``teacher``): by default a frozen copy of the encoder as built (with its ``pretrained`` or
-``checkpoint_path`` weights, after ``init_encoder_from``); or a file (exported encoder, timm state dict,
-selfsup3d checkpoint) or a timm model id (``vit_large_patch14_dinov2.lvd142m``). A teacher that can be rebuilt
-from its source is **not** written into checkpoints; one that cannot (the copy of a randomly initialised
-encoder) is written once, under ``teacher.``. Resuming rebuilds the first kind and loads the second; either
-way the checkpoint's keys are checked.
+The teacher (``teacher``, :func:`~selfsup3d.encoders.teacher.build_teacher`): by default a frozen copy of the
+encoder as built (with its ``pretrained`` or ``checkpoint_path`` weights, after ``init_encoder_from``); or a
+file (exported encoder, timm state dict, selfsup3d checkpoint) or a timm model id
+(``vit_large_patch14_dinov2.lvd142m``). A teacher that can be rebuilt from its source is not written into
+checkpoints; one that cannot (the copy of a randomly initialised encoder) is written once, under ``teacher.``
+(the base class's rule for every frozen teacher). The heads are in :mod:`selfsup3d.heads.triplane`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -36,67 +35,14 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from selfsup3d.encoders.vit import EncoderOutput, FrozenTeacher, ViTEncoder, make_teacher
-from selfsup3d.errors import CheckpointMismatchError, ConfigError
+from selfsup3d.datamodules.spec import DataSpec
+from selfsup3d.encoders.base import Encoder, EncoderOutput
+from selfsup3d.encoders.teacher import FrozenTeacher, build_teacher, distillation_loss, teacher_width
+from selfsup3d.errors import ConfigError
 from selfsup3d.geometry.triplane import Aggregate
 from selfsup3d.geometry.volume import DepthNormalization, normalize_depth
+from selfsup3d.heads.triplane import ConvDecoder, FixedCameraRenderer, Sampler, TriplaneDecoder, TriplaneField
 from selfsup3d.objectives.base import PretrainObjective
-from selfsup3d.objectives.triplane_heads import (
-    ConvDecoder,
-    FixedCameraRenderer,
-    Sampler,
-    TriplaneDecoder,
-    TriplaneField,
-)
-
-_WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pth", ".pt", ".bin")
-
-
-def encoder_is_reproducible(encoder: nn.Module, init_encoder_from: str | None = None) -> bool:
-    """Whether the encoder's initial weights can be rebuilt from its configuration: pretrained weights,
-    a checkpoint file or ``init_encoder_from`` (a randomly initialised encoder cannot)."""
-    if init_encoder_from:
-        return True
-    config = getattr(encoder, "config", None)
-    if not isinstance(config, Mapping):
-        return False
-    pretrained = config.get("pretrained")
-    if isinstance(pretrained, str):
-        pretrained = pretrained.lower() not in {"", "false", "none"}
-    return bool(pretrained) or bool(config.get("checkpoint_path"))
-
-
-def build_teacher(spec: str | None, encoder: nn.Module) -> FrozenTeacher:
-    """The frozen teacher for ``spec`` (see :class:`TriplaneReconstruction`'s ``teacher``)."""
-    if spec is None or spec in ("", "encoder"):
-        return make_teacher(encoder)
-    config = dict(getattr(encoder, "config", {}) or {})
-    path = Path(spec)
-    if path.exists() or spec.endswith(_WEIGHT_SUFFIXES):
-        if not path.is_file():
-            raise FileNotFoundError(f"teacher weights file not found: {spec}")
-        if path.suffix == ".safetensors":
-            from selfsup3d.encoders.export import load_exported_encoder, read_export_config
-
-            if read_export_config(path):
-                keep = {k: config[k] for k in ("img_size", "num_out_layers") if k in config}
-                return FrozenTeacher(load_exported_encoder(path, **keep))
-        if not config:
-            raise ConfigError(f"model.teacher={spec!r}: the encoder has no config to build a teacher of its shape")
-        config.update(pretrained=False, checkpoint_path=str(path), grad_checkpointing=False, drop_path_rate=0.0)
-        return FrozenTeacher(ViTEncoder(**config))
-    # a timm model id: "arch.tag", "timm/arch.tag" or "hf-hub:timm/arch.tag"
-    model_id = spec.removeprefix("hf-hub:")
-    arch = model_id.split("/")[-1].split(".")[0]
-    pretrained: bool | str = model_id if "/" in model_id else (f"timm/{model_id}" if "." in model_id else True)
-    return FrozenTeacher(
-        ViTEncoder(
-            name=arch,
-            img_size=int(config.get("img_size", 224)),
-            pretrained=pretrained,
-            num_out_layers=int(config.get("num_out_layers", 4)),
-        )
-    )
 
 
 def _masked_mse(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
@@ -159,9 +105,11 @@ class TriplaneReconstruction(PretrainObjective):
         **kwargs: optimisation and fine-tuning arguments of :class:`~selfsup3d.objectives.base.PretrainObjective`.
     """
 
+    input_kind = "single_view"
+
     def __init__(
         self,
-        encoder: nn.Module,
+        encoder: Encoder,
         decoder: Literal["triplane", "conv"] = "triplane",
         decoder_dim: int = 512,
         decoder_depth: int = 2,
@@ -207,17 +155,22 @@ class TriplaneReconstruction(PretrainObjective):
             "lambda_norm": lambda_norm,
         }.items():
             if value < 0:
-                raise ConfigError(f"model.{name} must be >= 0, got {value}")
+                raise ConfigError(f"{self.key(name)} must be >= 0, got {value}")
         if decoder not in ("triplane", "conv"):
-            raise ConfigError(f"model.decoder must be 'triplane' or 'conv', got {decoder!r}")
+            raise ConfigError(f"{self.key('decoder')} must be 'triplane' or 'conv', got {decoder!r}")
         if rays_per_image is not None and not 0 < rays_per_image <= render_size**2:
-            raise ConfigError(f"model.rays_per_image must be in [1, render_size²={render_size**2}] or null")
+            raise ConfigError(f"{self.key('rays_per_image')} must be in [1, render_size²={render_size**2}] or null")
         if not 0 <= depth_quantiles[0] < depth_quantiles[1] <= 1 or not 0 <= depth_margin < 0.5:
-            raise ConfigError("model.depth_quantiles must be 0 <= low < high <= 1 and depth_margin in [0, 0.5)")
-        num_layers = getattr(encoder, "num_out_layers", 0)
+            raise ConfigError(
+                f"{self.key('depth_quantiles')} must be 0 <= low < high <= 1 and {self.key('depth_margin')} in [0, 0.5)"
+            )
+        num_layers = encoder.num_out_layers
         if num_layers < 1:
-            raise ConfigError("the encoder must carry its last layers' tokens: set encoder num_out_layers >= 1 (4)")
+            raise ConfigError(
+                f"the encoder must carry its last layers' tokens: set {self.encoder_key('num_out_layers')} >= 1 (4)"
+            )
         self.decoder_kind = decoder
+        self.patch_size = encoder.patch_size
         self.input_size = input_size
         self.render_size = render_size
         self.rays_per_image = rays_per_image
@@ -231,27 +184,18 @@ class TriplaneReconstruction(PretrainObjective):
 
         # the teacher is taken before any re-initialisation of the student
         self.teacher: FrozenTeacher | None = None
-        self.teacher_reproducible = True
         if lambda_dist > 0:
-            self.teacher = build_teacher(teacher, encoder)
-            self.teacher_reproducible = teacher not in (None, "", "encoder") or encoder_is_reproducible(
-                encoder, kwargs.get("init_encoder_from")
-            )
+            self.teacher = build_teacher(teacher, encoder, kwargs.get("init_encoder_from"))
         elif teacher is not None:
-            rank_zero_warn("model.teacher is ignored: lambda_dist is 0, so there is no distillation")
+            rank_zero_warn(f"{self.key('teacher')} is ignored: lambda_dist is 0, so there is no distillation")
         if random_init:
-            vit = getattr(encoder, "vit", None)
-            if vit is None or not hasattr(vit, "init_weights"):
-                raise ConfigError("model.random_init needs a timm ViT encoder")
-            vit.init_weights()
+            encoder.reinitialize()
 
-        dim = int(encoder.embed_dim)
+        dim = encoder.embed_dim
         rep_dim = dim * num_layers
         self.distill_proj: nn.Module = nn.Identity()
-        if self.teacher is not None:
-            teacher_dim = int(self.teacher.module.embed_dim) * int(self.teacher.module.num_out_layers)
-            if teacher_dim != rep_dim:
-                self.distill_proj = nn.Linear(rep_dim, teacher_dim)
+        if self.teacher is not None and teacher_width(self.teacher) != rep_dim:
+            self.distill_proj = nn.Linear(rep_dim, teacher_width(self.teacher))
 
         self.renderer = FixedCameraRenderer(
             size=render_size,
@@ -289,43 +233,26 @@ class TriplaneReconstruction(PretrainObjective):
                 recompute_mlp=recompute_mlp,
             )
         else:
-            size = input_size or int(getattr(encoder, "config", {}).get("img_size", render_size))
-            grid = size // int(getattr(encoder, "patch_size", 16))
+            size = input_size or int(encoder.config.get("img_size", render_size))
+            grid = size // encoder.patch_size
             self.conv_decoder = ConvDecoder(rep_dim, grid, dim=decoder_dim, out_size=render_size, near=near, far=far)
 
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The module's state without the teacher when the teacher can be rebuilt from its source."""
-        state = super().state_dict(*args, **kwargs)
-        if self.teacher is not None and self.teacher_reproducible:
-            prefix = kwargs.get("prefix", "")
-            for key in [k for k in state if k.startswith(f"{prefix}teacher.")]:
-                del state[key]
-        return state
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load strictly; a state without teacher weights keeps the teacher rebuilt from its source."""
-        if self.teacher is not None and not any(k.startswith("teacher.") for k in state_dict):
-            own = {f"teacher.{k}": v for k, v in self.teacher.state_dict(keep_vars=True).items()}
-            state_dict = {**state_dict, **own}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check the checkpoint's keys before loading, naming what is missing or unexpected: every key of
-        :meth:`state_dict` must be there (teacher weights only when the teacher cannot be rebuilt)."""
-        saved = set(checkpoint.get("state_dict", {}))
-        expected = set(self.state_dict())
-        missing = sorted(expected - saved)
-        unexpected = sorted(k for k in saved - expected if not k.startswith("teacher."))
-        if self.teacher is None:
-            unexpected = sorted(set(unexpected) | {k for k in saved if k.startswith("teacher.")})
-        if missing or unexpected:
-            parts = ["the checkpoint does not match TriplaneReconstruction"]
-            if missing:
-                parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}")
-            if unexpected:
-                parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
-            raise CheckpointMismatchError("; ".join(parts))
+    # ------------------------------------------------------------------ set-up checks
+    def check_data(self, spec: DataSpec) -> None:
+        """The encoder's input must be whole in patches; depth must be there when a depth term is on."""
+        size = (self.input_size, self.input_size) if self.input_size else spec.image_hw
+        if size[0] % self.patch_size or size[1] % self.patch_size:
+            where = self.key("input_size") if self.input_size else spec.key("image_size")
+            raise ConfigError(
+                f"{where}={size[0] if size[0] == size[1] else list(size)} is not divisible by the encoder's patch "
+                f"size {self.encoder_key('patch_size')}={self.patch_size}: pick sizes so that the patch grid is whole"
+            )
+        if self.lambda_depth > 0 and not spec.with_depth:
+            raise ConfigError(
+                f"TriplaneReconstruction renders depth ({self.key('lambda_depth')}={self.lambda_depth}) but the data "
+                f"at {spec.key_prefix} has no depth: use shards with depth (`selfsup3d data render`, converted scenes "
+                f"with depth, or `selfsup3d data pseudo-depth` for photos) or set {self.key('lambda_depth')} 0"
+            )
 
     # ------------------------------------------------------------------ forward pieces
     def encoder_input(self, images: Tensor) -> Tensor:
@@ -338,21 +265,6 @@ class TriplaneReconstruction(PretrainObjective):
     def representation(self, features: EncoderOutput) -> Tensor:
         """The 3D-Prior representation: class + patch tokens of the last layers, concatenated."""
         return features.concat_layers()
-
-    def distillation(self, student: Tensor, teacher: EncoderOutput) -> Tensor:
-        """MSE between the (projected) student representation and the teacher's, patch grids matched."""
-        target = teacher.concat_layers().float()
-        pred = self.distill_proj(student).float()
-        if target.shape[1] != pred.shape[1]:  # different patch grids: resample the teacher's patch tokens
-            n = pred.shape[1] - 1
-            side = int(round(n**0.5))
-            t_side = int(round((target.shape[1] - 1) ** 0.5))
-            if side * side != n or t_side * t_side != target.shape[1] - 1:
-                raise ConfigError("student and teacher patch grids differ and are not square")
-            grid = target[:, 1:].transpose(1, 2).reshape(target.shape[0], -1, t_side, t_side)
-            grid = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False)
-            target = torch.cat([target[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
-        return F.mse_loss(pred, target)
 
     def targets(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Colour ``[B, 3, S, S]`` and, when the batch has depth, normalised depth ``[B, 1, S, S]`` and its
@@ -387,7 +299,7 @@ class TriplaneReconstruction(PretrainObjective):
         if self.triplane is not None and self.field is not None:
             planes = self.triplane(rep)
             out = self.renderer(self.field, planes, pixels, perturb)
-            return out.rgb, out.depth, out.opacity, out.mean_density
+            return out.values, out.depth, out.opacity, out.mean_density
         assert self.conv_decoder is not None
         rgb_map, depth_map = self.conv_decoder(rep[:, 1:], features.grid)
         rgb, depth = _flat_pixels(rgb_map), _flat_pixels(depth_map)[..., 0]
@@ -404,11 +316,11 @@ class TriplaneReconstruction(PretrainObjective):
         return torch.rand(batch_size, total, device=device).argsort(dim=1)[:, : self.rays_per_image]
 
     # ------------------------------------------------------------------ the step
-    def step(self, batch: Any, stage: str) -> dict[str, Any]:
+    def step(self, batch: Any, stage: str, encoder: Encoder) -> dict[str, Any]:
         images = batch["image"]
         b = images.shape[0]
         x = self.encoder_input(images)
-        features: EncoderOutput = self.encoder(x)
+        features: EncoderOutput = encoder(x)
         rep = self.representation(features)
         out: dict[str, Any] = {"features": features}
 
@@ -416,7 +328,7 @@ class TriplaneReconstruction(PretrainObjective):
         if target_depth is None and self.lambda_depth > 0:
             raise ConfigError(
                 "the batch has no depth: read shards with depth (data with_depth: true), annotate images with "
-                "`selfsup3d data pseudo-depth`, or set model.lambda_depth 0"
+                f"`selfsup3d data pseudo-depth`, or set {self.key('lambda_depth')} 0"
             )
         training = stage == "train"
         pixels = self.sample_pixels(b, images.device) if training else None
@@ -447,7 +359,7 @@ class TriplaneReconstruction(PretrainObjective):
 
         if self.teacher is not None:
             teacher_features: EncoderOutput = self.teacher(x)
-            dist_loss = self.distillation(rep, teacher_features)
+            dist_loss = distillation_loss(self.distill_proj(rep), teacher_features, features.grid)
             loss = loss + self.lambda_dist * dist_loss
             t_rep = teacher_features.concat_layers()
             if t_rep.shape == rep.shape:

@@ -1,127 +1,38 @@
-"""Heads of :class:`~selfsup3d.objectives.triplane.TriplaneReconstruction` (training-time scaffolding).
+"""Heads of the 3D-Prior objective (:class:`~selfsup3d.objectives.triplane.TriplaneReconstruction`).
 
 * :class:`TriplaneDecoder`: learnable ``3 × g × g`` triplane queries cross-attend to the encoder's
   representation, then upsampling blocks (bilinear ×2 + convolution) reach ``R × R`` planes of ``C``
   channels.
 * :class:`TriplaneField`: features read from the three planes (bilinear), summed, then a 2-layer MLP
   gives density and colour.
-* :class:`FixedCameraRenderer`: rays of one fixed, viewer-centred pinhole camera through the triplane box,
-  stratified + importance samples, compositing (:mod:`selfsup3d.geometry.volume`); rays in chunks,
-  optionally recomputed in the backward pass (activation checkpointing).
+* :class:`FixedCameraRenderer`: the rays of one fixed, viewer-centred pinhole camera through the triplane
+  box, rendered by the shared :class:`~selfsup3d.geometry.render.RayRenderer`.
 * :class:`ConvDecoder`: the "no triplane" ablation, colour and depth straight from the patch tokens.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, Mlp, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from selfsup3d.errors import ConfigError
 from selfsup3d.geometry.cameras import camera_directions, intrinsics_from_fov
+from selfsup3d.geometry.render import RayRenderer, RenderedRays
 from selfsup3d.geometry.triplane import Aggregate, inside_box, sample_texels_sparse, sample_triplane, triplane_texels
-from selfsup3d.geometry.volume import render_rays
+from selfsup3d.layers.attention import QueryBlock
+from selfsup3d.layers.conv import UpBlock
+from selfsup3d.layers.positions import sincos_grid
 
 Sampler = Literal["auto", "grid_sample", "sparse"]
 
 _MLP_BLOCK = 1 << 14
 """Points per block whose MLP activations are recomputed together in the backward pass."""
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention of queries ``[B, Q, dim]`` to context tokens ``[B, T, context_dim]`` through
-    ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels where available).
-
-    Optional positional codes ``[Q, head_dim]`` and ``[T, head_dim]`` are added to every head's queries and
-    keys after the projections, times a learnable per-head scale: attention then prefers matching
-    positions from the first step instead of having to discover them.
-
-    Args:
-        dim: query width (and output width).
-        context_dim: width of the context tokens.
-        num_heads: attention heads; ``dim`` must be divisible by it.
-    """
-
-    def __init__(self, dim: int, context_dim: int, num_heads: int) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ConfigError(f"decoder width {dim} is not divisible by its {num_heads} heads")
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(context_dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.pos_scale = nn.Parameter(torch.ones(num_heads, 1, 1))
-
-    def forward(self, x: Tensor, context: Tensor, q_pos: Tensor | None = None, k_pos: Tensor | None = None) -> Tensor:
-        b, q_len, d = x.shape
-        h = self.num_heads
-        q = self.q(x).view(b, q_len, h, d // h).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-        if q_pos is not None and k_pos is not None:
-            q = q + self.pos_scale.to(q.dtype) * q_pos.to(q.dtype)
-            k = k + self.pos_scale.to(k.dtype) * k_pos.to(k.dtype)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, q_len, d))
-
-
-class QueryBlock(nn.Module):
-    """Pre-norm block of the triplane queries: cross-attention to the representation, optional
-    self-attention among the queries (timm's ``Attention``, SDPA), MLP.
-
-    Args:
-        dim: query width.
-        context_dim: width of the representation tokens (after the input projection: ``dim``).
-        num_heads: attention heads.
-        mlp_ratio: MLP hidden width as a multiple of ``dim``.
-        self_attention: add self-attention among the queries.
-    """
-
-    def __init__(self, dim: int, context_dim: int, num_heads: int, mlp_ratio: float, self_attention: bool) -> None:
-        super().__init__()
-        self.norm_q = nn.LayerNorm(dim)
-        self.norm_ctx = nn.LayerNorm(context_dim)
-        self.cross = CrossAttention(dim, context_dim, num_heads)
-        self.norm_self = nn.LayerNorm(dim) if self_attention else None
-        self.self_attn = Attention(dim, num_heads=num_heads, qkv_bias=True) if self_attention else None
-        self.norm_mlp = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: Tensor, context: Tensor, q_pos: Tensor | None = None, k_pos: Tensor | None = None) -> Tensor:
-        x = x + self.cross(self.norm_q(x), self.norm_ctx(context), q_pos, k_pos)
-        if self.self_attn is not None and self.norm_self is not None:
-            x = x + self.self_attn(self.norm_self(x))
-        return x + self.mlp(self.norm_mlp(x))
-
-
-class UpBlock(nn.Module):
-    """Bilinear ×2 upsampling, 3×3 convolution, GroupNorm, SiLU."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm = nn.GroupNorm(math.gcd(8, out_channels), out_channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
-        return F.silu(self.norm(self.conv(x)))
-
-
-def _sincos_at(coords: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
-    """2D sin-cos codes ``[n², dim]`` of the grid ``coords × coords`` (row-major): sines and cosines of the
-    column coordinate at ``dim / 4`` frequencies, then of the row coordinate."""
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, device=coords.device, dtype=torch.float32) / (dim // 4))
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    out = []
-    for c in (cols.flatten(), rows.flatten()):
-        angles = c[:, None] * omega[None]
-        out += [angles.sin(), angles.cos()]
-    return torch.cat(out, dim=1)
 
 
 def _num_doublings(start: int, end: int, what: str) -> int:
@@ -188,7 +99,7 @@ class TriplaneDecoder(nn.Module):
         """``[side², head_dim]`` 2D sin-cos codes of a ``side × side`` grid (row-major), positions scaled to
         the extent of the query grid so that grids of different sizes line up."""
         coords = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) * self.grid / side - 0.5
-        return _sincos_at(coords, self.dim // self.num_heads)
+        return sincos_grid(coords, self.dim // self.num_heads)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``[B, T, in_dim]`` tokens to ``[B, 3, C, R, R]`` triplanes."""
@@ -287,16 +198,6 @@ class TriplaneField(nn.Module):
         return self.query(self.prepare(planes), points)
 
 
-@dataclass
-class RenderedRays:
-    """Rendered rays ``[B, R]`` (colour ``[B, R, 3]``) and the mean density over each ray's samples."""
-
-    rgb: Tensor
-    depth: Tensor
-    opacity: Tensor
-    mean_density: Tensor
-
-
 class FixedCameraRenderer(nn.Module):
     """The fixed, viewer-centred camera of the 3D-Prior objective and volume rendering through it.
 
@@ -342,26 +243,11 @@ class FixedCameraRenderer(nn.Module):
             raise ConfigError(f"model.ray_chunk must be >= 1 or null, got {ray_chunk}")
         self.size, self.near, self.far = size, near, far
         self.box_size = box_size if box_size is not None else far - near
-        self.num_coarse, self.num_fine, self.background, self.ray_chunk = num_coarse, num_fine, background, ray_chunk
-        self.recompute_chunks = recompute_chunks
+        self.rays = RayRenderer(near, far, num_coarse, num_fine, background, ray_chunk, recompute_chunks)
         K = intrinsics_from_fov(math.radians(fov_deg), size, size)
         self.register_buffer("K", K, persistent=False)
         self.register_buffer("directions", camera_directions(K, size, size).reshape(-1, 3), persistent=False)
         self.register_buffer("box_center", torch.tensor([0.0, 0.0, 0.5 * (near + far)]), persistent=False)
-
-    def _render_chunk(
-        self, field: TriplaneField, prepared: Tensor, directions: Tensor, perturb: bool
-    ) -> tuple[Tensor, ...]:
-        origins = -self.box_center.expand_as(directions)  # the camera centre in the box's frame
-
-        def radiance(points: Tensor) -> tuple[Tensor, Tensor]:
-            return field.query(prepared, points)
-
-        out = render_rays(
-            radiance, origins, directions, self.near, self.far, self.num_coarse, self.num_fine, perturb, self.background
-        )
-        assert out.density is not None
-        return out.rgb, out.depth, out.opacity, out.density.mean(dim=-1)
 
     def forward(
         self, field: TriplaneField, planes: Tensor, pixels: Tensor | None = None, perturb: bool = True
@@ -371,18 +257,13 @@ class FixedCameraRenderer(nn.Module):
         b = planes.shape[0]
         directions = self.directions.to(planes.device)
         dirs = directions[pixels] if pixels is not None else directions.expand(b, -1, -1)
-        n = dirs.shape[1]
-        chunk = self.ray_chunk or n
+        origins = -self.box_center.to(planes.device).expand_as(dirs)  # the camera centre in the box's frame
         prepared = field.prepare(planes)
-        parts = []
-        for start in range(0, n, chunk):
-            d = dirs[:, start : start + chunk]
-            if torch.is_grad_enabled() and self.ray_chunk is not None and self.recompute_chunks:
-                parts.append(checkpoint(self._render_chunk, field, prepared, d, perturb, use_reentrant=False))
-            else:
-                parts.append(self._render_chunk(field, prepared, d, perturb))
-        rgb, depth, opacity, density = (torch.cat(p, dim=1) for p in zip(*parts))
-        return RenderedRays(rgb=rgb, depth=depth, opacity=opacity, mean_density=density)
+
+        def radiance(points: Tensor) -> tuple[Tensor, Tensor]:
+            return field.query(prepared, points)
+
+        return self.rays(radiance, origins, dirs, perturb)
 
 
 class ConvDecoder(nn.Module):

@@ -1,0 +1,97 @@
+"""The camera estimator of masked-view prediction (RayZer): poses relative to a canonical view and one shared
+focal length, predicted from the encoder tokens of all views, with no camera labels."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.layers import Mlp, trunc_normal_
+from torch import Tensor, nn
+
+from selfsup3d.geometry.cameras import make_se3, rotation_6d_to_matrix
+from selfsup3d.layers.positions import sincos_positions
+from selfsup3d.layers.transformer import Transformer, init_linear
+
+IDENTITY_6D = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+class CameraEstimator(nn.Module):
+    """Poses relative to view 0 and one shared focal length, from all views' tokens.
+
+    Each view's patch tokens (projected to ``dim``) get 2D sin-cos positions and a role embedding (canonical
+    view or other); one camera token per view is prepended; a transformer alternates attention within each
+    view (so a camera token gathers its own view) and across all views (so it relates views to each other).
+    The pose of view ``v`` comes from an MLP on ``[camera token of view 0 ‖ camera token of v]`` as a 6D
+    rotation and a translation added to the identity; the focal length from the canonical camera token as
+    ``f0 · r^tanh(x)`` with ``f0`` the focal of ``init_fov_deg`` and ``r`` = ``focal_range``. Both output
+    layers start near zero.
+
+    Args:
+        in_dim: encoder width.
+        dim: transformer width.
+        depth: transformer blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP width ratio.
+        init_fov_deg: horizontal field of view the focal head starts at.
+        focal_range: the focal length stays within this factor of the initial one.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        init_fov_deg: float,
+        focal_range: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.proj = nn.Linear(in_dim, dim)
+        self.camera_token = nn.Parameter(torch.zeros(1, dim))
+        self.role_embed = nn.Parameter(torch.zeros(2, dim))  # 0: canonical view, 1: any other view
+        self.transformer = Transformer(dim, depth, num_heads, mlp_ratio)
+        self.pose_head = Mlp(2 * dim, dim, 9)
+        self.focal_head = nn.Linear(dim, 1)
+        # normalised focal (focal in pixels over the image width) of the initial field of view
+        self.log_focal0 = math.log(0.5 / math.tan(math.radians(init_fov_deg) / 2.0))
+        self.log_focal_range = math.log(focal_range)
+        trunc_normal_(self.camera_token, std=0.02)
+        trunc_normal_(self.role_embed, std=0.02)
+        init_linear(self.proj)
+        self.pose_head.apply(init_linear)
+        for out_layer in (self.pose_head.fc2, self.focal_head):
+            nn.init.normal_(out_layer.weight, std=1e-3)
+            nn.init.zeros_(out_layer.bias)
+        self.register_buffer("identity_6d", torch.tensor(IDENTITY_6D), persistent=False)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"camera_token", "role_embed"}
+
+    def forward(self, feats: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Cameras of ``[B, V, N, in_dim]`` encoder tokens on a ``grid`` patch grid.
+
+        Returns:
+            ``c2w [B, V, 4, 4]`` (float32; view 0 is the identity) and the normalised focal ``[B]``
+            (focal in pixels divided by the image width).
+        """
+        b, v, n, _ = feats.shape
+        x = self.proj(feats) + sincos_positions(grid, self.dim, feats.device, feats.dtype)
+        roles = torch.ones(v, dtype=torch.long, device=feats.device)
+        roles[0] = 0
+        role = self.role_embed[roles]  # [V, D]
+        cam = (self.camera_token + role)[None, :, None, :].expand(b, -1, -1, -1)  # [B, V, 1, D]
+        x = torch.cat([cam, x + role[None, :, None, :]], dim=2).reshape(b, v * (n + 1), self.dim)
+        x = self.transformer(x, frames=v).reshape(b, v, n + 1, self.dim)
+        tokens = x[:, :, 0]  # [B, V, D]
+        canonical = tokens[:, :1].expand(-1, v, -1)
+        raw = self.pose_head(torch.cat([canonical, tokens], dim=-1)).float()  # [B, V, 9]
+        # bounded: a collapsing or exploding field of view is a free latent the renderer exploits early on
+        log_focal = self.log_focal_range * torch.tanh(self.focal_head(tokens[:, 0]).float().squeeze(-1))  # [B]
+        rot = rotation_6d_to_matrix(self.identity_6d + raw[..., :6])
+        c2w = make_se3(rot, raw[..., 6:])
+        eye = torch.eye(4, dtype=c2w.dtype, device=c2w.device)
+        c2w = torch.cat([eye.expand(b, 1, 4, 4), c2w[:, 1:]], dim=1)  # the canonical view is the reference
+        return c2w, torch.exp(self.log_focal0 + log_focal)

@@ -1,0 +1,194 @@
+"""Several objectives, one encoder, one run: :class:`MultiTask`.
+
+Each objective is a :class:`~selfsup3d.objectives.PretrainObjective` that could be fitted alone; here they are
+built over one shared encoder and trained together::
+
+    loss = Σ_name weight[name] · objective[name].step(batch[source[name]], stage, encoder)["loss"]
+
+* The encoder is stored once (a checkpoint has one ``encoder.*`` copy); the objectives keep their heads, their
+  frozen teachers (left out of checkpoints when they can be rebuilt) and their losses, under
+  ``objectives.<name>.*``.
+* Each objective reads one named data source of a :class:`~selfsup3d.datamodules.CombinedShards` datamodule
+  (``sources``), or the only source of a plain datamodule. A multi-view source feeds an objective that reads
+  single images as its views (``image_views`` of each scene).
+* Logged: ``train/<name>/<metric>`` and ``val/<name>/<metric>`` for every objective, and ``train/loss`` (the
+  weighted sum that is optimised).
+* Optimisation (AdamW groups, schedule, layer decay, spike skipping, ``init_encoder_from``) is this module's,
+  the base class's; each objective's ``lr`` is its heads' peak learning rate.
+* An objective whose source has no batch in a step (``max_size`` mode) adds a zero-weighted term of its
+  parameters, so every head takes part in every step and DDP never waits for a gradient.
+
+In YAML the objectives are given without their encoder (it is this module's), by ``class_path`` alone::
+
+    model:
+      class_path: selfsup3d.objectives.MultiTask
+      init_args:
+        encoder: {class_path: selfsup3d.encoders.ViTEncoder, init_args: {...}}
+        objectives:
+          masked_view: {class_path: selfsup3d.objectives.MaskedViewPrediction, init_args: {...}}
+          triplane: {class_path: selfsup3d.objectives.TriplaneReconstruction, init_args: {...}}
+        weights: {masked_view: 1.0, triplane: 0.5}
+        sources: {masked_view: scenes, triplane: scenes}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from torch import Tensor, nn
+
+from selfsup3d.datamodules.spec import DataSpec
+from selfsup3d.datamodules.views import batch_size
+from selfsup3d.encoders.base import Encoder
+from selfsup3d.errors import ConfigError, config_prefix
+from selfsup3d.objectives.base import PretrainObjective
+
+ObjectiveFactory = Callable[[Encoder], PretrainObjective]
+"""An objective without its encoder: in YAML, a ``class_path`` with ``init_args`` (``encoder`` left out)."""
+
+
+@contextmanager
+def _own_hyperparameters() -> Iterator[None]:
+    """Objectives built inside this module's constructor record their own arguments: LightningCLI hands the
+    enclosing module's configuration to ``save_hyperparameters`` through a context variable, which must not
+    leak into the components."""
+    token = _given_hyperparameters.set(None)
+    try:
+        yield
+    finally:
+        _given_hyperparameters.reset(token)
+
+
+class MultiTask(PretrainObjective):
+    """Objectives trained together over one shared encoder (see the module docstring).
+
+    Args:
+        encoder: the shared encoder.
+        objectives: the objectives by name, each built with this module's encoder.
+        weights: loss weight per objective name (default 1 each).
+        sources: the data source each objective reads, by objective name (a source name of the
+            datamodule's ``sources``); ``null`` when the datamodule has a single source.
+        image_views: how many views of each scene an objective that reads single images takes from a
+            multi-view source (``null``: all).
+        **kwargs: optimisation and fine-tuning arguments of :class:`~selfsup3d.objectives.PretrainObjective`.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        objectives: dict[str, ObjectiveFactory],
+        weights: dict[str, float] | None = None,
+        sources: dict[str, str] | None = None,
+        image_views: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(encoder, **kwargs)
+        if not objectives:
+            raise ConfigError(f"{self.key('objectives')} is empty: name at least one objective")
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(objectives))
+        if unknown:
+            raise ConfigError(
+                f"{self.key('weights')} names no objective: {', '.join(unknown)} (objectives: {', '.join(objectives)})"
+            )
+        if any(w < 0 for w in weights.values()):
+            raise ConfigError(f"{self.key('weights')} must be >= 0, got {weights}")
+        unknown = sorted(set(sources or {}) - set(objectives))
+        if unknown:
+            raise ConfigError(f"{self.key('sources')} names no objective: {', '.join(unknown)}")
+        if image_views is not None and image_views < 1:
+            raise ConfigError(f"{self.key('image_views')} must be >= 1 or null, got {image_views}")
+        built: dict[str, PretrainObjective] = {}
+        for name, factory in objectives.items():
+            with _own_hyperparameters(), config_prefix(f"{self.key('objectives')}.{name}.init_args"):
+                component = factory(encoder)
+            if not isinstance(component, PretrainObjective):
+                raise ConfigError(f"{self.key('objectives')}.{name} must be a PretrainObjective, got {type(component)}")
+            if component.encoder is not encoder:
+                raise ConfigError(f"{self.key('objectives')}.{name} was built with another encoder than the shared one")
+            del component.encoder  # the encoder is this module's: stored, moved and optimised once
+            built[name] = component
+        self.objectives = nn.ModuleDict(built)
+        self.weights = {name: float(weights.get(name, 1.0)) for name in objectives}
+        self.sources = dict(sources or {})
+        self.image_views = image_views
+        self._routes: dict[str, str | None] = {}
+
+    # ------------------------------------------------------------------ components and data
+    def components(self) -> Iterator[tuple[str, PretrainObjective]]:
+        yield from self.objectives.items()  # type: ignore[misc]
+
+    def configure_data(self, specs: Mapping[str, DataSpec]) -> None:
+        """Route each objective to its source and run its start-up checks on that source's spec."""
+        if not specs:
+            self._routes = dict.fromkeys(self.objectives)
+            return
+        for name, component in self.components():
+            source = self.sources.get(name)
+            if source is None:
+                if len(specs) > 1:
+                    raise ConfigError(
+                        f"the datamodule has {len(specs)} sources ({', '.join(specs)}): name the one objective "
+                        f"{name!r} reads in {self.key('sources')}"
+                    )
+                source = next(iter(specs))
+            elif source not in specs:
+                raise ConfigError(
+                    f"{self.key('sources')}.{name}={source!r} is not a source of the datamodule ({', '.join(specs)})"
+                )
+            self._routes[name] = source
+            with config_prefix(f"{self.key('objectives')}.{name}.init_args"):
+                component.data_spec = component.adapt_spec(specs[source])
+                component.check_data(component.data_spec)
+        unused = sorted(set(specs) - set(self._routes.values()))
+        if unused:
+            raise ConfigError(f"no objective reads the data source(s) {', '.join(unused)} (see {self.key('sources')})")
+
+    def _route(self, batch: Any) -> dict[str, Any]:
+        """``{objective name: its batch or None}`` from a ``{source: batch}`` dict or a single source's batch."""
+        routes = self._routes or dict.fromkeys(self.objectives)
+        named = set(r for r in routes.values() if r is not None)
+        if isinstance(batch, Mapping) and named and set(batch) <= named:
+            return {name: batch.get(source) for name, source in routes.items()}
+        return dict.fromkeys(routes, batch)
+
+    # ------------------------------------------------------------------ steps
+    def step(self, batch: Any, stage: str, encoder: Encoder) -> dict[str, Any]:
+        """Every objective's step on its source's batch; ``loss`` is the weighted sum of their losses."""
+        total: Tensor | float = 0.0
+        out: dict[str, Any] = {}
+        for name, part in self._route(batch).items():
+            component = self.objectives[name]
+            if part is None:
+                if stage == "train":  # every head takes part in every step (DDP)
+                    total = total + sum(p.sum() * 0.0 for p in component.parameters() if p.requires_grad)
+                continue
+            result = component.step(component.adapt_batch(part, self.image_views), stage, encoder)
+            total = total + self.weights[name] * result["loss"]
+            out[name] = result
+        out["loss"] = total
+        return out
+
+    def _run(self, batch: Any, stage: str) -> dict[str, Any]:
+        out = self.step(batch, stage, self.encoder)
+        routed = self._route(batch)
+        for name, result in out.items():
+            if isinstance(result, Mapping):
+                self.log_scalars(stage, result, batch_size(routed[name]), prefix=f"{name}/")
+        if stage == "train":
+            self.log_scalars(stage, {"loss": out["loss"]}, batch_size(next(iter(routed.values()))))
+        return out
+
+    # ------------------------------------------------------------------ the objectives see the trainer
+    @property
+    def trainer(self) -> Any:
+        return PretrainObjective.trainer.fget(self)  # type: ignore[attr-defined]
+
+    @trainer.setter
+    def trainer(self, trainer: Any) -> None:
+        PretrainObjective.trainer.fset(self, trainer)  # type: ignore[attr-defined]
+        for component in self.objectives.values():
+            component.trainer = trainer  # global_step, current_epoch, device hooks as when fitted alone
