@@ -27,16 +27,19 @@ class EncoderExport(Callback):
         self.last_path: Path | None = None
 
     def _target(self, trainer: Trainer) -> Path:
+        # trainer.log_dir broadcasts from rank 0: every rank must ask, not only the one that writes
         root = self.dirpath or trainer.log_dir or trainer.default_root_dir
         return Path(root) / self.filename
 
-    @rank_zero_only
     def export(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write the encoder to ``dirpath/filename`` (rank 0 writes; every rank must call it)."""
+        self._write(pl_module, self._target(trainer))
+
+    @rank_zero_only
+    def _write(self, pl_module: LightningModule, target: Path) -> None:
         state = pl_module.encoder_state_dict()
         config = getattr(pl_module.encoder, "config", None)
-        self.last_path = save_encoder(
-            state, {**(config or {}), "checkpoint_path": None, "pretrained": False}, self._target(trainer)
-        )
+        self.last_path = save_encoder(state, {**(config or {}), "checkpoint_path": None, "pretrained": False}, target)
         rank_zero_info(f"encoder exported to {self.last_path}")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -25,3 +25,11 @@ def test_masked_view_bench_prints_throughput_memory_and_flops_for_the_demo_confi
         assert needle in out, out
     assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
     assert bench.peak_tflops("Some Unknown Accelerator") is None
+
+
+def test_multitask_bench_prints_the_ratio_to_the_objectives_alone(capsys):
+    bench = load_script("multitask")
+    assert bench.main(["--rounds", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("multi-task", "masked_view alone", "triplane alone", "ratio multi-task / sum alone"):
+        assert needle in out, out

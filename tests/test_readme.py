@@ -6,6 +6,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 from shards import write_singleview_shards
 
@@ -21,21 +23,26 @@ def _blocks(lang: str, section: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", text[start : end if end > 0 else None], flags=re.S)
 
 
-def test_plug_in_example_runs_from_the_cli(tmp_path, monkeypatch):
+@pytest.mark.parametrize("which", [0, 1], ids=["alone", "beside-triplane-in-a-multi-task-run"])
+def test_plug_in_example_runs_from_the_cli(tmp_path, monkeypatch, which):
     (code,) = _blocks("python", "Plugging in a new objective")
-    (config,) = _blocks("yaml", "Plugging in a new objective")
+    configs = _blocks("yaml", "Plugging in a new objective")
+    assert len(configs) == 2
     (tmp_path / "my_objectives.py").write_text(code)
-    cfg = yaml.safe_load(config)
-    urls = write_singleview_shards(tmp_path / "shards", num_samples=8, size=32)
-    cfg["data"]["init_args"].update(train_urls=urls, num_workers=0, batch_size=4)
-    cfg["model"]["init_args"]["encoder"]["init_args"].update(
-        img_size=32, depth=2, embed_dim=32, num_heads=2, num_out_layers=2
-    )
-    cfg["data"]["init_args"]["image_size"] = 32
+    cfg = yaml.safe_load(configs[which])
+    urls = write_singleview_shards(tmp_path / "shards", num_samples=8, size=32, with_depth=True)
+    cfg["data"]["init_args"].update(train_urls=urls, num_workers=0, batch_size=4, image_size=32)
+    cfg["model"]["init_args"]["encoder"]["init_args"].update(img_size=32, depth=2, embed_dim=32, num_heads=2)
+    cfg["model"]["init_args"]["encoder"]["init_args"]["num_out_layers"] = 2
     cfg["trainer"].update(max_steps=2, accelerator="cpu", default_root_dir=str(tmp_path), enable_progress_bar=False)
     path = tmp_path / "my_objective.yaml"
     path.write_text(yaml.safe_dump(cfg))
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "my_objectives", raising=False)
     main(["fit", "--config", str(path)])
-    assert (tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    if which == 1:
+        assert any(k.startswith("objectives.rotation.head.") for k in state)
+        assert any(k.startswith("objectives.triplane.triplane.") for k in state)
+        assert not any(".encoder." in k for k in state if k.startswith("objectives."))

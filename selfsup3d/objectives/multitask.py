@@ -147,6 +147,10 @@ class MultiTask(PretrainObjective):
         if unused:
             raise ConfigError(f"no objective reads the data source(s) {', '.join(unused)} (see {self.key('sources')})")
 
+    def source_of(self, name: str) -> str | None:
+        """The data source objective ``name`` reads (after set-up; ``None`` for a datamodule without specs)."""
+        return self._routes.get(name)
+
     def _route(self, batch: Any) -> dict[str, Any]:
         """``{objective name: its batch or None}`` from a ``{source: batch}`` dict or a single source's batch."""
         routes = self._routes or dict.fromkeys(self.objectives)

@@ -1,0 +1,233 @@
+"""Several objectives over one encoder: shared parameters, the weighted sum that is optimised, one encoder copy
+in the checkpoint, logging per objective, sources, start-up errors that name the keys, the CLI and DDP."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from conftest import tiny_encoder
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from shards import write_multiview_shards
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from toy import tiny_encoder_config
+
+from selfsup3d.cli import main
+from selfsup3d.datamodules import CombinedShards, MultiViewShards, SingleViewShards
+from selfsup3d.encoders.export import load_exported_encoder, read_export_config
+from selfsup3d.objectives import MaskedViewPrediction, MultiTask, TriplaneReconstruction
+
+ROOT = Path(__file__).resolve().parents[1]
+MASKED = dict(dim=32, num_heads=2, camera_layers=2, scene_layers=1, render_layers=1, num_scene_tokens=8, lr=1e-3)
+TRIPLANE = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2, triplane_grid=4, triplane_size=16,
+                triplane_channels=8, field_hidden=16, render_size=16, rays_per_image=32, num_coarse=4, num_fine=4,
+                ray_chunk=None, lr=2e-3)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def urls(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("mt_shards")
+    train = write_multiview_shards(root, num_scenes=4, num_views=4, size=32, num_shards=2)
+    val = write_multiview_shards(root, num_scenes=2, num_views=4, size=32, num_shards=1, split="val", seed=1)
+    return train, val
+
+
+def make_model(weights: dict[str, float] | None = None, **kwargs) -> MultiTask:
+    torch.manual_seed(0)
+    objectives = {
+        "masked_view": functools.partial(MaskedViewPrediction, **MASKED),
+        "triplane": functools.partial(TriplaneReconstruction, **TRIPLANE),
+    }
+    return MultiTask(tiny_encoder(), objectives, weights=weights, warmup_steps=1, **kwargs)
+
+
+def make_data(urls: tuple[str, str]) -> CombinedShards:
+    common = dict(batch_size=2, num_workers=0, image_size=32, batches_per_epoch=2, val_batches=1)
+    return CombinedShards(
+        {
+            "scenes": functools.partial(MultiViewShards, *urls, num_views=4, num_context_views=2, **common),
+            "images": functools.partial(SingleViewShards, *urls, **common),
+        }
+    )
+
+
+def batches(urls: tuple[str, str]) -> dict:
+    """One training batch of each source, prepared as Lightning would."""
+    dm = make_data(urls)
+    for source in dm.sources.values():
+        source.setup("fit")
+    out = {}
+    for name, source in dm.sources.items():
+        out[name] = source.prepare_batch(next(iter(source.train_dataloader())), train=False)
+    return out
+
+
+def test_objectives_share_the_encoder_and_the_weighted_sum_is_optimised(urls):
+    model = make_model(
+        weights={"masked_view": 0.7, "triplane": 0.3}, sources={"masked_view": "scenes", "triplane": "images"}
+    )
+    model._routes = dict(model.sources)  # what set-up does with the datamodule's sources
+    batch = batches(urls)
+    encoder_params = dict(model.encoder.named_parameters())
+    assert not any(hasattr(c, "encoder") for c in model.objectives.values())  # stored once, by the multi-task module
+
+    grads = {}
+    torch.manual_seed(1)
+    parts = []
+    for name in ("masked_view", "triplane"):
+        component = model.objectives[name]
+        out = component.step(component.adapt_batch(batch[model.sources[name]]), "train", model.encoder)
+        model.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        grads[name] = {n: p.grad.clone() for n, p in encoder_params.items() if p.grad is not None}
+        parts.append(float(out["loss"].detach()))
+        # every objective's gradient reaches (almost) every encoder parameter
+        assert len(grads[name]) >= len(encoder_params) - 2, sorted(set(encoder_params) - set(grads[name]))
+    torch.manual_seed(1)
+    model.zero_grad(set_to_none=True)
+    total = model.step(batch, "train", model.encoder)
+    assert float(total["loss"]) == pytest.approx(0.7 * parts[0] + 0.3 * parts[1], rel=1e-5)
+    total["loss"].backward()
+    for name, param in encoder_params.items():
+        if param.grad is None:
+            continue
+        expected = 0.7 * grads["masked_view"].get(name, 0) + 0.3 * grads["triplane"].get(name, 0)
+        assert torch.allclose(param.grad, expected, atol=1e-6, rtol=1e-4), name
+
+
+def test_an_objective_without_a_batch_still_gives_every_head_a_gradient(urls):
+    model = make_model()
+    model._routes = {"masked_view": "scenes", "triplane": "images"}
+    batch = batches(urls)
+    out = model.step({"scenes": batch["scenes"], "images": None}, "train", model.encoder)
+    assert "triplane" not in out and "masked_view" in out
+    out["loss"].backward()
+    heads = [p for p in model.objectives["triplane"].parameters() if p.requires_grad]
+    assert heads and all(p.grad is not None and not p.grad.any() for p in heads)  # zero, but present (DDP)
+
+
+def test_fit_logs_per_objective_and_the_checkpoint_holds_one_encoder(tmp_path, urls):
+    model = make_model(sources={"masked_view": "scenes", "triplane": "images"})
+    trainer = Trainer(
+        accelerator="cpu", max_steps=2, default_root_dir=tmp_path, logger=TensorBoardLogger(tmp_path),
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=make_data(urls))
+    tags = set(EventAccumulator(trainer.log_dir, size_guidance={"scalars": 0}).Reload().Tags()["scalars"])
+    for name in ("train/loss", "train/masked_view/loss", "train/triplane/loss", "train/triplane/depth_rmse",
+                 "val/masked_view/psnr", "val/triplane/depth_rmse", "train/masked_view/psnr"):  # fmt: skip
+        assert name in tags, (name, sorted(tags))
+    assert "train/psnr" not in tags  # no collisions: every metric under its objective
+    ckpt = torch.load(trainer.checkpoint_callback.best_model_path, map_location="cpu", weights_only=True)
+    keys = ckpt["state_dict"].keys()
+    assert any(k.startswith("encoder.vit.") for k in keys)
+    assert not any(".encoder." in k for k in keys if k.startswith("objectives."))  # one copy
+    # the random-init encoder's teacher cannot be rebuilt: saved once, under its objective
+    assert any(k.startswith("objectives.triplane.teacher.") for k in keys)
+    reloaded = MultiTask.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
+    assert torch.equal(reloaded.encoder.vit.cls_token, model.encoder.vit.cls_token)
+    assert reloaded.weights == model.weights and set(reloaded.objectives) == {"masked_view", "triplane"}
+
+
+def test_one_multiview_source_feeds_both_objectives(urls):
+    model = make_model(image_views=2)
+    dm = MultiViewShards(*urls, batch_size=2, num_workers=0, image_size=32, num_views=4, num_context_views=2)
+    dm.setup("fit")
+    model.configure_data(dm.data_specs())
+    assert model.objectives["triplane"].data_spec.kind == "single_view"
+    batch = dm.prepare_batch(next(iter(dm.train_dataloader())), train=False)
+    out = model.step(batch, "train", model.encoder)
+    assert {"masked_view", "triplane"} <= set(out)
+
+
+def _write(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def demo_config(tmp_path: Path, urls: tuple[str, str]) -> dict:
+    """configs/demo/multitask.yaml at test size: tiny shards, a tiny encoder, 3 steps."""
+    cfg = yaml.safe_load((ROOT / "configs/demo/multitask.yaml").read_text())
+    args = cfg["model"]["init_args"]
+    args["encoder"] = tiny_encoder_config()
+    args["objectives"]["masked_view"]["init_args"].update(dim=32, num_scene_tokens=8)
+    args["objectives"]["triplane"]["init_args"].update(TRIPLANE)
+    for name, source in cfg["data"]["init_args"]["sources"].items():
+        source["init_args"].update(train_urls=urls[0], val_urls=urls[1], num_workers=0, batch_size=2,
+                                   batches_per_epoch=2, val_batches=1, image_size=32)  # fmt: skip
+        if name == "scenes":
+            source["init_args"].update(num_views=4, num_context_views=2)
+    cfg["trainer"].update(max_steps=3, default_root_dir=str(tmp_path), enable_progress_bar=False,
+                          log_every_n_steps=1)  # fmt: skip
+    return cfg
+
+
+def test_demo_config_from_the_cli_and_the_export_loads_in_timm(tmp_path, urls):
+    main(["fit", "--config", str(_write(tmp_path, demo_config(tmp_path, urls)))])
+    run = tmp_path / "lightning_logs" / "version_0"
+    tags = set(EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload().Tags()["scalars"])
+    assert {"train/masked_view/loss", "train/triplane/loss", "train/loss"} <= tags
+    export = run / "encoder.safetensors"
+    config = read_export_config(export)
+    vit = timm.create_model("vit_tiny_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True,
+                            img_size=config["img_size"], patch_size=config["patch_size"], embed_dim=config["embed_dim"],
+                            depth=config["depth"], num_heads=config["num_heads"], init_values=1e-5,
+                            checkpoint_path=str(export))  # fmt: skip
+    encoder = load_exported_encoder(export).eval()
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.allclose(vit.eval().forward_features(encoder.normalize(x))[:, 0], encoder(x).cls, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ([], []),  # the config as written starts
+        (["--model.init_args.sources", "{masked_view: scenes}"], ["'triplane' reads", "model.init_args.sources"]),
+        (["--model.init_args.sources", "{masked_view: scenes, triplane: x}"], ["model.init_args.sources.triplane='x'"]),
+        (["--model.init_args.weights", "{bogus: 1.0}"], ["model.init_args.weights names no objective: bogus"]),
+        (
+            ["--model.init_args.objectives.masked_view.init_args.num_heads", "3"],
+            ["model.init_args.objectives.masked_view.init_args.dim=32",
+             "model.init_args.objectives.masked_view.init_args.num_heads=3"],
+        ),
+        (
+            ["--data.init_args.sources.scenes.init_args.image_size", "36"],
+            ["data.init_args.sources.scenes.init_args.image_size=36", "model.init_args.encoder.init_args.patch_size=8"],
+        ),
+    ],
+)  # fmt: skip
+def test_start_up_errors_name_the_keys(tmp_path, urls, capsys, override, needles):
+    cfg = demo_config(tmp_path, urls)
+    cfg["trainer"]["max_steps"] = 1
+    if not needles:
+        main(["fit", "--config", str(_write(tmp_path, cfg)), *override])
+        return
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(_write(tmp_path, cfg)), *override])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert all(n in err for n in needles), err
+    assert "Traceback" not in err
+
+
+# about 20 s on two cores (two spawned processes importing torch and Lightning): real DDP in `make test`
+def test_two_process_ddp_fit_of_the_demo_config(tmp_path, urls):
+    cfg = demo_config(tmp_path, urls)
+    cfg["trainer"].update(devices=2, strategy="ddp", max_steps=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = Path(sys.executable).parent / "selfsup3d"
+    result = subprocess.run([str(script), "fit", "--config", str(_write(tmp_path, cfg))], capture_output=True,
+                            text=True, timeout=240, env=env, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2
