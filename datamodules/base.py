@@ -21,6 +21,8 @@ from PIL import Image
 
 from selfsup3d.datamodules.format import (
     CAMERAS_FIELD,
+    DEPTH_SUFFIX,
+    MASK_SUFFIX,
     SampleError,
     decode_depth,
     decode_mask,
@@ -29,6 +31,7 @@ from selfsup3d.datamodules.format import (
     parse_cameras,
     parse_meta,
     sample_where,
+    view_field,
     view_indices,
 )
 from selfsup3d.datamodules.pipeline import (
@@ -159,6 +162,43 @@ def read_mask(
     return (np.asarray(mask) > 0).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class ViewFields:
+    """The field names of one view: its image, depth and mask (view ``NNN`` of a scene, or a single-view sample)."""
+
+    image: str
+    depth: str
+    mask: str
+
+    @classmethod
+    def of(cls, raw: Mapping[str, Any], view: int | None = None) -> ViewFields:
+        """The fields of view ``view`` of a multi-view scene, or of a single-view sample (``view=None``)."""
+        if view is None:
+            return cls(image_field(raw), DEPTH_SUFFIX, MASK_SUFFIX)
+        return cls(image_field(raw, view), view_field(view, DEPTH_SUFFIX), view_field(view, MASK_SUFFIX))
+
+
+def read_view(
+    raw: Mapping[str, Any],
+    fields: ViewFields,
+    image: Image.Image,
+    box: tuple[float, float, float, float],
+    out_hw: tuple[int, int],
+    depth_scale: float | None,
+    with_masks: bool,
+) -> dict[str, np.ndarray]:
+    """One view's arrays: the window ``box`` of its decoded ``image`` resized to ``out_hw`` (``image`` uint8
+    ``[3, H, W]``), and the same window of its depth (``depth`` ``[1, H, W]`` in metres, when ``depth_scale``
+    is given) and mask (``mask`` uint8 ``[1, H, W]``, with ``with_masks``)."""
+    src = image.size
+    out = {"image": np.asarray(resize_window(image, box, out_hw), dtype=np.uint8).transpose(2, 0, 1)}
+    if depth_scale is not None:
+        out["depth"] = read_depth(raw, fields.depth, src, box, out_hw, depth_scale)[None]
+    if with_masks:
+        out["mask"] = read_mask(raw, fields.mask, src, box, out_hw)[None]
+    return out
+
+
 def require_depth_scale(raw: Mapping[str, Any], scale: float | None, field: str = CAMERAS_FIELD) -> float:
     """The depth scale of a sample whose depth was asked for; a bad sample when it has none."""
     if scale is None:
@@ -247,28 +287,46 @@ class ShardDataModule(LightningDataModule):
     """Base of :class:`MultiViewShards` and :class:`SingleViewShards` (see their docstrings for the batches).
 
     Subclasses implement ``_decoder(train)``, ``_collate_fn()``, ``_check_summary(summary)`` and
-    ``data_spec()``; the base prepares batches (``images``/``image`` to float, masks to float, jitter)."""
+    ``data_spec()``; the base prepares batches (``images``/``image`` to float, masks to float, jitter).
 
-    kind: str = "multi_view"
+    Args:
+        train_urls: training shards: brace patterns (``dir/train-{000000..000009}.tar``), local globs,
+            ``pipe:`` commands or fsspec URLs; a list joins several.
+        val_urls: validation shards, same forms; ``null`` for no validation.
+        batch_size: samples per batch (per device).
+        num_workers: DataLoader workers per device.
+        image_size: delivered size, an int (square) or ``[height, width]``.
+        with_depth: deliver ``depth``: ``true`` (samples without depth are bad samples), ``false``, or ``null``
+            (deliver it when the shards have it, as their first sample shows).
+        with_masks: deliver ``mask``: ``true`` (samples without a mask are bad), ``false`` or ``null``.
+        color_jitter: photometric jitter in training (kornia, on the device; one draw for all views of a scene).
+        jitter_strength: brightness, contrast and saturation jitter (hue gets a quarter of it).
+        shuffle_buffer: samples in each worker's shuffle buffer (0 = no shuffling).
+        batches_per_epoch: training batches per epoch on every rank.
+        val_batches: validation batches per rank; ``null`` = one full deterministic pass.
+        strict: raise on the first bad sample instead of skipping it.
+        seed: seed of shard resampling, view choice, crops and flips (per rank and worker); ``null`` takes
+            torch's initial seed (set by ``seed_everything``).
+        pin_memory: pin host memory when CUDA is available.
+    """
 
     def __init__(
         self,
-        *,
         train_urls: str | list[str],
-        val_urls: str | list[str] | None,
-        batch_size: int,
-        num_workers: int,
-        image_size: int | tuple[int, int],
-        with_depth: bool | None,
-        with_masks: bool | None,
-        color_jitter: bool,
-        jitter_strength: float,
-        shuffle_buffer: int,
-        batches_per_epoch: int,
-        val_batches: int | None,
-        strict: bool,
-        seed: int | None,
-        pin_memory: bool,
+        val_urls: str | list[str] | None = None,
+        batch_size: int = 8,
+        num_workers: int = 4,
+        image_size: int | tuple[int, int] = 64,
+        with_depth: bool | None = None,
+        with_masks: bool | None = False,
+        color_jitter: bool = False,
+        jitter_strength: float = 0.2,
+        shuffle_buffer: int = 256,
+        batches_per_epoch: int = 500,
+        val_batches: int | None = None,
+        strict: bool = False,
+        seed: int | None = None,
+        pin_memory: bool = True,
     ) -> None:
         super().__init__()
         self.key_prefix = current_prefix("data")

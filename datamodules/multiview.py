@@ -11,25 +11,13 @@ from selfsup3d.datamodules.base import (
     Collate,
     ShardDataModule,
     ShardSummary,
+    ViewFields,
     crop_box,
     crop_intrinsics,
-    read_depth,
-    read_mask,
+    read_view,
     require_depth_scale,
-    resize_window,
 )
-from selfsup3d.datamodules.format import (
-    DEPTH_SUFFIX,
-    MASK_SUFFIX,
-    SampleError,
-    check_views,
-    decode_rgb,
-    image_field,
-    parse_cameras,
-    parse_meta,
-    sample_where,
-    view_field,
-)
+from selfsup3d.datamodules.format import SampleError, check_views, decode_rgb, parse_cameras, parse_meta, sample_where
 from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.errors import ConfigError
 
@@ -77,39 +65,29 @@ class MultiViewDecoder:
         n = cameras.num_views
         if n < self.num_views:
             raise SampleError(url, key, None, f"too few views: the scene has {n}, data.num_views is {self.num_views}")
-        depth_scale = require_depth_scale(raw, cameras.depth_scale) if self.with_depth else 0.0
+        depth_scale = require_depth_scale(raw, cameras.depth_scale) if self.with_depth else None
         meta = parse_meta(raw)
         if rng is None:
             order = eval_view_order(n, self.num_views, self.num_context)
         else:
             order = rng.sample(range(n), self.num_views)
         size = (cameras.width, cameras.height)
-        h, w = self.out_hw
-        images = np.empty((self.num_views, 3, h, w), dtype=np.uint8)
-        Ks = np.empty((self.num_views, 3, 3), dtype=np.float32)
-        depth = np.zeros((self.num_views, 1, h, w), dtype=np.float32) if self.with_depth else None
-        mask = np.zeros((self.num_views, 1, h, w), dtype=np.uint8) if self.with_masks else None
-        for slot, view in enumerate(order):
+        views, Ks = [], []
+        for view in order:
             zoom = 1.0 if rng is None else rng.uniform(1.0, self.max_zoom)
             box = crop_box(size, self.out_hw, zoom, rng)
-            image = resize_window(decode_rgb(raw, image_field(raw, view), size), box, self.out_hw)
-            images[slot] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-            Ks[slot] = crop_intrinsics(cameras.K[view], box, self.out_hw)
-            if depth is not None:
-                depth[slot, 0] = read_depth(raw, view_field(view, DEPTH_SUFFIX), size, box, self.out_hw, depth_scale)
-            if mask is not None:
-                mask[slot, 0] = read_mask(raw, view_field(view, MASK_SUFFIX), size, box, self.out_hw)
-        sample = {
-            "images": images,
-            "K": Ks,
-            "c2w": cameras.c2w[order].astype(np.float32),
-            "label": int(meta["label"]),
-            "key": key,
-        }
-        if depth is not None:
-            sample["depth"] = depth
-        if mask is not None:
-            sample["mask"] = mask
+            fields = ViewFields.of(raw, view)
+            image = decode_rgb(raw, fields.image, size)
+            views.append(read_view(raw, fields, image, box, self.out_hw, depth_scale, self.with_masks))
+            Ks.append(crop_intrinsics(cameras.K[view], box, self.out_hw))
+        sample = {name: np.stack([v[name] for v in views]) for name in views[0]}
+        sample["images"] = sample.pop("image")
+        sample.update(
+            K=np.stack(Ks).astype(np.float32),
+            c2w=cameras.c2w[order].astype(np.float32),
+            label=int(meta["label"]),
+            key=key,
+        )
         return [sample]
 
 
@@ -139,69 +117,26 @@ class MultiViewShards(ShardDataModule):
     and counted in :attr:`skipped` (``strict=True`` raises instead); see ``SkippedSamplesLogger``.
 
     Args:
-        train_urls: training shards: brace patterns (``dir/train-{000000..000009}.tar``), local globs,
-            ``pipe:`` commands or fsspec URLs; a list joins several.
-        val_urls: validation shards, same forms; ``null`` for no validation.
-        batch_size: scenes per batch (per device).
-        num_workers: DataLoader workers per device.
-        image_size: delivered size, an int (square) or ``[height, width]``; views are resized to cover it and
-            cropped (centre in validation), intrinsics follow.
+        train_urls: training shards (see :class:`~selfsup3d.datamodules.base.ShardDataModule` for the forms).
+        val_urls: validation shards; ``null`` for no validation.
         num_views: views per scene in a sample (scenes with fewer are skipped as bad).
         num_context_views: context views; default ``num_views // 2``; needs ``1 <= it < num_views``.
-        with_depth: deliver ``depth``: ``true`` (shards must have depth), ``false``, or ``null`` (deliver it when
-            the shards have it, as their first sample shows).
-        with_masks: deliver ``mask``: ``true`` (shards must have masks), ``false`` or ``null`` (when they have).
         max_zoom: training crops zoom in by a random factor in ``[1, max_zoom]`` at a random position
             (1 = no zoom; validation always uses 1 and centre crops).
-        color_jitter: photometric jitter in training, the same for all views of a scene.
-        jitter_strength: brightness, contrast and saturation jitter (hue gets a quarter of it).
-        shuffle_buffer: samples in the shuffle buffer of each worker (0 = no shuffling).
-        batches_per_epoch: training batches per epoch on every rank.
-        val_batches: validation batches per rank; ``null`` = one full deterministic pass.
-        strict: raise on the first bad sample instead of skipping it.
-        seed: seed of shard resampling, view choice and crops (per rank and worker); ``null`` takes torch's
-            initial seed (set by ``seed_everything``).
-        pin_memory: pin host memory when CUDA is available.
+        **kwargs: the loader, size, depth/mask, jitter and epoch arguments of
+            :class:`~selfsup3d.datamodules.base.ShardDataModule` (``batch_size`` is scenes per batch here).
     """
 
     def __init__(
         self,
         train_urls: str | list[str],
         val_urls: str | list[str] | None = None,
-        batch_size: int = 8,
-        num_workers: int = 4,
-        image_size: int | tuple[int, int] = 64,
         num_views: int = 4,
         num_context_views: int | None = None,
-        with_depth: bool | None = None,
-        with_masks: bool | None = False,
         max_zoom: float = 1.0,
-        color_jitter: bool = False,
-        jitter_strength: float = 0.2,
-        shuffle_buffer: int = 256,
-        batches_per_epoch: int = 500,
-        val_batches: int | None = None,
-        strict: bool = False,
-        seed: int | None = None,
-        pin_memory: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            train_urls=train_urls,
-            val_urls=val_urls,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            image_size=image_size,
-            with_depth=with_depth,
-            with_masks=with_masks,
-            color_jitter=color_jitter,
-            jitter_strength=jitter_strength,
-            shuffle_buffer=shuffle_buffer,
-            batches_per_epoch=batches_per_epoch,
-            val_batches=val_batches,
-            strict=strict,
-            seed=seed,
-            pin_memory=pin_memory,
-        )
+        super().__init__(train_urls, val_urls, **kwargs)
         if num_views < 2:
             raise ConfigError(f"{self.key('num_views')} must be >= 2 (context and target views), got {num_views}")
         num_context = num_views // 2 if num_context_views is None else num_context_views

@@ -12,26 +12,21 @@ from selfsup3d.datamodules.base import (
     Collate,
     ShardDataModule,
     ShardSummary,
+    ViewFields,
     crop_box,
     random_resized_box,
-    read_depth,
-    read_mask,
+    read_view,
     require_depth_scale,
-    resize_window,
 )
 from selfsup3d.datamodules.format import (
-    DEPTH_SUFFIX,
-    MASK_SUFFIX,
     check_views,
     decode_rgb,
-    image_field,
     is_multiview,
     make_key,
     parse_cameras,
     parse_meta,
     sample_where,
     single_depth_scale,
-    view_field,
     view_indices,
 )
 from selfsup3d.datamodules.spec import DataSpec
@@ -85,56 +80,36 @@ class SingleViewDecoder:
             if rng is not None and self.views_per_scene is not None and self.views_per_scene < len(views):
                 views = rng.sample(views, self.views_per_scene)
             size = (cameras.width, cameras.height)
+            label = int(meta["label"])
             return [
-                self._item(
-                    raw,
-                    image_field(raw, v),
-                    view_field(v, DEPTH_SUFFIX),
-                    view_field(v, MASK_SUFFIX),
-                    scale,
-                    size,
-                    int(meta["label"]),
-                    make_key(key, f"v{v:03d}"),
-                    rng,
-                )
+                self._item(raw, ViewFields.of(raw, v), scale, size, label, make_key(key, f"v{v:03d}"), rng)
                 for v in views
             ]
         meta = parse_meta(raw, required=False)
         scale = single_depth_scale(raw, meta) if self.with_depth else None
-        return [self._item(raw, image_field(raw), DEPTH_SUFFIX, MASK_SUFFIX, scale, None, int(meta["label"]), key, rng)]
+        return [self._item(raw, ViewFields.of(raw), scale, None, int(meta["label"]), key, rng)]
 
     def _item(
         self,
         raw: dict[str, Any],
-        name: str,
-        depth_name: str,
-        mask_name: str,
+        fields: ViewFields,
         depth_scale: float | None,
         size: tuple[int, int] | None,
         label: int,
         key: str,
         rng: random.Random | None,
     ) -> dict[str, Any]:
-        image = decode_rgb(raw, name, size)
-        src = image.size
+        image = decode_rgb(raw, fields.image, size)
         if rng is not None and self.random_crop:
-            box = random_resized_box(src, self.out_hw, rng, self.crop_scale, self.crop_ratio)
+            box = random_resized_box(image.size, self.out_hw, rng, self.crop_scale, self.crop_ratio)
         else:
-            box = crop_box(src, self.out_hw)
+            box = crop_box(image.size, self.out_hw)
         flip = rng is not None and self.hflip and rng.random() < 0.5
-
-        def finish(array: np.ndarray) -> np.ndarray:
-            return np.ascontiguousarray(array[..., ::-1] if flip else array)
-
+        arrays = read_view(raw, fields, image, box, self.out_hw, depth_scale, self.with_masks)
         item: dict[str, Any] = {
-            "image": finish(np.asarray(resize_window(image, box, self.out_hw), dtype=np.uint8).transpose(2, 0, 1)),
-            "label": label,
-            "key": key,
+            name: np.ascontiguousarray(array[..., ::-1] if flip else array) for name, array in arrays.items()
         }
-        if self.with_depth and depth_scale is not None:
-            item["depth"] = finish(read_depth(raw, depth_name, src, box, self.out_hw, depth_scale)[None])
-        if self.with_masks:
-            item["mask"] = finish(read_mask(raw, mask_name, src, box, self.out_hw)[None])
+        item.update(label=label, key=key)
         return item
 
 
@@ -159,27 +134,17 @@ class SingleViewShards(ShardDataModule):
     ranks, validation and bad samples behave as in :class:`MultiViewShards`.
 
     Args:
-        train_urls: training shards: brace patterns, local globs, ``pipe:`` commands or fsspec URLs.
+        train_urls: training shards (see :class:`~selfsup3d.datamodules.base.ShardDataModule` for the forms).
         val_urls: validation shards; ``null`` for no validation.
         batch_size: images per batch (per device).
-        num_workers: DataLoader workers per device.
-        image_size: delivered size, an int (square) or ``[height, width]``.
-        with_depth: deliver ``depth``: ``true`` (samples without depth are bad samples), ``false``, or ``null``
-            (deliver it when the shards have it, as their first sample shows).
-        with_masks: deliver ``mask``: ``true`` (samples without a mask are bad), ``false`` or ``null``.
         random_resized_crop: random-resized crops in training (else the validation centre crop).
         crop_scale: area fraction range of the random-resized crops.
         crop_ratio: aspect-ratio range (relative to ``image_size``'s) of the random-resized crops.
         hflip: random horizontal flips in training.
-        color_jitter: photometric jitter in training (kornia, on the device).
-        jitter_strength: brightness, contrast and saturation jitter (hue gets a quarter of it).
         views_per_scene: random views taken from each multi-view scene per pass in training (``null`` = all).
         shuffle_buffer: samples in each worker's shuffle buffer (0 = no shuffling).
-        batches_per_epoch: training batches per epoch on every rank.
-        val_batches: validation batches per rank; ``null`` = one full deterministic pass.
-        strict: raise on the first bad sample instead of skipping it.
-        seed: seed of shard resampling, crops and flips; ``null`` takes torch's initial seed.
-        pin_memory: pin host memory when CUDA is available.
+        **kwargs: the loader, size, depth/mask, jitter and epoch arguments of
+            :class:`~selfsup3d.datamodules.base.ShardDataModule`.
     """
 
     def __init__(
@@ -187,41 +152,15 @@ class SingleViewShards(ShardDataModule):
         train_urls: str | list[str],
         val_urls: str | list[str] | None = None,
         batch_size: int = 32,
-        num_workers: int = 4,
-        image_size: int | tuple[int, int] = 64,
-        with_depth: bool | None = None,
-        with_masks: bool | None = False,
         random_resized_crop: bool = True,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: bool = True,
-        color_jitter: bool = False,
-        jitter_strength: float = 0.2,
         views_per_scene: int | None = None,
         shuffle_buffer: int = 1024,
-        batches_per_epoch: int = 500,
-        val_batches: int | None = None,
-        strict: bool = False,
-        seed: int | None = None,
-        pin_memory: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            train_urls=train_urls,
-            val_urls=val_urls,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            image_size=image_size,
-            with_depth=with_depth,
-            with_masks=with_masks,
-            color_jitter=color_jitter,
-            jitter_strength=jitter_strength,
-            shuffle_buffer=shuffle_buffer,
-            batches_per_epoch=batches_per_epoch,
-            val_batches=val_batches,
-            strict=strict,
-            seed=seed,
-            pin_memory=pin_memory,
-        )
+        super().__init__(train_urls, val_urls, batch_size=batch_size, shuffle_buffer=shuffle_buffer, **kwargs)
         if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ConfigError(f"{self.key('crop_scale')} must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
         if not 0 < crop_ratio[0] <= crop_ratio[1]:

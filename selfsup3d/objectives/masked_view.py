@@ -107,22 +107,28 @@ class MaskedViewPrediction(PretrainObjective):
     def __init__(
         self,
         encoder: Encoder,
+        # the heads' transformers: width, heads, MLP ratio
         dim: int = 768,
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
+        # their depths, and the scene representation's size (RayZer: 8, 12, 12 blocks and 3072 tokens)
         camera_layers: int = 8,
         scene_layers: int = 12,
         render_layers: int = 12,
         num_scene_tokens: int = 3072,
+        # cameras
         init_fov_deg: float = 50.0,
         focal_range: float = 2.0,
+        # the photometric loss
         perceptual_weight: float = 0.0,
         perceptual_weights: str | None = None,
         perceptual_layers: int = 5,
+        # aids for small, short runs (off in RayZer)
         render_context_tokens: bool = False,
         ray_positions: bool = False,
         blend_context: bool = False,
         blend_sharpness: float = 4.0,
+        # memory and optimisation (RayZer's)
         grad_checkpointing: bool = False,
         lr: float = 4e-4,
         warmup_steps: int = 3000,

@@ -110,35 +110,43 @@ class TriplaneReconstruction(PretrainObjective):
     def __init__(
         self,
         encoder: Encoder,
+        # the decoder: representation tokens -> triplanes
         decoder: Literal["triplane", "conv"] = "triplane",
         decoder_dim: int = 512,
         decoder_depth: int = 2,
         decoder_heads: int = 8,
         decoder_self_attention: bool = True,
+        # the triplanes and their radiance field
         triplane_grid: int = 16,
         triplane_size: int = 128,
         triplane_channels: int = 32,
         field_hidden: int = 64,
         plane_aggregate: Aggregate = "sum",
         sampler: Sampler = "auto",
+        # what is encoded and rendered
         input_size: int | None = None,
         render_size: int = 256,
         rays_per_image: int | None = 4096,
+        # samples along each ray
         num_coarse: int = 16,
         num_fine: int = 16,
+        # the fixed camera and the box it looks at
         fov_deg: float = 30.0,
         near: float = 1.5,
         far: float = 3.5,
         box_size: float | None = None,
         background: float | None = None,
+        # memory, and the field's start
         ray_chunk: int | None = 8192,
         recompute_chunks: bool = False,
         recompute_mlp: bool = True,
         density_shift: float = -1.0,
+        # depth targets
         depth_normalization: DepthNormalization = "percentile",
         depth_quantiles: tuple[float, float] = (0.02, 0.98),
         depth_margin: float = 0.1,
         empty_background: bool = False,
+        # the loss and the teacher
         lambda_rgb: float = 0.1,
         lambda_depth: float = 1.0,
         lambda_dist: float = 1.0,
