@@ -154,6 +154,11 @@ def test_voxelize_averages_values_per_voxel_and_drops_outside_and_invalid_points
     assert values.grad[0, :, 0].tolist() == [0.5, 0.5, 1.0, 0.0, 0.0]
     # occupancy only
     assert torch.equal(voxelize(points, None, valid, r), grid[:, 1:].detach())
+    # a batch: each scene's points land in its own grid
+    pair = voxelize(torch.cat([points, -points]), torch.cat([values, values]).detach(), valid.repeat(2, 1), r)
+    assert torch.equal(pair[0], grid[0].detach())
+    assert pair[1, 1].sum() == 2 and pair[1, 1, 3, 3, 3] == 1 and pair[1, 1, 1, 2, 0] == 1
+    assert pair[1, 0, 3, 3, 3] == 2.0 and pair[1, 0, 1, 2, 0] == 5.0
 
 
 def test_voxel_centres_and_indices_agree():

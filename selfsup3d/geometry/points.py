@@ -218,7 +218,7 @@ def voxelize(points: Tensor, values: Tensor | None, valid: Tensor, resolution: i
     idx, inside = voxel_indices(points.detach(), resolution)
     keep = (valid & inside).reshape(-1)
     r3 = resolution**3
-    batch = torch.arange(b, device=points.device).repeat_interleave(n)
+    batch = torch.arange(b, device=points.device)[:, None]
     flat = batch * r3 + (idx[..., 2] * resolution + idx[..., 1]) * resolution + idx[..., 0]
     flat = flat.reshape(-1)[keep]
     dtype = values.dtype if values is not None else points.dtype
