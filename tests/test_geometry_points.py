@@ -161,6 +161,21 @@ def test_voxelize_averages_values_per_voxel_and_drops_outside_and_invalid_points
     assert pair[1, 0, 3, 3, 3] == 2.0 and pair[1, 0, 1, 2, 0] == 5.0
 
 
+def test_voxelize_and_sample_grid_keep_float32_accuracy_for_bf16_inputs():
+    # 300 points in one voxel: bf16 counts would stop at 256
+    points = torch.full((1, 300, 3), 0.1)
+    values = torch.linspace(0, 2, 300, dtype=torch.bfloat16).view(1, 300, 1)
+    grid = voxelize(points, values, torch.ones(1, 300, dtype=torch.bool), 4)
+    assert grid.dtype == torch.bfloat16
+    assert grid[0, 0, 2, 2, 2].item() == pytest.approx(values.float().mean().item(), rel=1e-2)
+    # a bf16 ramp (exact: voxel centres are multiples of 1/64) read at a coordinate bf16 cannot hold
+    ramp = voxel_centres(64).permute(3, 0, 1, 2)[None].to(torch.bfloat16)
+    x = torch.tensor([[[0.7012, -0.3005, 0.1001]]])
+    out = sample_grid(ramp, x)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, x, atol=1e-4)
+
+
 def test_voxel_centres_and_indices_agree():
     centres = voxel_centres(5)
     idx, inside = voxel_indices(centres.view(-1, 3), 5)

@@ -163,3 +163,25 @@ def test_sample_descriptors_2d_reads_the_map_at_pixel_positions():
     out = sample_descriptors_2d(desc, torch.tensor([[[2.5, 1.5], [0.5, 0.5]]]))
     assert torch.allclose(out[0, 0], torch.nn.functional.normalize(torch.tensor([1.0, 0.1]), dim=0), atol=1e-5)
     assert torch.allclose(out[0, 1], torch.tensor([0.0, 1.0]), atol=1e-5)
+
+
+def test_selection_and_projection_treat_batch_items_independently():
+    torch.manual_seed(0)
+    scores2d = torch.randn(3, 1, 6, 6)
+    desc2d = torch.randn(3, 5, 6, 6)
+    both = select_keypoints_2d(scores2d, k=4, radius=1, descriptors=desc2d)
+    for b in range(3):
+        one = select_keypoints_2d(scores2d[b : b + 1], k=4, radius=1, descriptors=desc2d[b : b + 1])
+        assert torch.equal(both.positions[b], one.positions[0]) and torch.equal(both.descriptors[b], one.descriptors[0])
+    scores3d = torch.randn(2, 1, 4, 4, 4)
+    occ = (torch.rand(2, 1, 4, 4, 4) > 0.3).float()
+    kp = select_keypoints_3d(scores3d, occ, k=5, radius=1)
+    K, c2w, _ = _scene()
+    K2, c2w2 = K.repeat(2, 1, 1, 1), torch.cat([c2w, c2w.flip(1)])  # scene 1 sees the views in reverse order
+    depth = torch.rand(2, 2, 1, 32, 32) + 2.5
+    uv, vis = project_keypoints(kp.positions, K2, c2w2, depth, tolerance=0.1)
+    for b in range(2):
+        kb = select_keypoints_3d(scores3d[b : b + 1], occ[b : b + 1], k=5, radius=1)
+        assert torch.equal(kb.positions[0], kp.positions[b])
+        uv_b, vis_b = project_keypoints(kb.positions, K2[b : b + 1], c2w2[b : b + 1], depth[b : b + 1], tolerance=0.1)
+        assert torch.allclose(uv_b[0], uv[b]) and torch.equal(vis_b[0], vis[b])

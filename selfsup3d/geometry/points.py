@@ -81,7 +81,8 @@ def values_at_pixels(values: Tensor, height: int, width: int) -> Tensor:
 
 
 def sample_pixels(maps: Tensor, uv: Tensor) -> Tensor:
-    """Bilinear samples of image-like maps at continuous pixel coordinates (zero outside the map).
+    """Bilinear samples of image-like maps at continuous pixel coordinates (zero outside the map), in float32
+    at least.
 
     Args:
         maps: ``[B, C, H, W]``.
@@ -92,9 +93,10 @@ def sample_pixels(maps: Tensor, uv: Tensor) -> Tensor:
         ``[B, N, C]``.
     """
     h, w = maps.shape[-2:]
-    scale = uv.new_tensor([2.0 / w, 2.0 / h])
-    grid = (uv * scale - 1.0).unsqueeze(1)  # [B, 1, N, 2]
-    out = F.grid_sample(maps, grid.to(maps.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    dtype = torch.promote_types(torch.promote_types(maps.dtype, uv.dtype), torch.float32)
+    scale = torch.tensor([2.0 / w, 2.0 / h], dtype=dtype, device=uv.device)
+    grid = (uv.to(dtype) * scale - 1.0).unsqueeze(1)  # [B, 1, N, 2]
+    out = F.grid_sample(maps.to(dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out[:, :, 0].transpose(1, 2)
 
 
@@ -222,17 +224,16 @@ def voxelize(points: Tensor, values: Tensor | None, valid: Tensor, resolution: i
     flat = batch * r3 + (idx[..., 2] * resolution + idx[..., 1]) * resolution + idx[..., 0]
     flat = flat.reshape(-1)[keep]
     dtype = values.dtype if values is not None else points.dtype
-    counts = torch.zeros(b * r3, device=points.device, dtype=dtype).index_add_(
-        0, flat, torch.ones_like(flat, dtype=dtype)
-    )
-    occupancy = (counts > 0).to(dtype)
-    channels = [occupancy[:, None]]
+    # sums and counts in float32 at least: bf16 counts stop being exact at 256 points per voxel
+    acc = torch.promote_types(dtype, torch.float32)
+    counts = torch.zeros(b * r3, device=points.device, dtype=acc).index_add_(0, flat, torch.ones_like(flat, dtype=acc))
+    channels = [(counts > 0).to(acc)[:, None]]
     if values is not None:
-        sums = torch.zeros(b * r3, c, device=points.device, dtype=dtype).index_add(
-            0, flat, values.reshape(b * n, c)[keep]
+        sums = torch.zeros(b * r3, c, device=points.device, dtype=acc).index_add(
+            0, flat, values.reshape(b * n, c)[keep].to(acc)
         )
         channels.insert(0, sums / counts.clamp(min=1)[:, None])
-    grid = torch.cat(channels, dim=1)  # [B*R^3, C+1]
+    grid = torch.cat(channels, dim=1).to(dtype)  # [B*R^3, C+1]
     return grid.view(b, resolution, resolution, resolution, c + 1).permute(0, 4, 1, 2, 3).contiguous()
 
 
@@ -240,7 +241,7 @@ def sample_grid(grid: Tensor, points: Tensor) -> Tensor:
     """Trilinear samples of a dense grid at cube points (zero outside the cube).
 
     ``F.grid_sample`` on the 5D grid with ``align_corners=False``: the points' ``(x, y, z)`` address the grid's
-    ``(W, H, D)`` axes (module docstring).
+    ``(W, H, D)`` axes (module docstring). Computed in float32 at least (a bf16 grid is upcast).
 
     Args:
         grid: ``[B, C, D, H, W]``.
@@ -250,9 +251,11 @@ def sample_grid(grid: Tensor, points: Tensor) -> Tensor:
         ``[B, ..., C]``.
     """
     b, lead = points.shape[0], points.shape[1:-1]
-    coords = points.reshape(b, -1, 1, 1, 3).to(grid.dtype)
-    out = F.grid_sample(grid, coords, mode="bilinear", padding_mode="zeros", align_corners=False)  # [B, C, M, 1, 1]
-    return out.view(b, grid.shape[1], -1).transpose(1, 2).reshape(b, *lead, grid.shape[1])
+    # float32 at least: bf16 coordinates are off by up to a quarter voxel of a 64^3 grid
+    dtype = torch.promote_types(torch.promote_types(grid.dtype, points.dtype), torch.float32)
+    coords = points.reshape(b, -1, 1, 1, 3).to(dtype)
+    out = F.grid_sample(grid.to(dtype), coords, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.view(b, grid.shape[1], -1).transpose(1, 2).reshape(b, *lead, grid.shape[1])  # [B, ..., C]
 
 
 def grid_field(features: Tensor, density: Tensor) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
