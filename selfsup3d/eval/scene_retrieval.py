@@ -1,0 +1,159 @@
+"""2D -> 3D scene retrieval and duplicate-scene detection with descriptor-decorated key points.
+
+A scene is summarised by its 3D key points (:class:`KeypointSet`: descriptors and weights, padded to a
+common count, weight 0 in empty slots); a query image by its 2D key points, the same way. Sets are
+compared by their descriptors alone (positions differ in frame between an image and a scene):
+
+* ``best_match``: the weighted mean over the query's key points of the cosine to their best match in the
+  scene (asymmetric: "how much of the query is found in the scene");
+* ``chamfer``: the mean of ``best_match`` both ways (symmetric, for scene-vs-scene duplicates);
+* ``mutual``: as ``best_match``, but a query key point only scores when it and its best match are each
+  other's nearest neighbours (0 otherwise), which discounts descriptors that match everything.
+
+Weights are non-negative (e.g. ``sigmoid`` of the scores, or 1 for every valid key point).
+
+Metrics: :func:`retrieval_accuracy` (top-k over all scenes of the database) and
+:func:`duplicate_auroc` (ROC AUC of pair similarities, with ``torchmetrics``'s ``binary_auroc``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.functional.classification import binary_auroc
+
+SetSimilarity = Literal["best_match", "chamfer", "mutual"]
+
+
+@dataclass
+class KeypointSet:
+    """Key-point sets of several items (scenes or images), padded to ``N`` slots.
+
+    Attributes:
+        descriptors: ``[S, N, E]`` descriptors (normalised when compared).
+        weights: ``[S, N]`` non-negative weights, 0 in empty slots.
+    """
+
+    descriptors: Tensor
+    weights: Tensor
+
+    @classmethod
+    def from_keypoints(cls, descriptors: Tensor, valid: Tensor, scores: Tensor | None = None) -> KeypointSet:
+        """From a selection (``selfsup3d.heads.keypoints.Keypoints`` fields): weight ``sigmoid(score)`` for
+        valid key points (1 without scores), 0 elsewhere."""
+        w = valid.to(descriptors.dtype)
+        if scores is not None:
+            finite = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
+            w = w * torch.sigmoid(finite.to(descriptors.dtype))
+        return cls(descriptors=descriptors, weights=w)
+
+    def __len__(self) -> int:
+        return self.descriptors.shape[0]
+
+
+def _directed(qd: Tensor, qw: Tensor, sd: Tensor, sw: Tensor, mutual: bool) -> Tensor:
+    """Weighted mean best-match cosine from query sets ``[Q, M, E]`` to scene sets ``[S, N, E]`` -> ``[Q, S]``."""
+    cos = torch.einsum("qme,sne->qsmn", qd, sd)  # [Q, S, M, N]
+    neg = torch.finfo(cos.dtype).min
+    cos = cos.masked_fill(~(sw > 0)[None, :, None, :], neg)
+    best, arg = cos.max(dim=-1)  # [Q, S, M]
+    if mutual:
+        cos_q = cos.masked_fill(~(qw > 0)[:, None, :, None], neg)
+        back = cos_q.argmax(dim=-2)  # [Q, S, N]: best query key point of each scene key point
+        is_mutual = back.gather(-1, arg) == torch.arange(qd.shape[1], device=qd.device)
+        best = torch.where(is_mutual, best, torch.zeros_like(best))
+    has_scene = (sw > 0).any(dim=-1)[None, :, None]
+    best = torch.where(has_scene, best, torch.zeros_like(best))
+    w = qw[:, None, :]
+    return (best * w).sum(-1) / w.sum(-1).clamp(min=1e-12)
+
+
+def set_similarity(
+    queries: KeypointSet, scenes: KeypointSet, mode: SetSimilarity = "best_match", chunk: int = 16
+) -> Tensor:
+    """Similarity of every query set to every scene set.
+
+    Args:
+        queries: ``Q`` sets (``[Q, M, E]``).
+        scenes: ``S`` sets (``[S, N, E]``), same descriptor size.
+        mode: ``best_match``, ``chamfer`` or ``mutual`` (module docstring).
+        chunk: queries compared at once (memory is ``chunk * S * M * N``).
+
+    Returns:
+        ``[Q, S]`` similarities in ``[-1, 1]``; 0 for empty sets.
+    """
+    if queries.descriptors.shape[-1] != scenes.descriptors.shape[-1]:
+        raise ValueError(
+            f"descriptor sizes differ: queries {queries.descriptors.shape[-1]}, scenes {scenes.descriptors.shape[-1]}"
+        )
+    if mode not in ("best_match", "chamfer", "mutual"):
+        raise ValueError(f"mode must be 'best_match', 'chamfer' or 'mutual', got {mode!r}")
+    qd, sd = F.normalize(queries.descriptors, dim=-1), F.normalize(scenes.descriptors, dim=-1)
+    qw, sw = queries.weights, scenes.weights
+    rows = []
+    for start in range(0, qd.shape[0], chunk):
+        q, w = qd[start : start + chunk], qw[start : start + chunk]
+        sim = _directed(q, w, sd, sw, mutual=mode == "mutual")
+        if mode == "chamfer":
+            sim = 0.5 * (sim + _directed(sd, sw, q, w, mutual=False).T)
+        rows.append(sim)
+    return torch.cat(rows, dim=0)
+
+
+def retrieval_accuracy(similarity: Tensor, truth: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k retrieval accuracy: the share of queries whose true scene ranks among the ``k`` most similar.
+
+    Ties count against the query: the rank of the true scene is the number of *other* scenes at least as
+    similar, so a constant similarity scores 0 at top-1 (not a lucky draw).
+
+    Args:
+        similarity: ``[Q, S]`` query-to-scene similarities.
+        truth: ``[Q]`` index of each query's scene.
+        ks: the cut-offs.
+
+    Returns:
+        ``{"top1": ..., "top5": ...}`` (one key per ``k``), in ``[0, 1]``.
+    """
+    if similarity.ndim != 2 or truth.shape != similarity.shape[:1]:
+        raise ValueError(f"need similarity [Q, S] and truth [Q], got {tuple(similarity.shape)}, {tuple(truth.shape)}")
+    q, s = similarity.shape
+    if q == 0:
+        raise ValueError("retrieval_accuracy needs at least one query")
+    if ((truth < 0) | (truth >= s)).any():
+        raise ValueError(f"truth indices must be in [0, {s}), got {truth.min().item()}..{truth.max().item()}")
+    true_sim = similarity.gather(1, truth.view(-1, 1))
+    others = torch.ones_like(similarity, dtype=torch.bool).scatter_(1, truth.view(-1, 1), False)
+    rank = ((similarity >= true_sim) & others).sum(dim=1)
+    return {f"top{k}": float((rank < k).float().mean()) for k in ks}
+
+
+def duplicate_auroc(scores: Tensor, is_duplicate: Tensor) -> float:
+    """ROC AUC of pair similarities for "the same scene" (``torchmetrics`` ``binary_auroc``).
+
+    Args:
+        scores: ``[P]`` similarity of each pair.
+        is_duplicate: ``[P]`` bool or {0, 1}: both members come from the same scene.
+
+    Returns:
+        The AUC in ``[0, 1]`` (0.5 for chance).
+    """
+    labels = is_duplicate.long()
+    if labels.numel() == 0 or labels.min() == labels.max():
+        raise ValueError("duplicate_auroc needs both duplicate and non-duplicate pairs")
+    return float(binary_auroc(scores.float(), labels))
+
+
+def duplicate_auroc_matrix(similarity: Tensor) -> float:
+    """Duplicate detection between two summaries of each of ``S`` scenes (e.g. from disjoint view sets):
+    ``similarity [S, S]`` compares summary A of scene ``i`` with summary B of scene ``j``; the diagonal holds
+    the duplicates, the rest the different scenes."""
+    s = similarity.shape[0]
+    if similarity.shape != (s, s) or s < 2:
+        raise ValueError(f"need a square similarity of at least 2 scenes, got {tuple(similarity.shape)}")
+    labels = torch.eye(s, dtype=torch.bool, device=similarity.device)
+    return duplicate_auroc(similarity.flatten(), labels.flatten())
