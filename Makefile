@@ -35,20 +35,20 @@ format: $(STAMP)
 bench: $(STAMP)
 	@set -e; for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script; done
 
-# The masked-view (RayZer) demo on a 2-core CPU, about 8 minutes: renders the embedded data set into
+# The masked-view (RayZer) demo on a 2-core CPU, about 4 minutes: renders the embedded data set into
 # data/embedded unless it is there (shared with the other demos), trains configs/demo/masked_view.yaml,
-# then evaluates the last checkpoint on the held-out objects and prints the figures.
+# then evaluates the run's last checkpoint on the held-out objects and prints the figures.
 DEMO_DATA ?= data/embedded
 DEMO_RUN  ?= runs/demo_masked_view
 DEMO_ARGS ?= --data.init_args.train_urls '$(DEMO_DATA)/train-*.tar' --data.init_args.val_urls '$(DEMO_DATA)/val-*.tar' \
-	--trainer.default_root_dir $(DEMO_RUN) --checkpoint.dirpath $(DEMO_RUN)/checkpoints
+	--trainer.default_root_dir $(DEMO_RUN)
 .PHONY: demo
 demo: $(STAMP)
 	@test -f $(DEMO_DATA)/info.json || $(BIN)/selfsup3d data render --out $(DEMO_DATA)
-	rm -rf $(DEMO_RUN)  # a fresh run each time (the evaluation reads its last.ckpt)
+	rm -rf $(DEMO_RUN)  # a fresh run each time: its checkpoints are lightning_logs/version_0/checkpoints/
 	$(BIN)/selfsup3d fit --config configs/demo/masked_view.yaml $(DEMO_ARGS)
 	$(BIN)/selfsup3d validate --config configs/demo/masked_view.yaml $(DEMO_ARGS) \
-		--ckpt_path $(DEMO_RUN)/checkpoints/last.ckpt
+		--ckpt_path $(DEMO_RUN)/lightning_logs/version_0/checkpoints/last.ckpt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
