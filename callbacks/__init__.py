@@ -5,10 +5,19 @@ if __name__ != "selfsup3d.callbacks":  # e.g. `import callbacks` from the reposi
         "import selfsup3d.callbacks (install the project: make install), not the top-level 'callbacks' folder"
     )
 
+from selfsup3d.callbacks.consensus import ConsensusPictures, SceneRetrieval
 from selfsup3d.callbacks.export import EncoderExport
 from selfsup3d.callbacks.lr import LearningRates
 from selfsup3d.callbacks.masked_view import MaskedViewPictures
 from selfsup3d.callbacks.probes import OnlineProbes
 from selfsup3d.callbacks.triplane import TriplaneImages
 
-__all__ = ["EncoderExport", "LearningRates", "MaskedViewPictures", "OnlineProbes", "TriplaneImages"]
+__all__ = [
+    "ConsensusPictures",
+    "EncoderExport",
+    "LearningRates",
+    "MaskedViewPictures",
+    "OnlineProbes",
+    "SceneRetrieval",
+    "TriplaneImages",
+]

@@ -3,12 +3,15 @@ without the objective's code: ``RUN/encoder.safetensors``."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from safetensors.torch import save_file
 
 from selfsup3d.encoders.export import save_encoder
+from selfsup3d.objectives.base import PretrainObjective
 
 
 class EncoderExport(Callback):
@@ -41,6 +44,16 @@ class EncoderExport(Callback):
         config = getattr(pl_module.encoder, "config", None)
         self.last_path = save_encoder(state, {**(config or {}), "checkpoint_path": None, "pretrained": False}, target)
         rank_zero_info(f"encoder exported to {self.last_path}")
+        if isinstance(pl_module, PretrainObjective):  # other products (the consensus objective's 3D backbone)
+            for name, component in pl_module.components():
+                for stem, (product, meta) in component.exports().items():
+                    path = target.with_name(f"{name}_{stem}.safetensors" if name else f"{stem}.safetensors")
+                    save_file(
+                        {k: v.cpu().contiguous() for k, v in product.items()},
+                        str(path),
+                        {"selfsup3d": json.dumps(meta)},
+                    )
+                    rank_zero_info(f"{stem} exported to {path}")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.export(trainer, pl_module)

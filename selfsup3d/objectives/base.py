@@ -216,6 +216,14 @@ class PretrainObjective(LightningModule):
         """The objectives this module trains, by name: itself (name ``""``) for an objective fitted alone."""
         yield "", self
 
+    def bind(self, components: Mapping[str, PretrainObjective]) -> None:
+        """In a multi-task run, called once with all components by name (an objective that uses another's
+        heads, e.g. its camera estimator, finds it here). Nothing to do by default."""
+
+    def exports(self) -> dict[str, tuple[dict[str, Tensor], dict[str, Any]]]:
+        """Products besides the encoder to write at export, by file stem: ``(state_dict, metadata)``."""
+        return {}
+
     def compile_targets(self) -> list[nn.Module]:
         """The head modules that ``compile: true`` compiles besides the encoder (e.g. transformer blocks)."""
         return []

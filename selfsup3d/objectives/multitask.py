@@ -111,6 +111,9 @@ class MultiTask(PretrainObjective):
                 raise ConfigError(f"{self.key('objectives')}.{name} was built with another encoder than the shared one")
             del component.encoder  # the encoder is this module's: stored, moved and optimised once
             built[name] = component
+        for component in built.values():
+            with config_prefix(component.key_prefix):
+                component.bind(built)
         self.objectives = nn.ModuleDict(built)
         self.weights = {name: float(weights.get(name, 1.0)) for name in objectives}
         self.sources = dict(sources or {})

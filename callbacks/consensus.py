@@ -1,0 +1,185 @@
+"""The feature-consensus objective in TensorBoard: feature pictures, key points, 2D->3D retrieval.
+
+* :class:`ConsensusPictures`: for the first validation batch, per scene, the views, then the first three
+  principal components of ``F2D``, ``F3D`` and the teacher's features, one PCA basis shared by all three and
+  all views (colours are comparable), then the views with their visible 3D key points drawn.
+* :class:`SceneRetrieval`: during validation, every scene is summarised twice from its views: view 0's 2D key
+  points (the query) against the 3D key points of its other views (the database: 2D->3D retrieval, top-1 and
+  top-5 over the validation scenes of the rank), and two disjoint halves of its other views against each other
+  (duplicate-scene detection: ROC AUC of same-scene pairs against all others). Logged as
+  ``val/<name>/retrieval_top1``, ``retrieval_top5``, ``retrieval_chance``, ``duplicate_auc``.
+
+Both read the objective's validation outputs (:meth:`FeatureConsensus.step`), alone or in a multi-task run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+from selfsup3d.callbacks.images import feature_pca, image_grid, tensorboard
+from selfsup3d.eval.scene_retrieval import KeypointSet, duplicate_auroc_matrix, retrieval_accuracy, set_similarity
+from selfsup3d.objectives.base import PretrainObjective, component_outputs
+from selfsup3d.objectives.consensus import FeatureConsensus
+from selfsup3d.objectives.multitask import MultiTask
+
+
+def draw_points(images: Tensor, uv: Tensor, seen: Tensor, scale: float, radius: int = 1) -> Tensor:
+    """``images [V, 3, H, W]`` with a red square at each seen point ``uv [V, N, 2]`` (in cells of ``scale`` pixels)."""
+    out = images.detach().float().cpu().clone()
+    h, w = out.shape[-2:]
+    for view in range(out.shape[0]):
+        for (u, v), ok in zip(uv[view].cpu().tolist(), seen[view].cpu().tolist()):
+            if not ok:
+                continue
+            col, row = int(u * scale), int(v * scale)
+            r0, r1, c0, c1 = (
+                max(0, row - radius),
+                min(h, row + radius + 1),
+                max(0, col - radius),
+                min(w, col + radius + 1),
+            )
+            out[view, :, r0:r1, c0:c1] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+    return out
+
+
+def consensus_picture(out: Mapping[str, Any], scene: int, max_views: int, min_size: int = 64) -> Tensor:
+    """The picture of one scene of a validation step's outputs (see the module docstring)."""
+    images = out["images"][scene, :max_views].float()
+    v, _, h, w = images.shape
+    f2d, f3d = (
+        out["f2d"].unflatten(0, out["images"].shape[:2])[scene, :v],
+        out["f3d"].unflatten(0, out["images"].shape[:2])[scene, :v],
+    )
+    maps = [f2d, f3d]
+    if isinstance(out.get("teacher_f2d"), Tensor):
+        maps.append(out["teacher_f2d"].unflatten(0, out["images"].shape[:2])[scene, :v])
+    pca = feature_pca(torch.cat(maps), size=(h, w))
+    rows = [images, *pca.split(v)]
+    if isinstance(out.get("kp_uv"), Tensor):
+        rows.append(draw_points(images, out["kp_uv"][scene, :v], out["kp_seen"][scene, :v], w / f2d.shape[-1]))
+    factor = max(1, -(-min_size // min(h, w)))
+    if factor > 1:
+        rows = [F.interpolate(r.float().cpu(), scale_factor=factor, mode="nearest") for r in rows]
+    return image_grid(rows)
+
+
+class ConsensusPictures(Callback):
+    """Feature PCA and key points of the first validation batch, to TensorBoard as ``<name>/features_<i>``.
+
+    Args:
+        max_scenes: scenes to show.
+        max_views: views per scene.
+    """
+
+    def __init__(self, max_scenes: int = 2, max_views: int = 4) -> None:
+        self.max_scenes, self.max_views = max_scenes, max_views
+        self.last_pictures: list[Tensor] = []
+
+    @rank_zero_only
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        writer = tensorboard(trainer)
+        if batch_idx != 0 or trainer.sanity_checking or not isinstance(pl_module, PretrainObjective):
+            return
+        for name, _, out in component_outputs(pl_module, outputs, FeatureConsensus):
+            if "f2d" not in out:
+                continue
+            self.last_pictures = [
+                consensus_picture(out, i, self.max_views) for i in range(min(self.max_scenes, out["images"].shape[0]))
+            ]
+            if writer is not None:
+                for i, picture in enumerate(self.last_pictures):
+                    writer.add_image(f"{name or 'consensus'}/features_{i}", picture, trainer.global_step)
+
+
+class SceneRetrieval(Callback):
+    """2D->3D scene retrieval and duplicate detection on the validation scenes (see the module docstring).
+
+    Args:
+        mode: how a key-point set is compared with another (:func:`~selfsup3d.eval.scene_retrieval.set_similarity`).
+    """
+
+    def __init__(self, mode: str = "best_match") -> None:
+        self.mode = mode
+        self._sets: dict[str, dict[str, list[KeypointSet]]] = {}
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sets = {}
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or not isinstance(pl_module, PretrainObjective):
+            return
+        for name, objective, _ in component_outputs(pl_module, outputs, FeatureConsensus):
+            scenes = _scene_batch(batch, pl_module, name)
+            if scenes is None or objective.keypoints2d is None or scenes["images"].shape[1] < 3:
+                continue
+            self.collect(name, objective, scenes, pl_module.encoder)
+
+    def collect(self, name: str, objective: FeatureConsensus, scenes: Mapping[str, Any], encoder: Any) -> None:
+        """Summarise a multi-view batch: queries (view 0), database (the other views), and two halves of those."""
+        v = scenes["images"].shape[1]
+        half = 1 + (v - 1) // 2
+        sets = self._sets.setdefault(name, {"query": [], "database": [], "half_a": [], "half_b": []})
+        sets["query"].append(objective.image_keypoints(scenes["images"][:, 0], encoder))
+        sets["database"].append(objective.scene_keypoints(_views(scenes, slice(1, v)), encoder))
+        sets["half_a"].append(objective.scene_keypoints(_views(scenes, slice(1, half)), encoder))
+        sets["half_b"].append(objective.scene_keypoints(_views(scenes, slice(half, v)), encoder))
+
+    def compute(self, name: str) -> dict[str, float]:
+        """Retrieval top-1/top-5 (with chance) and duplicate AUC over the scenes collected for ``name``."""
+        sets = {k: _concat(v) for k, v in self._sets[name].items()}
+        n = len(sets["query"])
+        truth = torch.arange(n)
+        metrics = retrieval_accuracy(set_similarity(sets["query"], sets["database"], self.mode), truth, (1, 5))
+        metrics = {f"retrieval_{k}": v for k, v in metrics.items()}
+        metrics["retrieval_chance"] = 1.0 / max(n, 1)
+        if n > 1:
+            metrics["duplicate_auc"] = duplicate_auroc_matrix(set_similarity(sets["half_a"], sets["half_b"], self.mode))
+        return metrics
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for name in self._sets:
+            for metric, value in self.compute(name).items():
+                key = f"val/{name}/{metric}" if name else f"val/{metric}"
+                pl_module.log(key, value, sync_dist=True)
+
+
+def _scene_batch(batch: Any, module: PretrainObjective, name: str) -> Mapping[str, Any] | None:
+    """The multi-view batch component ``name`` read (its source's, in a multi-task run)."""
+    if not isinstance(batch, Mapping):
+        return None
+    if name and isinstance(module, MultiTask) and module.source_of(name) in batch:
+        batch = batch[module.source_of(name)]
+    return batch if isinstance(batch.get("images"), Tensor) else None
+
+
+def _views(batch: Mapping[str, Any], views: slice) -> dict[str, Any]:
+    return {k: (v[:, views] if isinstance(v, Tensor) and v.ndim >= 2 and k != "label" else v) for k, v in batch.items()}
+
+
+def _concat(sets: list[KeypointSet]) -> KeypointSet:
+    return KeypointSet(torch.cat([s.descriptors for s in sets]).cpu(), torch.cat([s.weights for s in sets]).cpu())
