@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from selfsup3d.callbacks.images import feature_pca, image_grid, tensorboard
-from selfsup3d.eval.scene_retrieval import KeypointSet, duplicate_auroc_matrix, retrieval_accuracy, set_similarity
+from selfsup3d.eval.scene_retrieval import RetrievalProtocol, SetSimilarity
 from selfsup3d.objectives.base import PretrainObjective, component_outputs
 from selfsup3d.objectives.consensus import FeatureConsensus
 from selfsup3d.objectives.multitask import MultiTask
@@ -107,18 +107,21 @@ class ConsensusPictures(Callback):
 
 
 class SceneRetrieval(Callback):
-    """2D->3D scene retrieval and duplicate detection on the validation scenes (see the module docstring).
+    """2D->3D scene retrieval and duplicate detection on the validation scenes of each rank (see the module
+    docstring and :class:`~selfsup3d.eval.scene_retrieval.RetrievalProtocol`; ``selfsup3d retrieve`` computes the
+    same over a whole held-out set).
 
     Args:
         mode: how a key-point set is compared with another (:func:`~selfsup3d.eval.scene_retrieval.set_similarity`).
     """
 
-    def __init__(self, mode: str = "best_match") -> None:
+    def __init__(self, mode: SetSimilarity = "best_match") -> None:
         self.mode = mode
-        self._sets: dict[str, dict[str, list[KeypointSet]]] = {}
+        self.protocols: dict[str, RetrievalProtocol] = {}
+        self.last_metrics: dict[str, dict[str, float]] = {}
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._sets = {}
+        self.protocols = {}
 
     def on_validation_batch_end(
         self,
@@ -135,37 +138,15 @@ class SceneRetrieval(Callback):
             scenes = _scene_batch(batch, pl_module, name)
             if scenes is None or objective.keypoints2d is None or scenes["images"].shape[1] < 3:
                 continue
-            self.collect(name, objective, scenes, pl_module.encoder)
-
-    def collect(self, name: str, objective: FeatureConsensus, scenes: Mapping[str, Any], encoder: Any) -> None:
-        """Summarise a multi-view batch: queries (view 0), database (the other views), and two halves of those."""
-        v = scenes["images"].shape[1]
-        half = 1 + (v - 1) // 2
-        sets = self._sets.setdefault(name, {"query": [], "database": [], "half_a": [], "half_b": []})
-        sets["query"].append(objective.image_keypoints(scenes["images"][:, 0], encoder))
-        sets["database"].append(objective.scene_keypoints(_views(scenes, slice(1, v)), encoder))
-        sets["half_a"].append(objective.scene_keypoints(_views(scenes, slice(1, half)), encoder))
-        sets["half_b"].append(objective.scene_keypoints(_views(scenes, slice(half, v)), encoder))
-
-    def compute(self, name: str) -> dict[str, float]:
-        """Retrieval top-1/top-5 (with chance) and duplicate AUC over the scenes collected for ``name``."""
-        sets = {k: _concat(v) for k, v in self._sets[name].items()}
-        n = len(sets["query"])
-        truth = torch.arange(n)
-        metrics = retrieval_accuracy(set_similarity(sets["query"], sets["database"], self.mode), truth, (1, 5))
-        metrics = {f"retrieval_{k}": v for k, v in metrics.items()}
-        metrics["retrieval_chance"] = 1.0 / max(n, 1)
-        if n > 1:
-            metrics["duplicate_auc"] = duplicate_auroc_matrix(set_similarity(sets["half_a"], sets["half_b"], self.mode))
-        return metrics
+            self.protocols.setdefault(name, RetrievalProtocol(self.mode)).add(objective, scenes, pl_module.encoder)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        for name in self._sets:
-            for metric, value in self.compute(name).items():
-                key = f"val/{name}/{metric}" if name else f"val/{metric}"
-                pl_module.log(key, value, sync_dist=True)
+        for name, protocol in self.protocols.items():
+            self.last_metrics[name] = metrics = protocol.compute()
+            for metric, value in metrics.items():
+                pl_module.log(f"val/{name}/{metric}" if name else f"val/{metric}", value, sync_dist=True)
 
 
 def _scene_batch(batch: Any, module: PretrainObjective, name: str) -> Mapping[str, Any] | None:
@@ -175,11 +156,3 @@ def _scene_batch(batch: Any, module: PretrainObjective, name: str) -> Mapping[st
     if name and isinstance(module, MultiTask) and module.source_of(name) in batch:
         batch = batch[module.source_of(name)]
     return batch if isinstance(batch.get("images"), Tensor) else None
-
-
-def _views(batch: Mapping[str, Any], views: slice) -> dict[str, Any]:
-    return {k: (v[:, views] if isinstance(v, Tensor) and v.ndim >= 2 and k != "label" else v) for k, v in batch.items()}
-
-
-def _concat(sets: list[KeypointSet]) -> KeypointSet:
-    return KeypointSet(torch.cat([s.descriptors for s in sets]).cpu(), torch.cat([s.weights for s in sets]).cpu())

@@ -45,6 +45,10 @@ from selfsup3d.objectives.base import PretrainObjective
 TOOL_VERBS: dict[str, tuple[str, str]] = {
     "data": ("selfsup3d.datamodules.commands:main", "build WebDataset shards: render, convert, pseudo-depth"),
     "export": ("selfsup3d.encoders.export:main", "write the encoder of a checkpoint as timm weights"),
+    "retrieve": (
+        "selfsup3d.eval.retrieve:main",
+        "2D->3D scene retrieval and duplicate detection with a consensus model",
+    ),
 }
 
 DESCRIPTION = "selfsup3d: 3D-aware self-supervised pretraining of vision encoders.\n\nTool verbs: " + "; ".join(

@@ -18,9 +18,9 @@ Metrics: :func:`retrieval_accuracy` (top-k over all scenes of the database) and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -157,3 +157,67 @@ def duplicate_auroc_matrix(similarity: Tensor) -> float:
         raise ValueError(f"need a square similarity of at least 2 scenes, got {tuple(similarity.shape)}")
     labels = torch.eye(s, dtype=torch.bool, device=similarity.device)
     return duplicate_auroc(similarity.flatten(), labels.flatten())
+
+
+class SparseSummaries(Protocol):
+    """What summarises scenes and images as key-point sets (the feature-consensus objective does)."""
+
+    def scene_keypoints(self, batch: Mapping[str, Any], encoder: Any) -> KeypointSet: ...
+
+    def image_keypoints(self, images: Tensor, encoder: Any) -> KeypointSet: ...
+
+
+def _views(batch: Mapping[str, Any], views: slice) -> dict[str, Any]:
+    """The views ``views`` of a multi-view batch (every per-view tensor sliced on its view axis)."""
+    per_view = ("images", "K", "c2w", "depth", "mask")
+    return {k: (v[:, views] if k in per_view and isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+
+class RetrievalProtocol:
+    """2D->3D retrieval and duplicate detection over held-out scenes, batch by batch.
+
+    Each scene of ``V >= 3`` views is summarised four ways: view 0's 2D key points (the query); the 3D key
+    points of views ``1 .. V-1`` (its entry in the database); and those of two disjoint halves of views
+    ``1 .. V-1`` (duplicate detection: the two halves of the same scene against halves of all others). The
+    query's own view is never in the database.
+
+    Args:
+        mode: how two key-point sets compare (:func:`set_similarity`).
+    """
+
+    def __init__(self, mode: SetSimilarity = "best_match") -> None:
+        self.mode = mode
+        self.sets: dict[str, list[KeypointSet]] = {"query": [], "database": [], "half_a": [], "half_b": []}
+
+    def add(self, summaries: SparseSummaries, scenes: Mapping[str, Any], encoder: Any) -> None:
+        """Summarise the scenes of one multi-view batch (``images [B, V, ...]`` with cameras and depth)."""
+        v = scenes["images"].shape[1]
+        if v < 3:
+            raise ValueError(f"retrieval needs at least 3 views per scene (a query and two halves), got {v}")
+        half = 1 + (v - 1) // 2
+        self.sets["query"].append(summaries.image_keypoints(scenes["images"][:, 0], encoder))
+        self.sets["database"].append(summaries.scene_keypoints(_views(scenes, slice(1, v)), encoder))
+        self.sets["half_a"].append(summaries.scene_keypoints(_views(scenes, slice(1, half)), encoder))
+        self.sets["half_b"].append(summaries.scene_keypoints(_views(scenes, slice(half, v)), encoder))
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sets["query"])
+
+    def compute(self) -> dict[str, float]:
+        """``retrieval_top1``, ``retrieval_top5``, ``retrieval_chance`` (1 / scenes) and ``duplicate_auc``."""
+        sets = {
+            name: KeypointSet(
+                torch.cat([s.descriptors for s in parts]).cpu(), torch.cat([s.weights for s in parts]).cpu()
+            )
+            for name, parts in self.sets.items()
+        }
+        n = len(sets["query"])
+        if n == 0:
+            raise ValueError("no scenes were summarised")
+        top = retrieval_accuracy(set_similarity(sets["query"], sets["database"], self.mode), torch.arange(n), (1, 5))
+        metrics = {f"retrieval_{k}": v for k, v in top.items()}
+        metrics["retrieval_chance"] = 1.0 / n
+        if n > 1:
+            metrics["duplicate_auc"] = duplicate_auroc_matrix(set_similarity(sets["half_a"], sets["half_b"], self.mode))
+        metrics["scenes"] = float(n)
+        return metrics
