@@ -8,7 +8,7 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from selfsup3d.encoders.export import save_encoder
+from selfsup3d.encoders.export import save_encoder, timm_metadata
 
 
 class EncoderExport(Callback):
@@ -35,7 +35,10 @@ class EncoderExport(Callback):
         state = pl_module.encoder_state_dict()
         config = getattr(pl_module.encoder, "config", None)
         self.last_path = save_encoder(
-            state, {**(config or {}), "checkpoint_path": None, "pretrained": False}, self._target(trainer)
+            state,
+            {**(config or {}), "checkpoint_path": None, "pretrained": False},
+            self._target(trainer),
+            **timm_metadata(pl_module.encoder),
         )
         rank_zero_info(f"encoder exported to {self.last_path}")
 

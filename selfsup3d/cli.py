@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import selfsup3d.callbacks  # noqa: F401  (short class names in YAML resolve for imported classes)
 import selfsup3d.datamodules  # noqa: F401
 import selfsup3d.objectives  # noqa: F401
-from selfsup3d.errors import CheckpointMismatchError, ConfigError
+from selfsup3d.errors import CheckpointMismatchError, ConfigError, WeightsFileError, WeightsUnavailableError
 from selfsup3d.objectives.base import PretrainObjective
 
 # verb -> "module:function(argv) -> int | None"; imported only when used.
@@ -44,6 +44,15 @@ TOOL_VERBS: dict[str, tuple[str, str]] = {
     "data": ("selfsup3d.datamodules.commands:main", "build WebDataset shards: render, convert, pseudo-depth"),
     "export": ("selfsup3d.encoders.export:main", "write the encoder of a checkpoint as timm weights"),
 }
+
+# Errors a user causes; the CLI reports the outermost one in a chain in one line, without a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    CheckpointMismatchError,
+    WeightsFileError,
+    WeightsUnavailableError,
+    FileNotFoundError,
+)
 
 DESCRIPTION = "selfsup3d: 3D-aware self-supervised pretraining of vision encoders.\n\nTool verbs: " + "; ".join(
     f"`selfsup3d {verb} --help` ({what})" for verb, (_, what) in TOOL_VERBS.items()
@@ -138,7 +147,7 @@ class SelfSup3DCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as err:
-            self._report_user_error(err, (ConfigError, CheckpointMismatchError, FileNotFoundError))
+            self._report_user_error(err, USER_ERRORS)
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:

@@ -142,3 +142,63 @@ def test_console_scripts_answer_help():
         res = subprocess.run([str(bindir / cmd[0]), *cmd[1:]], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         assert "fit" in res.stdout
+
+
+def test_init_encoder_from_a_file_that_is_not_weights_is_one_line(tmp_path, capsys):
+    notes = tmp_path / "notes.ckpt"
+    notes.write_text("these are my notes, not weights\n" * 4)
+    cfg = write_config(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(cfg), "--model.init_args.init_encoder_from", str(notes)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert str(notes) in err and "is not a weights file" in err
+    assert "Traceback" not in err and "weights_only=False" not in err
+
+
+# The README's plain-timm line, verbatim (README.md, "Export the encoder"); only timm and safetensors.
+README_TIMM = """\
+import json, timm
+from safetensors import safe_open
+
+with safe_open("encoder.safetensors", "pt") as f:
+    meta = f.metadata()
+model = timm.create_model(meta["timm_name"], checkpoint_path="encoder.safetensors", **json.loads(meta["timm_kwargs"]))
+"""
+
+
+def _features_in_plain_timm(folder: Path, x: torch.Tensor) -> torch.Tensor:
+    """Run the README's line in a fresh interpreter that never imports selfsup3d; its features on ``x``."""
+    torch.save(x, folder / "x.pt")
+    script = README_TIMM + (
+        "import sys, torch\n"
+        "assert not any(m.split('.')[0] == 'selfsup3d' for m in sys.modules), 'selfsup3d was imported'\n"
+        "model.eval()\n"
+        "torch.save(model.forward_features(torch.load('x.pt')), 'features.pt')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], cwd=folder, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(folder / "features.pt")
+
+
+@pytest.mark.parametrize("how", ["fit", "export verb"])
+def test_exported_encoder_loads_in_plain_timm_with_the_readme_line(tmp_path, capsys, how):
+    cfg = write_config(tmp_path, max_steps=1)
+    main(["fit", "--config", str(cfg)])
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    if how == "fit":  # EncoderExport's file
+        (folder / "encoder.safetensors").write_bytes((run_dir(tmp_path) / "encoder.safetensors").read_bytes())
+    else:
+        last = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+        assert main(["export", str(last), "--out", str(folder / "encoder.safetensors")]) == 0
+        # the verb also prints the filled-in line, and prints it again for an exported file
+        line = "timm.create_model('vit_small_patch14_dinov2', checkpoint_path="
+        assert line in capsys.readouterr().out
+        assert main(["export", str(folder / "encoder.safetensors")]) == 0
+        printed = capsys.readouterr().out
+        assert line in printed and "num_heads=2" in printed and "init_values=1e-05" in printed
+    encoder = load_exported_encoder(folder / "encoder.safetensors").eval()
+    x = encoder.normalize(torch.rand(2, 3, 32, 32))
+    expected = encoder.vit.forward_features(x)
+    assert torch.allclose(_features_in_plain_timm(folder, x), expected, atol=1e-6)

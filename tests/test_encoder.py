@@ -168,3 +168,48 @@ def test_layer_scale_init_override():
     assert set(default.state_dict()) == set(neutral.state_dict())  # same key schema as DINOv2
     with pytest.raises(ConfigError, match="cannot use pretrained weights"):
         ViTEncoder("small", pretrained=True, layer_scale_init=1.0)
+
+
+# ---------------------------------------------------------------------------- files that are not weights
+class _NotATensor:
+    """A pickled object torch's safe loader refuses (what a full-model torch.save leaves in a file)."""
+
+
+@pytest.mark.parametrize("content", ["text", "pickled object", "bad safetensors"])
+def test_a_file_that_is_not_weights_is_refused_in_one_sentence(tmp_path, content):
+    from selfsup3d.errors import WeightsFileError
+
+    path = tmp_path / ("weights.safetensors" if content == "bad safetensors" else "weights.ckpt")
+    if content == "pickled object":
+        torch.save({"model": _NotATensor()}, path)
+    else:
+        path.write_bytes(b"these are my notes, not weights\n" * 4)
+    with pytest.raises(WeightsFileError) as err:
+        tiny_encoder(checkpoint_path=str(path))
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg
+    assert "weights_only=False" not in msg  # torch's advice to load untrusted pickles is not passed on
+
+
+# ---------------------------------------------------------------------------- architecture, not only shapes
+def test_weights_of_another_architecture_are_refused_naming_the_fields(tmp_path):
+    torch.manual_seed(0)
+    source = tiny_encoder(num_heads=2)
+    path = save_encoder(source.export_state_dict(), source.config, tmp_path / "enc.safetensors")
+    # num_heads leaves every tensor shape unchanged: only the recorded architecture tells them apart
+    with pytest.raises(CheckpointMismatchError, match=r"num_heads 2 .*4"):
+        tiny_encoder(num_heads=4, checkpoint_path=str(path))
+    tiny_encoder(num_heads=2, checkpoint_path=str(path))  # the same architecture loads
+
+
+def test_lightning_checkpoint_of_another_architecture_is_refused(tmp_path):
+    from toy import RotationPrediction, tiny_encoder_config
+
+    source = RotationPrediction(tiny_encoder(num_heads=2))
+    ckpt = tmp_path / "run.ckpt"
+    # what LightningCLI saves: the encoder as its class_path/init_args config
+    hparams = {"encoder": tiny_encoder_config(num_heads=2)}
+    torch.save({"state_dict": source.state_dict(), "hyper_parameters": hparams}, ckpt)
+    with pytest.raises(CheckpointMismatchError, match=r"num_heads 2 .*4"):
+        RotationPrediction(tiny_encoder(num_heads=4), init_encoder_from=str(ckpt))
+    RotationPrediction(tiny_encoder(num_heads=2), init_encoder_from=str(ckpt))
