@@ -202,3 +202,22 @@ def test_exported_encoder_loads_in_plain_timm_with_the_readme_line(tmp_path, cap
     x = encoder.normalize(torch.rand(2, 3, 32, 32))
     expected = encoder.vit.forward_features(x)
     assert torch.allclose(_features_in_plain_timm(folder, x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("network", ["offline mode", "no network"])
+def test_pretrained_weights_unavailable_say_what_to_do_in_one_line(tmp_path, capsys, monkeypatch, request, network):
+    from huggingface_hub import constants
+
+    if network == "no network":
+        request.getfixturevalue("no_network")
+    else:
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    cfg = yaml.safe_load(write_config(tmp_path).read_text())
+    cfg["model"]["init_args"]["encoder"]["init_args"] = {"name": "test_vit", "img_size": 32, "pretrained": True}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(tmp_path / "config.yaml")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "checkpoint_path" in err and "timm/test_vit.r160_in1k" in err  # the project's advice, not only the hub's
+    assert "Traceback" not in err

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from selfsup3d.encoders.architecture import vit_architecture
 from selfsup3d.encoders.checkpoint import load_encoder_weights
-from selfsup3d.errors import ConfigError
+from selfsup3d.errors import ConfigError, WeightsUnavailableError
+from selfsup3d.hub import fetch_pretrained
 
 SIZES: dict[str, str] = {
     "tiny": "vit_tiny_patch14_dinov2",
@@ -322,20 +323,26 @@ def create_vit(
         raise ConfigError(
             "embed_dim/depth/num_heads overrides change the architecture: they cannot use pretrained weights"
         )
+    hub_id: str | None = None
     if isinstance(pretrained, str):
         hub_id = pretrained.removeprefix("hf-hub:")
         kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": hub_id}
         pretrained = True
-    try:
-        model = timm.create_model(model_name, pretrained=bool(pretrained), **kwargs)
-    except (OSError, RuntimeError, ValueError) as err:
-        if not pretrained:
+    if not pretrained:
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+    else:
+        hub_id = hub_id or getattr(timm.models.get_pretrained_cfg(model_name), "hf_hub_id", None) or model_name
+        what = f"pretrained weights {hub_id} for encoder {name!r}"
+        advice = (
+            f"Download them where there is network (`hf download {hub_id} model.safetensors`, or copy the Hugging "
+            "Face cache), then set the encoder's checkpoint_path to the file and pretrained to false."
+        )
+        try:
+            model = fetch_pretrained(lambda: timm.create_model(model_name, pretrained=True, **kwargs), what, advice)
+        except (ConfigError, WeightsUnavailableError):
             raise
-        raise RuntimeError(
-            f"could not load pretrained weights for encoder {name!r}: {err}. Without network access, "
-            "download the weights elsewhere and pass encoder checkpoint_path=/path/to/weights "
-            "(a timm state dict, .safetensors file or selfsup3d checkpoint)."
-        ) from err
+        except (OSError, RuntimeError, ValueError) as err:
+            raise WeightsUnavailableError(f"could not load {what}: {err}. {advice}") from err
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"encoder {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
     for block in model.blocks:
