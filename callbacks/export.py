@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from selfsup3d.encoders.export import save_encoder, timm_metadata
 
 
 class EncoderExport(Callback):
-    """Export the encoder at the end of fitting and, optionally, at every checkpoint save.
+    """Export the encoder at the end of fitting, when fitting is interrupted, and optionally at every checkpoint
+    save.
 
     Args:
         filename: file name inside ``dirpath`` (a ``.safetensors`` file).
@@ -44,6 +45,16 @@ class EncoderExport(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.export(trainer, pl_module)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """An interrupted fit (Ctrl-C, SIGTERM, a crash) still leaves the encoder as it was, next to the
+        checkpoint that ``save_on_exception`` writes; a failure here never hides the original exception."""
+        if trainer.state.fn != "fit":
+            return
+        try:
+            self.export(trainer, pl_module)
+        except Exception as err:
+            rank_zero_warn(f"encoder export after {type(exception).__name__} failed: {err}")
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         if self.on_checkpoint:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 # Lightning 2.6 still calls jsonargparse APIs that 4.49+ deprecates; the warnings are not actionable by users.
@@ -32,6 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import selfsup3d.callbacks  # noqa: F401  (short class names in YAML resolve for imported classes)
 import selfsup3d.datamodules  # noqa: F401
@@ -168,7 +170,13 @@ def main(args: Sequence[str] | None = None) -> int:
         return int(_load_verb(TOOL_VERBS[argv[0]][0])(argv[1:]) or 0)
     # TF32 matmuls on Ampere+; no effect on the CPU.
     torch.set_float32_matmul_precision("high")
-    SelfSup3DCLI(args=args)  # None: LightningCLI reads sys.argv itself
+    try:
+        SelfSup3DCLI(args=args)  # None: LightningCLI reads sys.argv itself
+    except SIGTERMException:
+        # Lightning stops at the next step, saves (ModelCheckpoint and EncoderExport's on_exception) and raises
+        # this SystemExit with no status, i.e. 0; a scheduler must see that the job did not finish.
+        print("selfsup3d: stopped by SIGTERM after saving; resume with --ckpt_path last", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

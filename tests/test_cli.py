@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +87,7 @@ def test_interrupted_run_keeps_its_progress_and_resumes(tmp_path):
         signal.signal(signal.SIGINT, handler)
     last = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+    assert (run_dir(tmp_path) / "encoder.safetensors").is_file()  # the encoder is exported on Ctrl-C too
     main(["fit", "--config", str(cfg), "--ckpt_path", "last"])
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
 
@@ -221,3 +224,39 @@ def test_pretrained_weights_unavailable_say_what_to_do_in_one_line(tmp_path, cap
     err = capsys.readouterr().err
     assert "checkpoint_path" in err and "timm/test_vit.r160_in1k" in err  # the project's advice, not only the hub's
     assert "Traceback" not in err
+
+
+def test_sigterm_saves_checkpoint_and_encoder_then_exits_143(tmp_path):
+    """What a scheduler does at the end of a time slot: SIGTERM mid-epoch. The run saves, then fails (128 + 15)."""
+    cfg = write_config(tmp_path, max_steps=100_000)
+    marker = tmp_path / "training"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "selfsup3d"), "fit", "--config", str(cfg)]
+    cmd += ["--trainer.callbacks+=toy.MarkStep", f"--trainer.callbacks.path={marker}", "--trainer.callbacks.step=3"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), proc.communicate(timeout=5)[0][-3000:] if proc.poll() is not None else "no step 3"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    last = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert 3 <= ckpt["global_step"] < 100_000
+    encoder = load_exported_encoder(run_dir(tmp_path) / "encoder.safetensors")
+    saved = {k.removeprefix("encoder.vit."): v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.vit.")}
+    assert all(torch.equal(v, saved[k]) for k, v in encoder.vit.state_dict().items())  # the interrupted weights
+
+
+def test_a_crashing_fit_still_exports_the_encoder(tmp_path):
+    cfg = write_config(tmp_path, max_steps=6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["fit", "--config", str(cfg), "--trainer.callbacks+=toy.InterruptAt", "--trainer.callbacks.step=2",
+              "--trainer.callbacks.crash=true"])  # fmt: skip
+    assert (run_dir(tmp_path) / "encoder.safetensors").is_file()
+    assert torch.load(run_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

@@ -54,14 +54,14 @@ class RandomImages(LightningDataModule):
 
 
 class InterruptAt(Callback):
-    """Simulates Ctrl-C after ``step`` optimiser steps."""
+    """Simulates Ctrl-C (or, with ``crash``, a failing step) after ``step`` optimiser steps."""
 
-    def __init__(self, step: int = 2) -> None:
-        self.step = step
+    def __init__(self, step: int = 2, crash: bool = False) -> None:
+        self.step, self.crash = step, crash
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
-            raise KeyboardInterrupt
+            raise RuntimeError("simulated crash") if self.crash else KeyboardInterrupt
 
 
 def tiny_encoder_config(num_out_layers: int = 2, **init_args) -> dict:
@@ -71,3 +71,19 @@ def tiny_encoder_config(num_out_layers: int = 2, **init_args) -> dict:
         "class_path": "selfsup3d.encoders.ViTEncoder",
         "init_args": {**args, "num_out_layers": num_out_layers, **init_args},
     }
+
+
+class MarkStep(Callback):
+    """Writes ``path`` once ``step`` optimiser steps are done, then slows every later step by ``sleep`` seconds:
+    a run another process can interrupt mid-epoch, at a known point."""
+
+    def __init__(self, path: str, step: int = 2, sleep: float = 0.05) -> None:
+        self.path, self.step, self.sleep = path, step, sleep
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+        from pathlib import Path
+
+        if trainer.global_step >= self.step:
+            Path(self.path).touch()
+            time.sleep(self.sleep)
