@@ -40,6 +40,7 @@ import selfsup3d.datamodules  # noqa: F401
 import selfsup3d.objectives  # noqa: F401
 from selfsup3d.errors import CheckpointMismatchError, ConfigError, WeightsFileError, WeightsUnavailableError
 from selfsup3d.objectives.base import PretrainObjective
+from selfsup3d.usage import ConciseArgumentParser
 
 # verb -> "module:function(argv) -> int | None"; imported only when used.
 TOOL_VERBS: dict[str, tuple[str, str]] = {
@@ -86,7 +87,8 @@ class SelfSup3DCLI(LightningCLI):
             "save_config_kwargs": {"overwrite": True},
             "seed_everything_default": 42,
             "auto_configure_optimizers": False,
-            "parser_kwargs": {"description": DESCRIPTION},
+            "parser_kwargs": {"description": DESCRIPTION, "prog": _prog()},
+            "parser_class": ConciseArgumentParser,  # usage errors in two lines, not a page of usage
         }
         defaults.update(kwargs)
         super().__init__(args=args, run=run, **defaults)
@@ -156,6 +158,12 @@ class SelfSup3DCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except ConfigError as err:
             self._report_user_error(err, (ConfigError,))
+
+
+def _prog() -> str:
+    """The script's name in messages: ``selfsup3d`` or ``lightning`` (also when called from Python)."""
+    name = Path(sys.argv[0]).name
+    return name if name in ("selfsup3d", "lightning") else "selfsup3d"
 
 
 def _load_verb(target: str) -> Callable[[list[str]], int | None]:

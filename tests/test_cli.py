@@ -121,15 +121,20 @@ def test_print_config_is_complete_and_valid(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        (["--model.init_args.no_such_key", "1"], "no_such_key"),
-        (["--model.init_args.lr", "fast"], "lr"),
+        (["--model.init_args.no_such_key", "1"], "model.init_args.no_such_key"),
+        (["--model.init_args.lr", "fast"], "model.init_args.lr: expected float, got 'fast'"),
         (["--model", "toy.NoSuchObjective"], "toy.NoSuchObjective"),
         (["--model.init_args.layer_decay", "2.0"], "model.layer_decay"),
         (["--model.init_args.encoder.init_args.img_size", "36"], "img_size=36"),
+        (["--model.init_args.encoder.init_args.img_size", "big"], "model.init_args.encoder.init_args.img_size"),
         (["--model.init_args.init_encoder_from", "/nonexistent/enc.ckpt"], "/nonexistent/enc.ckpt"),
+        (["--trainer.max_epochs", "x"], "trainer.max_epochs: expected int or None, got 'x'"),
+        (["--trainer.no_such", "1"], "--trainer.no_such"),
+        (["--trainer.callbacks+=NoSuchCallback"], "NoSuchCallback"),
+        (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
     ],
 )
-def test_config_errors_name_the_key_without_a_traceback(tmp_path, capsys, override, needle):
+def test_config_errors_are_one_line_naming_the_key(tmp_path, capsys, override, needle):
     cfg = write_config(tmp_path)
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(cfg), *override])
@@ -137,6 +142,17 @@ def test_config_errors_name_the_key_without_a_traceback(tmp_path, capsys, overri
     err = capsys.readouterr().err
     assert needle in err
     assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err  # the problem, then where to get help; no page of usage
+    assert lines[0].startswith("selfsup3d fit: error: ") and "selfsup3d fit --help" in lines[1]
+
+
+def test_an_unknown_subcommand_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fitt"])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "'fitt'" in lines[0] and "--help" in lines[1]
 
 
 def test_console_scripts_answer_help():
