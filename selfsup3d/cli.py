@@ -40,6 +40,7 @@ import selfsup3d.datamodules  # noqa: F401
 import selfsup3d.objectives  # noqa: F401
 from selfsup3d.errors import CheckpointMismatchError, ConfigError, WeightsFileError, WeightsUnavailableError
 from selfsup3d.objectives.base import PretrainObjective
+from selfsup3d.overrides import route_callback_arguments
 from selfsup3d.usage import ConciseArgumentParser
 
 # verb -> "module:function(argv) -> int | None"; imported only when used.
@@ -104,6 +105,17 @@ class SelfSup3DCLI(LightningCLI):
                 "checkpoint.save_top_k": -1,
             }
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Lightning's parsing, after routing ``--trainer.callbacks.init_args.KEY VALUE`` to the configured
+        callback that takes ``KEY`` (see :mod:`selfsup3d.overrides`)."""
+        if args is None or isinstance(args, (list, tuple)):
+            argv = list(sys.argv[1:] if args is None else args)
+            routed = route_callback_arguments(argv, parser.parse_args, parser.error, parser.parser_mode)
+            if routed != argv:  # (parsed here: Lightning would warn that args and sys.argv differ)
+                self.config = parser.parse_args(routed)
+                return
+        super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         """``fit --ckpt_path last`` continues the newest run in place.

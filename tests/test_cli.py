@@ -276,3 +276,51 @@ def test_a_crashing_fit_still_exports_the_encoder(tmp_path):
               "--trainer.callbacks.crash=true"])  # fmt: skip
     assert (run_dir(tmp_path) / "encoder.safetensors").is_file()
     assert torch.load(run_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+# ---------------------------------------------------------------------------- one callback's argument
+def _printed_callbacks(capsys, argv: list[str]) -> list[dict]:
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--print_config"])
+    assert exit_.value.code == 0, capsys.readouterr().err
+    return yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+
+
+@pytest.mark.parametrize("key", ["--trainer.callbacks.init_args.num_classes", "--trainer.callbacks.num_classes"])
+def test_one_callbacks_argument_is_overridden_by_name(tmp_path, capsys, key):
+    cfg = yaml.safe_load(write_config(tmp_path).read_text())
+    probes = {"class_path": "selfsup3d.callbacks.OnlineProbes", "init_args": {"num_classes": 10, "bank_size": 64}}
+    cfg["trainer"]["callbacks"].insert(0, probes)  # not the last one: jsonargparse alone only reaches the last
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    callbacks = _printed_callbacks(capsys, ["fit", "--config", str(tmp_path / "config.yaml"), key, "3"])
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in callbacks] == ["OnlineProbes", "EncoderExport"]
+    assert callbacks[0]["init_args"]["num_classes"] == 3 and callbacks[0]["init_args"]["bank_size"] == 64
+    # the usual form keeps its meaning: after `+=`, the arguments go to the callback just appended
+    callbacks = _printed_callbacks(
+        capsys,
+        ["fit", "--config", str(tmp_path / "config.yaml"), key, "4", "--trainer.callbacks+=toy.InterruptAt",
+         "--trainer.callbacks.step=5", "--trainer.callbacks.crash=true"],
+    )  # fmt: skip
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in callbacks] == ["OnlineProbes", "EncoderExport", "InterruptAt"]
+    assert callbacks[0]["init_args"]["num_classes"] == 4
+    assert callbacks[-1]["init_args"] == {"step": 5, "crash": True}
+
+
+def test_a_callback_argument_no_or_several_callbacks_take_is_a_usage_error(tmp_path, capsys):
+    cfg = yaml.safe_load(write_config(tmp_path).read_text())
+    cfg["trainer"]["callbacks"].append({"class_path": "selfsup3d.callbacks.EncoderExport"})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for key, needle in (("filename", "2 callbacks take 'filename'"), ("num_classes", "no callback takes")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", str(tmp_path / "config.yaml"), f"--trainer.callbacks.init_args.{key}", "3"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert needle in err and "EncoderExport" in err and len(err.strip().splitlines()) == 2
+
+
+def test_demo_config_probe_classes_from_the_command_line(capsys):
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "triplane.yaml")
+    argv = ["fit", "--config", config, "--trainer.callbacks.init_args.num_classes", "3"]
+    callbacks = _printed_callbacks(capsys, argv)
+    (probes,) = [c for c in callbacks if c["class_path"].endswith("OnlineProbes")]
+    assert probes["init_args"]["num_classes"] == 3
