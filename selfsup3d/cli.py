@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import sys
 
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -38,6 +39,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import selfsup3d.callbacks  # noqa: F401  (short class names in YAML resolve for imported classes)
 import selfsup3d.datamodules  # noqa: F401
 import selfsup3d.objectives  # noqa: F401
+from selfsup3d.callbacks.progress import default_progress_bar
 from selfsup3d.errors import CheckpointMismatchError, ConfigError, WeightsFileError, WeightsUnavailableError
 from selfsup3d.objectives.base import PretrainObjective
 from selfsup3d.overrides import route_callback_arguments
@@ -144,9 +146,22 @@ class SelfSup3DCLI(LightningCLI):
         runs = Path(args.save_dir) / (args.get("name") or "")
         found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if found:
-            args.version = found[-1].parent.parent.name
+            folder = found[-1].parent.parent.name
+            # TensorBoardLogger names an integer version "version_N"; a string is used as the folder name as is
+            number = re.fullmatch(r"version_(\d+)", folder)
+            args.version = int(number.group(1)) if number else folder
             cfg.trainer.logger = logger
             rank_zero_info(f"resuming {found[-1]}")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Lightning's, with selfsup3d's progress bar (:func:`~selfsup3d.callbacks.default_progress_bar`) unless
+        the bar is off or the configuration names one."""
+        if config.get("enable_progress_bar", True) is not False:
+            given = config.get("callbacks") or []
+            given = given if isinstance(given, list) else [given]
+            if not any(isinstance(c, ProgressBar) for c in [*given, *callbacks]):
+                callbacks = [*callbacks, default_progress_bar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def _report_user_error(self, err: BaseException, kinds: tuple[type[BaseException], ...]) -> None:
         """Turn a user error raised while building or running the classes (jsonargparse wraps it) into a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -324,3 +325,39 @@ def test_demo_config_probe_classes_from_the_command_line(capsys):
     callbacks = _printed_callbacks(capsys, argv)
     (probes,) = [c for c in callbacks if c["class_path"].endswith("OnlineProbes")]
     assert probes["init_args"]["num_classes"] == 3
+
+
+# ---------------------------------------------------------------------------- the progress bar
+def test_progress_bar_of_a_step_bounded_run_and_its_resume(tmp_path):
+    """Shards stream without an end; the bar still counts each epoch's batches (not the remaining steps), says
+    'Epoch 1' (not 'Epoch 1/-2') and shows the run's version as it is, also after --ckpt_path last."""
+    from shards import write_singleview_shards
+
+    urls = write_singleview_shards(tmp_path / "shards", num_samples=8, size=32)
+    cfg = yaml.safe_load(write_config(tmp_path, max_steps=10).read_text())
+    cfg["data"] = {
+        "class_path": "selfsup3d.datamodules.SingleViewShards",
+        "init_args": {"train_urls": urls, "val_urls": urls, "image_size": 32, "batch_size": 2, "num_workers": 0,
+                      "batches_per_epoch": 3, "val_batches": 2, "with_depth": False},
+    }  # fmt: skip
+    cfg["trainer"].update(enable_progress_bar=True, limit_val_batches=None, num_sanity_val_steps=0)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    record = tmp_path / "progress.json"
+    watch = ["--trainer.callbacks+=toy.RecordProgress", f"--trainer.callbacks.path={record}"]
+    main(["fit", "--config", str(tmp_path / "config.yaml"), *watch])
+    seen = json.loads(record.read_text())
+    assert seen["train"] == {"total": 3, "description": "Epoch 1", "v_num": "0", "version": 0}
+    assert seen["val"]["total"] == 2
+    # resume the same run in place: the same version, shown as such
+    main(["fit", "--config", str(tmp_path / "config.yaml"), "--trainer.max_steps", "20", "--ckpt_path", "last", *watch])
+    seen = json.loads(record.read_text())
+    assert seen["train"]["v_num"] == "0" and seen["train"]["version"] == 0
+    assert not (tmp_path / "lightning_logs" / "version_1").exists()
+
+
+def test_the_default_progress_bar_is_off_when_the_trainer_says_so(tmp_path):
+    from selfsup3d.cli import SelfSup3DCLI
+
+    cfg = write_config(tmp_path)  # enable_progress_bar: false
+    cli = SelfSup3DCLI(args=["fit", "--config", str(cfg), "--trainer.max_steps", "0"])
+    assert cli.trainer.progress_bar_callback is None

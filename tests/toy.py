@@ -87,3 +87,39 @@ class MarkStep(Callback):
         if trainer.global_step >= self.step:
             Path(self.path).touch()
             time.sleep(self.sleep)
+
+
+class RecordProgress(Callback):
+    """Writes what the progress bar shows (totals, epoch text, version) during the first training and validation
+    batch of the second epoch to ``path`` (JSON)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.seen = path, {}
+
+    def _description(self, trainer) -> str:
+        bar = trainer.progress_bar_callback
+        if hasattr(bar, "_get_train_description"):  # Rich
+            return bar._get_train_description(trainer.current_epoch).strip()
+        return str(bar.train_progress_bar.desc).rstrip(": ")
+
+    def _record(self, trainer, pl_module, stage: str) -> None:
+        import json
+
+        bar = trainer.progress_bar_callback
+        if trainer.sanity_checking or trainer.current_epoch < 1 or stage in self.seen:
+            return
+        total = bar.total_train_batches if stage == "train" else bar.total_val_batches_current_dataloader
+        self.seen[stage] = {
+            "total": total if total != float("inf") else None,
+            "description": self._description(trainer),
+            "v_num": bar.get_metrics(trainer, pl_module).get("v_num"),
+            "version": trainer.logger.version,
+        }
+        with open(self.path, "w") as f:
+            json.dump(self.seen, f)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._record(trainer, pl_module, "train")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._record(trainer, pl_module, "val")
