@@ -48,8 +48,10 @@ class EncoderExport(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         """An interrupted fit (Ctrl-C, SIGTERM, a crash) still leaves the encoder as it was, next to the
-        checkpoint that ``save_on_exception`` writes; a failure here never hides the original exception."""
-        if trainer.state.fn != "fit":
+        checkpoint that ``save_on_exception`` writes; a failure here never hides the original exception. Before
+        the first step (or before a resumed run's weights are restored) there is nothing to keep, and an earlier
+        export in the same folder is left alone."""
+        if trainer.state.fn != "fit" or trainer.global_step == 0:
             return
         try:
             self.export(trainer, pl_module)

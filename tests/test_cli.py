@@ -277,6 +277,11 @@ def test_a_crashing_fit_still_exports_the_encoder(tmp_path):
               "--trainer.callbacks.crash=true"])  # fmt: skip
     assert (run_dir(tmp_path) / "encoder.safetensors").is_file()
     assert torch.load(run_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    # resuming that run crashes before its weights are restored: the exported encoder is not overwritten
+    exported = (run_dir(tmp_path) / "encoder.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="crash at setup"):
+        main(["fit", "--config", str(cfg), "--ckpt_path", "last", "--trainer.callbacks+=toy.CrashAtSetup"])
+    assert (run_dir(tmp_path) / "encoder.safetensors").read_bytes() == exported
 
 
 # ---------------------------------------------------------------------------- one callback's argument

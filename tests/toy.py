@@ -123,3 +123,10 @@ class RecordProgress(Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._record(trainer, pl_module, "val")
+
+
+class CrashAtSetup(Callback):
+    """Fails while the fit is set up: before any step, and before a resumed run's weights are restored."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        raise RuntimeError("crash at setup")
