@@ -10,6 +10,7 @@ from selfsup3d.callbacks.export import EncoderExport
 from selfsup3d.callbacks.lr import LearningRates
 from selfsup3d.callbacks.masked_view import MaskedViewPictures
 from selfsup3d.callbacks.probes import OnlineProbes
+from selfsup3d.callbacks.progress import RichProgress, TQDMProgress, default_progress_bar
 from selfsup3d.callbacks.triplane import TriplaneImages
 
 __all__ = [
@@ -18,6 +19,9 @@ __all__ = [
     "LearningRates",
     "MaskedViewPictures",
     "OnlineProbes",
+    "RichProgress",
     "SceneRetrieval",
+    "TQDMProgress",
     "TriplaneImages",
+    "default_progress_bar",
 ]

@@ -7,15 +7,16 @@ import json
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from safetensors.torch import save_file
 
-from selfsup3d.encoders.export import save_encoder
+from selfsup3d.encoders.export import save_encoder, timm_metadata
 from selfsup3d.objectives.base import PretrainObjective
 
 
 class EncoderExport(Callback):
-    """Export the encoder at the end of fitting and, optionally, at every checkpoint save.
+    """Export the encoder at the end of fitting, when fitting is interrupted, and optionally at every checkpoint
+    save.
 
     Args:
         filename: file name inside ``dirpath`` (a ``.safetensors`` file).
@@ -42,7 +43,12 @@ class EncoderExport(Callback):
     def _write(self, pl_module: LightningModule, target: Path) -> None:
         state = pl_module.encoder_state_dict()
         config = getattr(pl_module.encoder, "config", None)
-        self.last_path = save_encoder(state, {**(config or {}), "checkpoint_path": None, "pretrained": False}, target)
+        self.last_path = save_encoder(
+            state,
+            {**(config or {}), "checkpoint_path": None, "pretrained": False},
+            target,
+            **timm_metadata(pl_module.encoder),
+        )
         rank_zero_info(f"encoder exported to {self.last_path}")
         if isinstance(pl_module, PretrainObjective):  # other products (the consensus objective's 3D backbone)
             for name, component in pl_module.components():
@@ -57,6 +63,18 @@ class EncoderExport(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.export(trainer, pl_module)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """An interrupted fit (Ctrl-C, SIGTERM, a crash) still leaves the encoder as it was, next to the
+        checkpoint that ``save_on_exception`` writes; a failure here never hides the original exception. Before
+        the first step (or before a resumed run's weights are restored) there is nothing to keep, and an earlier
+        export in the same folder is left alone."""
+        if trainer.state.fn != "fit" or trainer.global_step == 0:
+            return
+        try:
+            self.export(trainer, pl_module)
+        except Exception as err:
+            rank_zero_warn(f"encoder export after {type(exception).__name__} failed: {err}")
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         if self.on_checkpoint:

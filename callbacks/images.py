@@ -1,15 +1,19 @@
 """Small helpers for pictures in TensorBoard: grids, depth colouring, feature PCA.
 
 All take and return float tensors in ``[0, 1]`` with channels first, so callbacks can stack rows of
-inputs, renders and depth maps into one image."""
+inputs, renders and depth maps into one image, each row named in a margin on the left."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
@@ -22,13 +26,20 @@ def tensorboard(trainer: Trainer) -> SummaryWriter | None:
     return None
 
 
-def image_grid(rows: list[Tensor], pad: int = 2, value: float = 1.0) -> Tensor:
+def image_grid(rows: list[Tensor], pad: int = 2, value: float = 1.0, labels: Sequence[str] | None = None) -> Tensor:
     """Stack rows of images into one ``[3, H', W']`` picture.
 
-    Each row is ``[N, C, H, W]`` with ``C`` in ``{1, 3}`` (grey is repeated); rows may have different
-    ``N`` and sizes (images are resized to the first row's height)."""
+    Args:
+        rows: each ``[N, C, H, W]`` with ``C`` in ``{1, 3}`` (grey is repeated); rows may have different ``N``
+            and sizes (images are resized to the first row's height).
+        pad: pixels around every image.
+        value: the background grey level (padding and label margin).
+        labels: one name per row (``""`` for none), written in a margin on the left of the picture.
+    """
     if not rows:
         raise ValueError("image_grid needs at least one row")
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"image_grid got {len(labels)} labels for {len(rows)} rows")
     h = rows[0].shape[-2]
     out_rows = []
     width = 0
@@ -43,7 +54,34 @@ def image_grid(rows: list[Tensor], pad: int = 2, value: float = 1.0) -> Tensor:
         out_rows.append(torch.cat(list(padded), dim=-1))
         width = max(width, out_rows[-1].shape[-1])
     out_rows = [F.pad(r, (0, width - r.shape[-1]), value=value) for r in out_rows]
+    if labels is not None and any(labels):
+        strips = label_strips(list(labels), h + 2 * pad, pad, value)
+        out_rows = [torch.cat([strip, r], dim=-1) for strip, r in zip(strips, out_rows)]
     return torch.cat(out_rows, dim=-2)
+
+
+def label_strips(labels: list[str], height: int, pad: int = 2, value: float = 1.0) -> list[Tensor]:
+    """One ``[3, height, W]`` strip per label with the text drawn on the background ``value`` (black text on a
+    light background, white on a dark one); all strips have the width of the longest text."""
+    font = _font(int(min(16, max(9, height * 0.5))))
+    ink = 0 if value > 0.5 else 255
+    boxes = [font.getbbox(text) if text else (0, 0, 0, 0) for text in labels]
+    width = max(box[2] for box in boxes) + 2 * pad + 2
+    strips = []
+    for text, (_, top, _, bottom) in zip(labels, boxes):
+        canvas = Image.new("L", (width, height), round(value * 255))
+        if text:
+            ImageDraw.Draw(canvas).text((pad + 1, (height - bottom - top) / 2), text, fill=ink, font=font)
+        strips.append(torch.from_numpy(np.array(canvas)).float().div(255).expand(3, -1, -1))
+    return strips
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's own font (no font files needed); the bitmap one where Pillow was built without FreeType."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
 
 
 def colorize(

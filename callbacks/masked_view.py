@@ -175,13 +175,16 @@ class MaskedViewPictures(Callback):
         if isinstance(gt, Tensor):
             va = context.shape[1]
             nearest = nearest_view_baseline(context.float(), gt[:, :va].float(), gt[:, va:].float())
+        labels: list[str] = []
         for i in range(min(self.max_scenes, context.shape[0])):
             rows.append(context[i, : self.max_views])
             rows.append(target[i, : self.max_views])
             rows.append(render[i, : self.max_views])
+            labels += [f"scene {i}: context", "targets", "renders"]
             if nearest is not None:
                 rows.append(nearest[i, : self.max_views])
+                labels.append("nearest context")
         factor = math.ceil(self.min_size / min(context.shape[-2:]))
         if factor > 1:
             rows = [F.interpolate(row.float(), scale_factor=factor, mode="nearest") for row in rows]
-        return image_grid(rows)
+        return image_grid(rows, labels=labels)

@@ -25,13 +25,16 @@ def triplane_picture(outputs: Mapping[str, Any], num_images: int, near: float, f
     idx = torch.linspace(0, total - 1, n).round().long()  # spread over the batch (views of several scenes)
     rows = [outputs["image"][idx], outputs["render_rgb"][idx]]
     rows.append(colorize(outputs["render_depth"][idx], vmin=near, vmax=far))
+    labels = ["input", "rendered colour", "rendered depth"]
     if outputs.get("target_depth") is not None:
         valid = outputs.get("depth_valid")
         invalid = ~valid[idx].bool() if valid is not None else None
         rows.append(colorize(outputs["target_depth"][idx], vmin=near, vmax=far, invalid=invalid))
+        labels.append("target depth")
     if outputs.get("render_opacity") is not None:
         rows.append(outputs["render_opacity"][idx])
-    return image_grid([r.detach().float().cpu() for r in rows])
+        labels.append("opacity")
+    return image_grid([r.detach().float().cpu() for r in rows], labels=labels)
 
 
 class TriplaneImages(Callback):

@@ -700,6 +700,19 @@ def convert_colmap(
     return _write(_pool_map(_colmap_unit, jobs, workers, "convert colmap", progress), report, sink)
 
 
+def _hidden(relative: Path) -> bool:
+    """Hidden files and folders (``.DS_Store``, ``.ipynb_checkpoints``) are not part of a data set."""
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _unsupported(path: Path) -> str:
+    """Why ``convert_images`` leaves a file out: its type (grouped by extension in the summary)."""
+    kind = path.suffix.lower() or "without extension"
+    if kind == ".gif":
+        return ".gif file not converted (save the frames you want as PNG to include them)"
+    return f"{kind} file not converted (not an image type it reads: {', '.join(sorted(IMAGE_SUFFIXES))})"
+
+
 def convert_images(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -718,7 +731,9 @@ def convert_images(
 
     Args:
         src: the folder; with sub-folders, each is a class (images found recursively inside it) and images
-            directly in ``src`` are skipped; without sub-folders, its images get label -1.
+            directly in ``src`` are skipped; without sub-folders, its images get label -1. Files of other
+            types (``.gif``, ``.txt``, ...) are listed in the report's ``skipped`` with their type; hidden files
+            (``.DS_Store``) are ignored.
         out: output folder.
         split: shard name prefix.
         samples_per_shard: images per tar shard.
@@ -742,15 +757,18 @@ def convert_images(
     if class_dirs:
         report.class_names = [d.name for d in class_dirs]
         for label, d in enumerate(class_dirs):
-            files.extend((p, label, d.name) for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in d.rglob("*") if p.is_file() and not _hidden(p.relative_to(src_path)))
+            files.extend((p, label, d.name) for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
+            report.skipped.extend(
+                (opts["relative"](p), _unsupported(p)) for p in found if p.suffix.lower() not in IMAGE_SUFFIXES
+            )
         for p in sorted(src_path.iterdir()):
-            if p.is_file():
+            if p.is_file() and not _hidden(Path(p.name)):
                 report.skipped.append((p.name, "not in a class folder"))
     else:
-        files = [(p, -1, None) for p in sorted(src_path.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-        for p in sorted(src_path.iterdir()):
-            if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES:
-                report.skipped.append((p.name, "not an image file"))
+        found = sorted(p for p in src_path.iterdir() if p.is_file() and not _hidden(Path(p.name)))
+        files = [(p, -1, None) for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+        report.skipped.extend((p.name, _unsupported(p)) for p in found if p.suffix.lower() not in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"{src_path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if shuffle:

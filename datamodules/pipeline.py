@@ -398,7 +398,11 @@ def val_pipeline(
 def make_loader(
     pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool, epoch_batches: int | None
 ) -> wds.WebLoader:
-    """A WebLoader over a batching pipeline; ``epoch_batches`` batches per epoch when given (per rank)."""
+    """A WebLoader over a batching pipeline; ``epoch_batches`` batches per epoch when given (per rank).
+
+    An epoch of ``epoch_batches`` is also the loader's ``len()``: exact, since ``with_epoch`` cycles the stream,
+    and what Lightning counts with (progress bars, validation at the epoch's end). A full validation pass has
+    no length: its size depends on the shards' contents."""
     loader = wds.WebLoader(
         pipeline,
         batch_size=None,
@@ -407,7 +411,7 @@ def make_loader(
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
     )
-    return loader.with_epoch(epoch_batches) if epoch_batches else loader
+    return loader.with_epoch(epoch_batches).with_length(epoch_batches, silent=True) if epoch_batches else loader
 
 
 def rank_and_world_size(trainer: Trainer | None) -> tuple[int, int]:

@@ -61,6 +61,7 @@ from selfsup3d.datamodules.format import (
     parse_meta,
     single_depth_scale,
 )
+from selfsup3d.hub import fetch_pretrained
 
 DISPARITY_MODELS = ("dpt", "depth_anything")
 """Model types whose relative checkpoints predict inverse depth (disparity)."""
@@ -223,8 +224,20 @@ class DepthModel:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
-        self.processor = AutoImageProcessor.from_pretrained(model)
-        self.model = AutoModelForDepthEstimation.from_pretrained(model).to(self.device, self.dtype).eval()
+
+        def load() -> tuple[Any, Any]:
+            return AutoImageProcessor.from_pretrained(model), AutoModelForDepthEstimation.from_pretrained(model)
+
+        if Path(model).is_dir():
+            processor, network = load()
+        else:  # a hub id: downloaded, or read from the cache when the hub cannot be reached
+            advice = (
+                f"Download it where there is network (`hf download {model} --local-dir DIR`), copy DIR here "
+                "and pass --model DIR."
+            )
+            processor, network = fetch_pretrained(load, f"the files of depth model {model}", advice)
+        self.processor = processor
+        self.model = network.to(self.device, self.dtype).eval()
         self.kind = output_kind(self.model, kind)
         self.depth_range = depth_range
 

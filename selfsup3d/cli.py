@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
+import signal
 import sys
 
 # Lightning 2.6 still calls jsonargparse APIs that 4.49+ deprecates; the warnings are not actionable by users.
@@ -28,18 +30,22 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import selfsup3d.callbacks  # noqa: F401  (short class names in YAML resolve for imported classes)
 import selfsup3d.datamodules  # noqa: F401
 import selfsup3d.objectives  # noqa: F401
 from selfsup3d.callbacks import EncoderExport, LearningRates
+from selfsup3d.callbacks.progress import default_progress_bar
 from selfsup3d.datamodules import SkippedSamplesLogger
-from selfsup3d.errors import CheckpointMismatchError, ConfigError
+from selfsup3d.errors import CheckpointMismatchError, ConfigError, WeightsFileError, WeightsUnavailableError
 from selfsup3d.objectives.base import PretrainObjective
+from selfsup3d.overrides import route_callback_arguments
+from selfsup3d.usage import ConciseArgumentParser
 
 # verb -> "module:function(argv) -> int | None"; imported only when used.
 TOOL_VERBS: dict[str, tuple[str, str]] = {
@@ -50,6 +56,15 @@ TOOL_VERBS: dict[str, tuple[str, str]] = {
         "2D->3D scene retrieval and duplicate detection with a consensus model",
     ),
 }
+
+# Errors a user causes; the CLI reports the outermost one in a chain in one line, without a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    CheckpointMismatchError,
+    WeightsFileError,
+    WeightsUnavailableError,
+    FileNotFoundError,
+)
 
 DESCRIPTION = "selfsup3d: 3D-aware self-supervised pretraining of vision encoders.\n\nTool verbs: " + "; ".join(
     f"`selfsup3d {verb} --help` ({what})" for verb, (_, what) in TOOL_VERBS.items()
@@ -83,7 +98,8 @@ class SelfSup3DCLI(LightningCLI):
             "save_config_kwargs": {"overwrite": True},
             "seed_everything_default": 42,
             "auto_configure_optimizers": False,
-            "parser_kwargs": {"description": DESCRIPTION},
+            "parser_kwargs": {"description": DESCRIPTION, "prog": _prog()},
+            "parser_class": ConciseArgumentParser,  # usage errors in two lines, not a page of usage
         }
         defaults.update(kwargs)
         super().__init__(args=args, run=run, **defaults)
@@ -103,6 +119,17 @@ class SelfSup3DCLI(LightningCLI):
                 "checkpoint.save_top_k": -1,
             }
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Lightning's parsing, after routing ``--trainer.callbacks.init_args.KEY VALUE`` to the configured
+        callback that takes ``KEY`` (see :mod:`selfsup3d.overrides`)."""
+        if args is None or isinstance(args, (list, tuple)):
+            argv = list(sys.argv[1:] if args is None else args)
+            routed = route_callback_arguments(argv, parser.parse_args, parser.error, parser.parser_mode)
+            if routed != argv:  # (parsed here: Lightning would warn that args and sys.argv differ)
+                self.config = parser.parse_args(routed)
+                return
+        super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         """``fit --ckpt_path last`` continues the newest run in place.
@@ -131,9 +158,22 @@ class SelfSup3DCLI(LightningCLI):
         runs = Path(args.save_dir) / (args.get("name") or "")
         found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if found:
-            args.version = found[-1].parent.parent.name
+            folder = found[-1].parent.parent.name
+            # TensorBoardLogger names an integer version "version_N"; a string is used as the folder name as is
+            number = re.fullmatch(r"version_(\d+)", folder)
+            args.version = int(number.group(1)) if number else folder
             cfg.trainer.logger = logger
             rank_zero_info(f"resuming {found[-1]}")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Lightning's, with selfsup3d's progress bar (:func:`~selfsup3d.callbacks.default_progress_bar`) unless
+        the bar is off or the configuration names one."""
+        if config.get("enable_progress_bar", True) is not False:
+            given = config.get("callbacks") or []
+            given = given if isinstance(given, list) else [given]
+            if not any(isinstance(c, ProgressBar) for c in [*given, *callbacks]):
+                callbacks = [*callbacks, default_progress_bar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def _report_user_error(self, err: BaseException, kinds: tuple[type[BaseException], ...]) -> None:
         """Turn a user error raised while building or running the classes (jsonargparse wraps it) into a
@@ -150,13 +190,19 @@ class SelfSup3DCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as err:
-            self._report_user_error(err, (ConfigError, CheckpointMismatchError, FileNotFoundError))
+            self._report_user_error(err, USER_ERRORS)
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
         except ConfigError as err:
             self._report_user_error(err, (ConfigError,))
+
+
+def _prog() -> str:
+    """The script's name in messages: ``selfsup3d`` or ``lightning`` (also when called from Python)."""
+    name = Path(sys.argv[0]).name
+    return name if name in ("selfsup3d", "lightning") else "selfsup3d"
 
 
 def _load_verb(target: str) -> Callable[[list[str]], int | None]:
@@ -171,7 +217,13 @@ def main(args: Sequence[str] | None = None) -> int:
         return int(_load_verb(TOOL_VERBS[argv[0]][0])(argv[1:]) or 0)
     # TF32 matmuls on Ampere+; no effect on the CPU.
     torch.set_float32_matmul_precision("high")
-    SelfSup3DCLI(args=args)  # None: LightningCLI reads sys.argv itself
+    try:
+        SelfSup3DCLI(args=args)  # None: LightningCLI reads sys.argv itself
+    except SIGTERMException:
+        # Lightning stops at the next step, saves (ModelCheckpoint and EncoderExport's on_exception) and raises
+        # this SystemExit with no status, i.e. 0; a scheduler must see that the job did not finish.
+        print("selfsup3d: stopped by SIGTERM after saving; resume with --ckpt_path last", file=sys.stderr)
+        return 128 + signal.SIGTERM
     return 0
 
 

@@ -1,5 +1,8 @@
 """Exceptions that carry a message meant for the user, not a stack trace, and the YAML keys they name.
 
+The CLI reports each of them in one line (see ``selfsup3d.cli``); the message says what is wrong and, where
+there is one, what to do.
+
 A configuration error names the key as the user writes it: ``model.init_args.dim`` for an objective fitted
 alone, ``model.init_args.objectives.masked_view.init_args.dim`` for the same objective inside a multi-task
 run, ``data.init_args.sources.scenes.init_args.num_views`` for a source of a combined datamodule. Modules
@@ -26,7 +29,18 @@ class ConfigError(ValueError):
 
 
 class CheckpointMismatchError(ValueError):
-    """Weights that do not fit the model they are loaded into; the message names the keys."""
+    """Weights that do not fit the model they are loaded into; the message names the keys or the architecture
+    fields that differ."""
+
+
+class WeightsFileError(ValueError):
+    """A file given as weights (``checkpoint_path``, ``init_encoder_from``, a teacher) that holds none that can be
+    read safely: not a state dict, checkpoint or ``.safetensors`` file, or one with pickled Python objects."""
+
+
+class WeightsUnavailableError(OSError):
+    """Pretrained weights that cannot be fetched (no network, offline mode, not in the local cache); the message
+    says how to get them onto the machine and where to point the configuration."""
 
 
 def current_prefix(section: str = "model") -> str:

@@ -29,3 +29,25 @@ def tiny_encoder(**kwargs) -> ViTEncoder:
 def encoder() -> ViTEncoder:
     torch.manual_seed(0)
     return tiny_encoder()
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path) -> list[str]:
+    """A machine without network, as a user meets it: offline mode off, an empty Hugging Face cache, every
+    host name fails to resolve, and retry back-off sleeps return at once. Yields the hosts that were tried."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    tried: list[str] = []
+
+    def unresolvable(host, *args, **kwargs):
+        tried.append(str(host))
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    return tried

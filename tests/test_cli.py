@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +88,7 @@ def test_interrupted_run_keeps_its_progress_and_resumes(tmp_path):
         signal.signal(signal.SIGINT, handler)
     last = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+    assert (run_dir(tmp_path) / "encoder.safetensors").is_file()  # the encoder is exported on Ctrl-C too
     main(["fit", "--config", str(cfg), "--ckpt_path", "last"])
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 6
 
@@ -118,15 +122,20 @@ def test_print_config_is_complete_and_valid(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        (["--model.init_args.no_such_key", "1"], "no_such_key"),
-        (["--model.init_args.lr", "fast"], "lr"),
+        (["--model.init_args.no_such_key", "1"], "model.init_args.no_such_key"),
+        (["--model.init_args.lr", "fast"], "model.init_args.lr: expected float, got 'fast'"),
         (["--model", "toy.NoSuchObjective"], "toy.NoSuchObjective"),
         (["--model.init_args.layer_decay", "2.0"], "model.init_args.layer_decay"),
         (["--model.init_args.encoder.init_args.img_size", "36"], "img_size=36"),
+        (["--model.init_args.encoder.init_args.img_size", "big"], "model.init_args.encoder.init_args.img_size"),
         (["--model.init_args.init_encoder_from", "/nonexistent/enc.ckpt"], "/nonexistent/enc.ckpt"),
+        (["--trainer.max_epochs", "x"], "trainer.max_epochs: expected int or None, got 'x'"),
+        (["--trainer.no_such", "1"], "--trainer.no_such"),
+        (["--trainer.callbacks+=NoSuchCallback"], "NoSuchCallback"),
+        (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
     ],
 )
-def test_config_errors_name_the_key_without_a_traceback(tmp_path, capsys, override, needle):
+def test_config_errors_are_one_line_naming_the_key(tmp_path, capsys, override, needle):
     cfg = write_config(tmp_path)
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(cfg), *override])
@@ -134,6 +143,17 @@ def test_config_errors_name_the_key_without_a_traceback(tmp_path, capsys, overri
     err = capsys.readouterr().err
     assert needle in err
     assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2, err  # the problem, then where to get help; no page of usage
+    assert lines[0].startswith("selfsup3d fit: error: ") and "selfsup3d fit --help" in lines[1]
+
+
+def test_an_unknown_subcommand_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fitt"])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "'fitt'" in lines[0] and "--help" in lines[1]
 
 
 def test_console_scripts_answer_help():
@@ -142,3 +162,207 @@ def test_console_scripts_answer_help():
         res = subprocess.run([str(bindir / cmd[0]), *cmd[1:]], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         assert "fit" in res.stdout
+
+
+def test_init_encoder_from_a_file_that_is_not_weights_is_one_line(tmp_path, capsys):
+    notes = tmp_path / "notes.ckpt"
+    notes.write_text("these are my notes, not weights\n" * 4)
+    cfg = write_config(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(cfg), "--model.init_args.init_encoder_from", str(notes)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert str(notes) in err and "is not a weights file" in err
+    assert "Traceback" not in err and "weights_only=False" not in err
+
+
+# The README's plain-timm line, verbatim (README.md, "Export the encoder"); only timm and safetensors.
+README_TIMM = """\
+import json, timm
+from safetensors import safe_open
+
+with safe_open("encoder.safetensors", "pt") as f:
+    meta = f.metadata()
+model = timm.create_model(meta["timm_name"], checkpoint_path="encoder.safetensors", **json.loads(meta["timm_kwargs"]))
+"""
+
+
+def _features_in_plain_timm(folder: Path, x: torch.Tensor) -> torch.Tensor:
+    """Run the README's line in a fresh interpreter that never imports selfsup3d; its features on ``x``."""
+    torch.save(x, folder / "x.pt")
+    script = README_TIMM + (
+        "import sys, torch\n"
+        "assert not any(m.split('.')[0] == 'selfsup3d' for m in sys.modules), 'selfsup3d was imported'\n"
+        "model.eval()\n"
+        "torch.save(model.forward_features(torch.load('x.pt')), 'features.pt')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], cwd=folder, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(folder / "features.pt")
+
+
+@pytest.mark.parametrize("how", ["fit", "export verb"])
+def test_exported_encoder_loads_in_plain_timm_with_the_readme_line(tmp_path, capsys, how):
+    cfg = write_config(tmp_path, max_steps=1)
+    main(["fit", "--config", str(cfg)])
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    if how == "fit":  # EncoderExport's file
+        (folder / "encoder.safetensors").write_bytes((run_dir(tmp_path) / "encoder.safetensors").read_bytes())
+    else:
+        last = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+        assert main(["export", str(last), "--out", str(folder / "encoder.safetensors")]) == 0
+        # the verb also prints the filled-in line, and prints it again for an exported file
+        line = "timm.create_model('vit_small_patch14_dinov2', checkpoint_path="
+        assert line in capsys.readouterr().out
+        assert main(["export", str(folder / "encoder.safetensors")]) == 0
+        printed = capsys.readouterr().out
+        assert line in printed and "num_heads=2" in printed and "init_values=1e-05" in printed
+    encoder = load_exported_encoder(folder / "encoder.safetensors").eval()
+    x = encoder.normalize(torch.rand(2, 3, 32, 32))
+    expected = encoder.vit.forward_features(x)
+    assert torch.allclose(_features_in_plain_timm(folder, x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("network", ["offline mode", "no network"])
+def test_pretrained_weights_unavailable_say_what_to_do_in_one_line(tmp_path, capsys, monkeypatch, request, network):
+    from huggingface_hub import constants
+
+    if network == "no network":
+        request.getfixturevalue("no_network")
+    else:
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    cfg = yaml.safe_load(write_config(tmp_path).read_text())
+    cfg["model"]["init_args"]["encoder"]["init_args"] = {"name": "test_vit", "img_size": 32, "pretrained": True}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(tmp_path / "config.yaml")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "checkpoint_path" in err and "timm/test_vit.r160_in1k" in err  # the project's advice, not only the hub's
+    assert "Traceback" not in err
+
+
+def test_sigterm_saves_checkpoint_and_encoder_then_exits_143(tmp_path):
+    """What a scheduler does at the end of a time slot: SIGTERM mid-epoch. The run saves, then fails (128 + 15)."""
+    cfg = write_config(tmp_path, max_steps=100_000)
+    marker = tmp_path / "training"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "selfsup3d"), "fit", "--config", str(cfg)]
+    cmd += ["--trainer.callbacks+=toy.MarkStep", f"--trainer.callbacks.path={marker}", "--trainer.callbacks.step=3"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), proc.communicate(timeout=5)[0][-3000:] if proc.poll() is not None else "no step 3"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    last = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert 3 <= ckpt["global_step"] < 100_000
+    encoder = load_exported_encoder(run_dir(tmp_path) / "encoder.safetensors")
+    saved = {k.removeprefix("encoder.vit."): v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.vit.")}
+    assert all(torch.equal(v, saved[k]) for k, v in encoder.vit.state_dict().items())  # the interrupted weights
+
+
+def test_a_crashing_fit_still_exports_the_encoder(tmp_path):
+    cfg = write_config(tmp_path, max_steps=6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["fit", "--config", str(cfg), "--trainer.callbacks+=toy.InterruptAt", "--trainer.callbacks.step=2",
+              "--trainer.callbacks.crash=true"])  # fmt: skip
+    assert (run_dir(tmp_path) / "encoder.safetensors").is_file()
+    assert torch.load(run_dir(tmp_path) / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    # resuming that run crashes before its weights are restored: the exported encoder is not overwritten
+    exported = (run_dir(tmp_path) / "encoder.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="crash at setup"):
+        main(["fit", "--config", str(cfg), "--ckpt_path", "last", "--trainer.callbacks+=toy.CrashAtSetup"])
+    assert (run_dir(tmp_path) / "encoder.safetensors").read_bytes() == exported
+
+
+# ---------------------------------------------------------------------------- one callback's argument
+def _printed_callbacks(capsys, argv: list[str]) -> list[dict]:
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--print_config"])
+    assert exit_.value.code == 0, capsys.readouterr().err
+    return yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+
+
+@pytest.mark.parametrize("key", ["--trainer.callbacks.init_args.num_classes", "--trainer.callbacks.num_classes"])
+def test_one_callbacks_argument_is_overridden_by_name(tmp_path, capsys, key):
+    cfg = yaml.safe_load(write_config(tmp_path).read_text())
+    probes = {"class_path": "selfsup3d.callbacks.OnlineProbes", "init_args": {"num_classes": 10, "bank_size": 64}}
+    cfg["trainer"]["callbacks"].insert(0, probes)  # not the last one: jsonargparse alone only reaches the last
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    callbacks = _printed_callbacks(capsys, ["fit", "--config", str(tmp_path / "config.yaml"), key, "3"])
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in callbacks] == ["OnlineProbes", "EncoderExport"]
+    assert callbacks[0]["init_args"]["num_classes"] == 3 and callbacks[0]["init_args"]["bank_size"] == 64
+    # the usual form keeps its meaning: after `+=`, the arguments go to the callback just appended
+    callbacks = _printed_callbacks(
+        capsys,
+        ["fit", "--config", str(tmp_path / "config.yaml"), key, "4", "--trainer.callbacks+=toy.InterruptAt",
+         "--trainer.callbacks.step=5", "--trainer.callbacks.crash=true"],
+    )  # fmt: skip
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in callbacks] == ["OnlineProbes", "EncoderExport", "InterruptAt"]
+    assert callbacks[0]["init_args"]["num_classes"] == 4
+    assert callbacks[-1]["init_args"] == {"step": 5, "crash": True}
+
+
+def test_a_callback_argument_no_or_several_callbacks_take_is_a_usage_error(tmp_path, capsys):
+    cfg = yaml.safe_load(write_config(tmp_path).read_text())
+    cfg["trainer"]["callbacks"].append({"class_path": "selfsup3d.callbacks.EncoderExport"})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    for key, needle in (("filename", "2 callbacks take 'filename'"), ("num_classes", "no callback takes")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", str(tmp_path / "config.yaml"), f"--trainer.callbacks.init_args.{key}", "3"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert needle in err and "EncoderExport" in err and len(err.strip().splitlines()) == 2
+
+
+def test_demo_config_probe_classes_from_the_command_line(capsys):
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "triplane.yaml")
+    argv = ["fit", "--config", config, "--trainer.callbacks.init_args.num_classes", "3"]
+    callbacks = _printed_callbacks(capsys, argv)
+    (probes,) = [c for c in callbacks if c["class_path"].endswith("OnlineProbes")]
+    assert probes["init_args"]["num_classes"] == 3
+
+
+# ---------------------------------------------------------------------------- the progress bar
+def test_progress_bar_of_a_step_bounded_run_and_its_resume(tmp_path):
+    """Shards stream without an end; the bar still counts each epoch's batches (not the remaining steps), says
+    'Epoch 1' (not 'Epoch 1/-2') and shows the run's version as it is, also after --ckpt_path last."""
+    from shards import write_singleview_shards
+
+    urls = write_singleview_shards(tmp_path / "shards", num_samples=8, size=32)
+    cfg = yaml.safe_load(write_config(tmp_path, max_steps=10).read_text())
+    cfg["data"] = {
+        "class_path": "selfsup3d.datamodules.SingleViewShards",
+        "init_args": {"train_urls": urls, "val_urls": urls, "image_size": 32, "batch_size": 2, "num_workers": 0,
+                      "batches_per_epoch": 3, "val_batches": 2, "with_depth": False},
+    }  # fmt: skip
+    cfg["trainer"].update(enable_progress_bar=True, limit_val_batches=None, num_sanity_val_steps=0)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    record = tmp_path / "progress.json"
+    watch = ["--trainer.callbacks+=toy.RecordProgress", f"--trainer.callbacks.path={record}"]
+    main(["fit", "--config", str(tmp_path / "config.yaml"), *watch])
+    seen = json.loads(record.read_text())
+    assert seen["train"] == {"total": 3, "description": "Epoch 1", "v_num": "0", "version": 0}
+    assert seen["val"]["total"] == 2
+    # resume the same run in place: the same version, shown as such
+    main(["fit", "--config", str(tmp_path / "config.yaml"), "--trainer.max_steps", "20", "--ckpt_path", "last", *watch])
+    seen = json.loads(record.read_text())
+    assert seen["train"]["v_num"] == "0" and seen["train"]["version"] == 0
+    assert not (tmp_path / "lightning_logs" / "version_1").exists()
+
+
+def test_the_default_progress_bar_is_off_when_the_trainer_says_so(tmp_path):
+    from selfsup3d.cli import SelfSup3DCLI
+
+    cfg = write_config(tmp_path)  # enable_progress_bar: false
+    cli = SelfSup3DCLI(args=["fit", "--config", str(cfg), "--trainer.max_steps", "0"])
+    assert cli.trainer.progress_bar_callback is None

@@ -136,8 +136,8 @@ def test_start_up_checks_name_the_keys(urls):
         model.check_data(replace(spec, with_depth=False))
     with pytest.raises(ConfigError, match="model.init_args.cameras=predicted"):
         make(cameras="predicted").check_data(spec)
-    with pytest.raises(ConfigError, match="model.init_args.grid_size=12 must be divisible"):
-        make(grid_size=12)
+    with pytest.raises(ConfigError, match="model.init_args.grid_size=10 must be divisible"):
+        make(grid_size=10)
 
 
 def test_retrieval_and_the_3d_backbone_export_from_the_cli(tmp_path, urls, capsys):
@@ -199,7 +199,8 @@ def test_predicted_cameras_in_a_multitask_run(tmp_path, urls):
 
 
 def test_predicted_cameras_scale_is_fixed_from_the_views(urls):
-    """With the true poses as the "prediction" at a wrong scale, the closed-form scale recovers the true centres."""
+    """The estimator's translations have no unit: the closed-form scale makes the result the same whatever the
+    prediction's scale, and close to the true one when the predicted poses are the true ones."""
     enc = tiny_encoder(num_out_layers=1)
     mv = MaskedViewPrediction(enc, dim=32, num_heads=2, camera_layers=2, scene_layers=1, render_layers=1,
                               num_scene_tokens=8)  # fmt: skip
@@ -209,14 +210,14 @@ def test_predicted_cameras_scale_is_fixed_from_the_views(urls):
     batch = batch_of(data(urls))
     true = batch["c2w"]
     rel = torch.linalg.inv(true[:, :1]) @ true  # relative to view 0, as the estimator predicts
-    scaled = rel.clone()
-    scaled[..., :3, 3] *= 0.1
-
-    def fake_camera(feats, grid):
-        focal = batch["K"][:, 0, 0, 0] / batch["images"].shape[-1]
-        return scaled, focal
-
-    mv.camera.forward = fake_camera  # type: ignore[method-assign]
+    focal = batch["K"][:, 0, 0, 0] / batch["images"].shape[-1]
     enc_out = model.encoder(batch["images"].flatten(0, 1))
-    _, c2w = consensus.scene_cameras(batch, enc_out, *batch["images"].shape[:2])
-    assert torch.allclose(c2w[..., :3, 3], rel[..., :3, 3], atol=0.05 * rel[..., :3, 3].abs().max())
+    results = []
+    for factor in (0.1, 10.0):
+        scaled = rel.clone()
+        scaled[..., :3, 3] *= factor
+        mv.camera.forward = lambda feats, grid, c=scaled: (c, focal)  # type: ignore[method-assign]
+        results.append(consensus.scene_cameras(batch, enc_out, *batch["images"].shape[:2])[1])
+    assert torch.allclose(results[0], results[1], atol=1e-4)
+    ratio = results[0][:, 1:, :3, 3].norm(dim=-1) / rel[:, 1:, :3, 3].norm(dim=-1)
+    assert ((ratio > 0.5) & (ratio < 2.0)).all(), ratio

@@ -280,3 +280,16 @@ def test_convert_commands_print_summaries(tmp_path, capsys):
     assert err.value.code == 2 and "is not a folder" in capsys.readouterr().err
     info = json.loads((tmp_path / "out" / "info.json").read_text())
     assert info["splits"]["train"]["class_names"] == ["cat", "dog"]
+
+
+def test_image_folder_lists_the_files_it_does_not_convert(tmp_path):
+    _image_folder(tmp_path / "src")
+    Image.new("RGB", (8, 8)).save(tmp_path / "src" / "cat" / "anim.gif")
+    (tmp_path / "src" / "dog" / "sub" / "notes.txt").write_text("not a picture")
+    report = convert_images(tmp_path / "src", tmp_path / "out", workers=1, progress=False)
+    reasons = dict(report.skipped)
+    assert "cat/anim.gif" in reasons and ".gif" in reasons["cat/anim.gif"]
+    assert "dog/sub/notes.txt" in reasons and ".txt" in reasons["dog/sub/notes.txt"]
+    summary = report.summary()
+    assert "cat/anim.gif" in summary and "dog/sub/notes.txt" in summary
+    assert report.written == 6  # the readable images are still all written

@@ -137,3 +137,17 @@ def test_validation_centre_crop_is_deterministic(tmp_path):
 def test_impossible_settings_raise_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         SingleViewShards("x.tar", **kwargs)
+
+
+def test_loaders_say_how_many_batches_an_epoch_has(tmp_path):
+    """Lightning (and its progress bar) counts with len(): an epoch of the stream, exactly what it yields."""
+    url = write_singleview_shards(tmp_path, num_samples=8)
+    dm = SingleViewShards(url, url, batch_size=2, num_workers=0, image_size=32, batches_per_epoch=3, val_batches=5)
+    dm.setup("fit")
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    assert len(train) == 3 == sum(1 for _ in train)
+    assert len(val) == 5 == sum(1 for _ in val)  # cycles the 4 validation batches
+    full = SingleViewShards(url, url, batch_size=2, num_workers=0, image_size=32, val_batches=None)
+    full.setup("validate")
+    with pytest.raises(TypeError):  # one full pass: its length depends on the shards, so none is claimed
+        len(full.val_dataloader())

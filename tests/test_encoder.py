@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -64,11 +66,46 @@ def test_unknown_name_and_bad_sizes_fail_clearly():
         tiny_encoder(num_out_layers=3)
 
 
-def test_pretrained_without_network_says_what_to_do(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
-    with pytest.raises(RuntimeError, match="checkpoint_path"):
+def test_pretrained_in_offline_mode_says_what_to_do(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from selfsup3d.errors import WeightsUnavailableError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    with pytest.raises(WeightsUnavailableError, match="checkpoint_path") as err:
         ViTEncoder("small", img_size=28, pretrained=True)
+    assert "HF_HUB_OFFLINE" in str(err.value) and "timm/vit_small_patch14_dinov2.lvd142m" in str(err.value)
+
+
+def test_pretrained_without_network_says_what_to_do_at_once(no_network):
+    from selfsup3d.errors import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError, match="checkpoint_path") as err:
+        ViTEncoder("test_vit", img_size=32, pretrained=True)
+    assert "cannot be reached" in str(err.value)
+    assert len(no_network) == 1  # one short probe, not a minute of retries per file
+
+
+def _cache_hub_weights(cache: Path, repo: str, tensors: dict) -> None:
+    """Lay ``tensors`` out as ``model.safetensors`` of ``repo`` in a Hugging Face cache (as a download would)."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    save_file(tensors, str(folder / "snapshots" / commit / "model.safetensors"))
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+
+
+def test_pretrained_weights_in_the_cache_load_without_network(no_network, tmp_path):
+    from huggingface_hub import constants
+
+    torch.manual_seed(0)
+    reference = timm.create_model("test_vit", pretrained=False, num_classes=0)
+    _cache_hub_weights(Path(constants.HF_HUB_CACHE), "timm/test_vit.r160_in1k", reference.state_dict())
+    enc = ViTEncoder("test_vit", img_size=32, pretrained=True)
+    assert torch.equal(enc.vit.blocks[0].attn.qkv.weight, reference.blocks[0].attn.qkv.weight)
+    assert len(no_network) <= 1
 
 
 def test_pretrained_loads_through_timm_from_local_file(tmp_path):
@@ -172,3 +209,48 @@ def test_layer_scale_init_override():
     assert set(default.state_dict()) == set(neutral.state_dict())  # same key schema as DINOv2
     with pytest.raises(ConfigError, match="cannot use pretrained weights"):
         ViTEncoder("small", pretrained=True, layer_scale_init=1.0)
+
+
+# ---------------------------------------------------------------------------- files that are not weights
+class _NotATensor:
+    """A pickled object torch's safe loader refuses (what a full-model torch.save leaves in a file)."""
+
+
+@pytest.mark.parametrize("content", ["text", "pickled object", "bad safetensors"])
+def test_a_file_that_is_not_weights_is_refused_in_one_sentence(tmp_path, content):
+    from selfsup3d.errors import WeightsFileError
+
+    path = tmp_path / ("weights.safetensors" if content == "bad safetensors" else "weights.ckpt")
+    if content == "pickled object":
+        torch.save({"model": _NotATensor()}, path)
+    else:
+        path.write_bytes(b"these are my notes, not weights\n" * 4)
+    with pytest.raises(WeightsFileError) as err:
+        tiny_encoder(checkpoint_path=str(path))
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg
+    assert "weights_only=False" not in msg  # torch's advice to load untrusted pickles is not passed on
+
+
+# ---------------------------------------------------------------------------- architecture, not only shapes
+def test_weights_of_another_architecture_are_refused_naming_the_fields(tmp_path):
+    torch.manual_seed(0)
+    source = tiny_encoder(num_heads=2)
+    path = save_encoder(source.export_state_dict(), source.config, tmp_path / "enc.safetensors")
+    # num_heads leaves every tensor shape unchanged: only the recorded architecture tells them apart
+    with pytest.raises(CheckpointMismatchError, match=r"num_heads 2 .*4"):
+        tiny_encoder(num_heads=4, checkpoint_path=str(path))
+    tiny_encoder(num_heads=2, checkpoint_path=str(path))  # the same architecture loads
+
+
+def test_lightning_checkpoint_of_another_architecture_is_refused(tmp_path):
+    from toy import RotationPrediction, tiny_encoder_config
+
+    source = RotationPrediction(tiny_encoder(num_heads=2))
+    ckpt = tmp_path / "run.ckpt"
+    # what LightningCLI saves: the encoder as its class_path/init_args config
+    hparams = {"encoder": tiny_encoder_config(num_heads=2)}
+    torch.save({"state_dict": source.state_dict(), "hyper_parameters": hparams}, ckpt)
+    with pytest.raises(CheckpointMismatchError, match=r"num_heads 2 .*4"):
+        RotationPrediction(tiny_encoder(num_heads=4), init_encoder_from=str(ckpt))
+    RotationPrediction(tiny_encoder(num_heads=2), init_encoder_from=str(ckpt))

@@ -272,9 +272,11 @@ def test_picture_grid_rows_and_enlargement():
     }
     outputs["gt_c2w"][:, :, 0, 3] = torch.arange(va + vb, dtype=torch.float32)
     grid = MaskedViewPictures(max_scenes=2, min_size=64).render_grid(outputs)
-    # per scene 4 rows (context, targets, renders, nearest views) of 64-pixel views with 2 pixels of padding
-    assert grid.shape == (3, b * 4 * (64 + 4), va * (64 + 4))
+    # per scene 4 rows (context, targets, renders, nearest views) of 64-pixel views with 2 pixels of padding,
+    # after a margin on the left that names the rows
+    margin = grid.shape[-1] - va * (64 + 4)
+    assert grid.shape[:2] == (3, b * 4 * (64 + 4)) and margin > 0
     plain = MaskedViewPictures(max_scenes=1, min_size=1).render_grid(outputs)
-    assert plain.shape == (3, 4 * (size + 4), va * (size + 4))
+    assert plain.shape[:2] == (3, 4 * (size + 4)) and plain.shape[-1] > va * (size + 4)
     # the enlarged context row shows the views pixel for pixel
-    assert torch.equal(grid[:, 2 : 2 + 64 : 4, 2 : 2 + 64 : 4], outputs["context"][0, 0])
+    assert torch.equal(grid[:, 2 : 2 + 64 : 4, margin + 2 : margin + 2 + 64 : 4], outputs["context"][0, 0])

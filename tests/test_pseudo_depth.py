@@ -112,3 +112,21 @@ def test_annotates_an_image_folder_with_classes(tmp_path, tiny_dpt, capsys):
 def test_errors_are_reported_not_raised(tmp_path, tiny_dpt, capsys):
     assert main(["data", "pseudo-depth", str(tmp_path / "nothing"), "--out", str(tmp_path), "--model", tiny_dpt]) == 2
     assert "neither shards nor a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("network", ["offline mode", "no network"])
+def test_hub_model_unavailable_says_what_to_do(tmp_path, capsys, monkeypatch, request, network):
+    from huggingface_hub import constants
+
+    if network == "no network":
+        tried = request.getfixturevalue("no_network")
+    else:
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    src = write_singleview_shards(tmp_path / "src", num_samples=2, size=32, num_shards=1, with_depth=False)
+    model = "depth-anything/Depth-Anything-V2-Small-hf"
+    code = main(["data", "pseudo-depth", src, "--out", str(tmp_path / "out"), "--model", model, "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert model in err and "--model" in err and "--local-dir" in err  # how to run it offline
+    if network == "no network":
+        assert len(tried) == 1  # one short probe, not minutes of retries

@@ -57,14 +57,14 @@ class RandomImages(LightningDataModule):
 
 
 class InterruptAt(Callback):
-    """Simulates Ctrl-C after ``step`` optimiser steps."""
+    """Simulates Ctrl-C (or, with ``crash``, a failing step) after ``step`` optimiser steps."""
 
-    def __init__(self, step: int = 2) -> None:
-        self.step = step
+    def __init__(self, step: int = 2, crash: bool = False) -> None:
+        self.step, self.crash = step, crash
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
-            raise KeyboardInterrupt
+            raise RuntimeError("simulated crash") if self.crash else KeyboardInterrupt
 
 
 def tiny_encoder_config(num_out_layers: int = 2, **init_args) -> dict:
@@ -74,3 +74,62 @@ def tiny_encoder_config(num_out_layers: int = 2, **init_args) -> dict:
         "class_path": "selfsup3d.encoders.ViTEncoder",
         "init_args": {**args, "num_out_layers": num_out_layers, **init_args},
     }
+
+
+class MarkStep(Callback):
+    """Writes ``path`` once ``step`` optimiser steps are done, then slows every later step by ``sleep`` seconds:
+    a run another process can interrupt mid-epoch, at a known point."""
+
+    def __init__(self, path: str, step: int = 2, sleep: float = 0.05) -> None:
+        self.path, self.step, self.sleep = path, step, sleep
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+        from pathlib import Path
+
+        if trainer.global_step >= self.step:
+            Path(self.path).touch()
+            time.sleep(self.sleep)
+
+
+class RecordProgress(Callback):
+    """Writes what the progress bar shows (totals, epoch text, version) during the first training and validation
+    batch of the second epoch to ``path`` (JSON)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.seen = path, {}
+
+    def _description(self, trainer) -> str:
+        bar = trainer.progress_bar_callback
+        if hasattr(bar, "_get_train_description"):  # Rich
+            return bar._get_train_description(trainer.current_epoch).strip()
+        return str(bar.train_progress_bar.desc).rstrip(": ")
+
+    def _record(self, trainer, pl_module, stage: str) -> None:
+        import json
+
+        bar = trainer.progress_bar_callback
+        if trainer.sanity_checking or trainer.current_epoch < 1 or stage in self.seen:
+            return
+        total = bar.total_train_batches if stage == "train" else bar.total_val_batches_current_dataloader
+        self.seen[stage] = {
+            "total": total if total != float("inf") else None,
+            "description": self._description(trainer),
+            "v_num": bar.get_metrics(trainer, pl_module).get("v_num"),
+            "version": trainer.logger.version,
+        }
+        with open(self.path, "w") as f:
+            json.dump(self.seen, f)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._record(trainer, pl_module, "train")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._record(trainer, pl_module, "val")
+
+
+class CrashAtSetup(Callback):
+    """Fails while the fit is set up: before any step, and before a resumed run's weights are restored."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        raise RuntimeError("crash at setup")

@@ -9,42 +9,69 @@ Accepted, all under one function, :func:`read_encoder_state_dict`:
   heads and teacher are ignored.
 
 Loading is strict: :func:`load_encoder_weights` refuses weights that do not fit and names the
-missing, unexpected and mis-shaped keys.
+missing, unexpected and mis-shaped keys, and the architecture fields (e.g. ``num_heads``) that differ from the
+ones the file records (:mod:`selfsup3d.encoders.architecture`). A file that holds no weights, or pickled
+Python objects, is refused in one sentence (:class:`~selfsup3d.errors.WeightsFileError`).
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor
 
-from selfsup3d.errors import CheckpointMismatchError
+from selfsup3d.encoders.architecture import architecture_differences, recorded_architecture, vit_architecture
+from selfsup3d.errors import CheckpointMismatchError, WeightsFileError
 
 # Where the timm ViT sits inside the state dicts that selfsup3d writes, most specific first.
 _PREFIXES = ("encoder.vit.", "vit.")
+_EXPECTED = "a state dict (.pth/.pt/.bin), a Lightning checkpoint (.ckpt) or a .safetensors file"
 
 
-def _load_file(path: Path) -> Mapping[str, object]:
+def _load_file(path: Path) -> tuple[Mapping[str, object], dict[str, str]]:
+    """The file's contents and, for ``.safetensors``, its metadata. Only tensors and plain containers are read:
+    torch's ``weights_only`` loader, never a full unpickler."""
     if not path.is_file():
         raise FileNotFoundError(f"encoder weights file not found: {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+            return load_file(str(path), device="cpu"), metadata
+        except (SafetensorError, OSError, ValueError) as err:
+            raise WeightsFileError(f"{path} is not a readable .safetensors file ({err})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds pickled Python objects besides tensors, which are not loaded for safety. "
-            f"Re-save its state dict alone (torch.save(model.state_dict(), ...)). Detail: {err}"
-        ) from err
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found or "Weights only load failed" in str(err):
+            what = f" ({found.group(1)})" if found else ""
+            raise WeightsFileError(
+                f"{path} holds pickled Python objects{what} besides tensors; they are not loaded, since unpickling "
+                "can run arbitrary code. Where the file was made, save the tensors alone "
+                "(torch.save(model.state_dict(), path) or a .safetensors file) and use that file"
+            ) from None
+        raise WeightsFileError(f"{path} is not a weights file ({err}); expected {_EXPECTED}") from None
+    except Exception as err:  # torch's reader fails in many ways on other files (KeyError, EOFError, ...)
+        raise WeightsFileError(
+            f"{path} is not a weights file (torch cannot read it: {type(err).__name__}); expected {_EXPECTED}"
+        ) from None
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    return obj
+        raise WeightsFileError(f"{path} does not hold a state dict (found {type(obj).__name__}); expected {_EXPECTED}")
+    return obj, {}
+
+
+def _read(source: str | Path | Mapping[str, object]) -> tuple[Mapping[str, object], dict[str, str]]:
+    return _load_file(Path(source)) if isinstance(source, (str, Path)) else (source, {})
 
 
 def encoder_tensors(obj: Mapping[str, object]) -> dict[str, Tensor]:
@@ -64,7 +91,13 @@ def encoder_tensors(obj: Mapping[str, object]) -> dict[str, Tensor]:
 
 def read_encoder_state_dict(source: str | Path | Mapping[str, object], model: VisionTransformer) -> dict[str, Tensor]:
     """Weights for ``model`` (timm key schema) from a file path or an in-memory state dict."""
-    obj = _load_file(Path(source)) if isinstance(source, (str, Path)) else source
+    obj, _ = _read(source)
+    return _state_dict_for(obj, source, model)
+
+
+def _state_dict_for(
+    obj: Mapping[str, object], source: str | Path | Mapping[str, object], model: VisionTransformer
+) -> dict[str, Tensor]:
     sd = encoder_tensors(obj)
     if not sd:
         raise CheckpointMismatchError(
@@ -80,9 +113,13 @@ def _describe(names: list[str], limit: int = 12) -> str:
 
 
 def load_encoder_weights(model: VisionTransformer, source: str | Path | Mapping[str, object]) -> None:
-    """Load weights into a timm ViT strictly; on any mismatch raise :class:`CheckpointMismatchError`
-    naming the missing, unexpected and mis-shaped keys."""
-    sd = read_encoder_state_dict(source, model)
+    """Load weights into a timm ViT strictly; on any mismatch raise :class:`CheckpointMismatchError` naming the
+    architecture fields that differ from the ones the file records, and the missing, unexpected and mis-shaped
+    keys."""
+    obj, metadata = _read(source)
+    recorded: dict[str, Any] | None = recorded_architecture(obj, metadata)
+    differs = architecture_differences(recorded, vit_architecture(model)) if recorded else []
+    sd = _state_dict_for(obj, source, model)
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -91,9 +128,11 @@ def load_encoder_weights(model: VisionTransformer, source: str | Path | Mapping[
         for k in set(own) & set(sd)
         if sd[k].shape != own[k].shape
     )
-    if missing or unexpected or shapes:
+    if differs or missing or unexpected or shapes:
         where = source if isinstance(source, (str, Path)) else "the given state dict"
         parts = [f"encoder weights in {where} do not match the encoder"]
+        if differs:
+            parts.append(f"architecture differs: {', '.join(differs)}; build the encoder with the weights' values")
         if missing:
             parts.append(f"missing keys ({len(missing)}): {_describe(missing)}")
         if unexpected:

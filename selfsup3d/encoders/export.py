@@ -1,13 +1,19 @@
 """Encoder export: the part of a pretraining run that users keep.
 
-An exported encoder is a ``.safetensors`` file with the timm ViT's weights under timm's own key
-schema, plus the encoder's constructor arguments in the file's metadata. It loads three ways::
+An exported encoder is a ``.safetensors`` file with the timm ViT's weights under timm's own key schema and, in
+the file's metadata (:mod:`selfsup3d.encoders.architecture`), the encoder's constructor arguments, the timm
+model name and ``timm.create_model`` arguments that rebuild it without selfsup3d, and its architecture. It
+loads three ways::
 
-    timm.create_model("vit_base_patch14_dinov2", checkpoint_path="encoder.safetensors", num_classes=0, ...)
+    # plain timm, no selfsup3d installed (`selfsup3d export encoder.safetensors` prints this line filled in)
+    with safe_open("encoder.safetensors", "pt") as f:
+        meta = f.metadata()
+    timm.create_model(meta["timm_name"], checkpoint_path="encoder.safetensors", **json.loads(meta["timm_kwargs"]))
     ViTEncoder("base", checkpoint_path="encoder.safetensors")       # any selfsup3d objective or script
     load_exported_encoder("encoder.safetensors")                     # rebuilt from the metadata
 
-Command: ``selfsup3d export RUN/checkpoints/last.ckpt --out encoder.safetensors``.
+Commands: ``selfsup3d export RUN/checkpoints/last.ckpt --out encoder.safetensors`` writes one;
+``selfsup3d export encoder.safetensors`` prints the ``timm.create_model`` line for an exported file.
 """
 
 from __future__ import annotations
@@ -21,31 +27,88 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
-from selfsup3d.encoders.checkpoint import encoder_tensors
+from selfsup3d.encoders.architecture import (
+    ARCHITECTURE_KEY,
+    CONFIG_KEY,
+    TIMM_KWARGS_KEY,
+    TIMM_NAME_KEY,
+    vit_architecture,
+)
+from selfsup3d.encoders.checkpoint import encoder_tensors, load_encoder_weights
 from selfsup3d.encoders.vit import ViTEncoder
+from selfsup3d.errors import CheckpointMismatchError
 
-METADATA_KEY = "selfsup3d_encoder"
+METADATA_KEY = CONFIG_KEY
 
 
-def save_encoder(state_dict: Mapping[str, Tensor], config: Mapping[str, Any] | None, out: str | Path) -> Path:
-    """Write encoder weights (timm keys) and its config to ``out`` (``.safetensors``)."""
+def timm_metadata(encoder: nn.Module) -> dict[str, Any]:
+    """What plain timm needs to rebuild ``encoder`` (``timm_name``, ``timm_kwargs``) and its ``architecture``,
+    as keyword arguments of :func:`save_encoder`; empty for encoders that are not a :class:`ViTEncoder`."""
+    if not isinstance(encoder, ViTEncoder):
+        return {}
+    return {
+        "timm_name": encoder.timm_name,
+        "timm_kwargs": dict(encoder.timm_kwargs),
+        "architecture": vit_architecture(encoder.vit),
+    }
+
+
+def save_encoder(
+    state_dict: Mapping[str, Tensor],
+    config: Mapping[str, Any] | None,
+    out: str | Path,
+    timm_name: str | None = None,
+    timm_kwargs: Mapping[str, Any] | None = None,
+    architecture: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write encoder weights (timm keys) and their metadata to ``out`` (``.safetensors``).
+
+    Args:
+        state_dict: the timm ViT's weights.
+        config: the :class:`ViTEncoder` constructor arguments (for :func:`load_exported_encoder`).
+        out: the file to write.
+        timm_name: the timm model name plain timm builds it from (see :func:`timm_metadata`).
+        timm_kwargs: the matching ``timm.create_model`` keyword arguments.
+        architecture: :func:`~selfsup3d.encoders.architecture.vit_architecture` of the model, compared on load.
+    """
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"exported encoders are .safetensors files, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    meta = {METADATA_KEY: json.dumps(dict(config or {}))}
+    meta = {CONFIG_KEY: json.dumps(dict(config or {}))}
+    if timm_name is not None:
+        meta[TIMM_NAME_KEY] = timm_name
+        meta[TIMM_KWARGS_KEY] = json.dumps(dict(timm_kwargs or {}))
+    if architecture is not None:
+        meta[ARCHITECTURE_KEY] = json.dumps(dict(architecture))
     save_file(tensors, str(out), metadata=meta)
     return out
 
 
+def _metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def read_export_config(path: str | Path) -> dict[str, Any]:
     """The encoder config stored in an exported file (empty when the file has none)."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta.get(METADATA_KEY, "{}"))
+    return json.loads(_metadata(path).get(CONFIG_KEY, "{}"))
+
+
+def timm_create_model_line(path: str | Path) -> str:
+    """The ``timm.create_model(...)`` call that loads the exported file ``path`` in plain timm, filled in."""
+    meta = _metadata(path)
+    if TIMM_NAME_KEY not in meta:
+        raise ValueError(
+            f"{path} records no timm model name (exported by an older selfsup3d); re-export it from its "
+            "checkpoint with `selfsup3d export CKPT --out FILE.safetensors`"
+        )
+    kwargs = json.loads(meta.get(TIMM_KWARGS_KEY, "{}"))
+    args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+    return f"timm.create_model({meta[TIMM_NAME_KEY]!r}, checkpoint_path={str(path)!r}{args})"
 
 
 def load_exported_encoder(path: str | Path, **overrides: Any) -> ViTEncoder:
@@ -59,7 +122,10 @@ def load_exported_encoder(path: str | Path, **overrides: Any) -> ViTEncoder:
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
-    """Export the encoder of a selfsup3d Lightning checkpoint of any objective."""
+    """Export the encoder of a selfsup3d Lightning checkpoint of any objective.
+
+    When the checkpoint records a :class:`ViTEncoder` config, the encoder is rebuilt from it and loaded
+    strictly (so the weights are known to fit), and the export records the timm name and arguments too."""
     obj = torch.load(ckpt, map_location="cpu", weights_only=True)
     if not isinstance(obj, Mapping) or "state_dict" not in obj:
         raise ValueError(f"{ckpt} is not a Lightning checkpoint (no state_dict)")
@@ -71,23 +137,42 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     config = dict(enc.get("init_args", {})) if isinstance(enc, Mapping) else {}
     config.pop("checkpoint_path", None)
     config["pretrained"] = False
+    if isinstance(enc, Mapping) and str(enc.get("class_path", "")).endswith("ViTEncoder"):
+        encoder = ViTEncoder(**config)
+        try:
+            load_encoder_weights(encoder.vit, sd)
+        except CheckpointMismatchError as err:
+            raise ValueError(f"{ckpt}: its encoder weights do not fit its own encoder config: {err}") from None
+        return save_encoder(encoder.export_state_dict(), config, out, **timm_metadata(encoder))
     return save_encoder(sd, config, out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="selfsup3d export",
-        description="Write the encoder of a selfsup3d checkpoint as a .safetensors file (timm key schema).",
+        description="Write the encoder of a selfsup3d checkpoint as a .safetensors file (timm key schema), "
+        "or print how plain timm loads an exported file.",
     )
-    parser.add_argument("checkpoint", help="a Lightning checkpoint of any selfsup3d objective (e.g. last.ckpt)")
-    parser.add_argument("--out", required=True, help="output .safetensors path")
+    parser.add_argument(
+        "checkpoint",
+        help="a Lightning checkpoint of any selfsup3d objective (e.g. last.ckpt); or, without --out, an exported "
+        ".safetensors file whose timm.create_model line to print",
+    )
+    parser.add_argument("--out", help="output .safetensors path")
     args = parser.parse_args(argv)
     try:
+        if args.out is None:
+            if not args.checkpoint.endswith(".safetensors"):
+                parser.error("--out is required to export a checkpoint")
+            print(f"import timm\nmodel = {timm_create_model_line(args.checkpoint)}")
+            return 0
         path = export_checkpoint(args.checkpoint, args.out)
     except (OSError, ValueError) as err:
         parser.error(str(err))
     n = sum(t.numel() for t in _tensors(path))
     print(f"wrote {path} ({n / 1e6:.2f}M parameters, config: {read_export_config(path)})")
+    if TIMM_NAME_KEY in _metadata(path):
+        print(f"load it in plain timm:\n  import timm\n  model = {timm_create_model_line(path)}")
     return 0
 
 

@@ -23,9 +23,11 @@ from timm.models.vision_transformer import VisionTransformer, _create_vision_tra
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import Tensor
 
+from selfsup3d.encoders.architecture import vit_architecture
 from selfsup3d.encoders.base import Encoder, EncoderOutput
 from selfsup3d.encoders.checkpoint import load_encoder_weights
-from selfsup3d.errors import ConfigError
+from selfsup3d.errors import ConfigError, WeightsUnavailableError
+from selfsup3d.hub import fetch_pretrained
 
 SIZES: dict[str, str] = {
     "tiny": "vit_tiny_patch14_dinov2",
@@ -49,13 +51,21 @@ default_cfgs = {
 }
 
 
+_TINY_ARGS: dict[str, Any] = dict(patch_size=14, embed_dim=192, depth=12, num_heads=3, init_values=1e-5)
+
+PLAIN_TIMM: dict[str, tuple[str, dict[str, Any]]] = {
+    "vit_tiny_patch14_dinov2": ("vit_small_patch14_dinov2", _TINY_ARGS),
+}
+"""Models registered here, which plain timm does not know: a timm model with the same block layout and the
+arguments that turn it into ours (what an export records for ``timm.create_model``)."""
+
+
 @register_model
 def vit_tiny_patch14_dinov2(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT-Ti/14 with DINOv2's block layout (layer scale). No released weights: tests and CPU demos."""
     if pretrained:
         raise ConfigError("vit_tiny_patch14_dinov2 has no released weights; use pretrained=false")
-    model_args = dict(patch_size=14, embed_dim=192, depth=12, num_heads=3, init_values=1e-5)
-    return _create_vision_transformer("vit_tiny_patch14_dinov2", pretrained=False, **dict(model_args, **kwargs))
+    return _create_vision_transformer("vit_tiny_patch14_dinov2", pretrained=False, **dict(_TINY_ARGS, **kwargs))
 
 
 class ViTEncoder(Encoder):
@@ -82,6 +92,11 @@ class ViTEncoder(Encoder):
         layer_scale_init: override the LayerScale start value (DINOv2 sizes: 1e-5). A randomly initialised
             encoder trained for a short CPU demo barely moves at 1e-5; 1.0 keeps the same parameters with a
             neutral start. Not with pretrained weights (they carry their own).
+
+    Attributes:
+        config: the constructor arguments (saved in checkpoints and exports).
+        timm_name: the timm model name that plain timm builds this architecture from (see :data:`PLAIN_TIMM`).
+        timm_kwargs: the ``timm.create_model`` keyword arguments that go with ``timm_name``.
     """
 
     def __init__(
@@ -143,6 +158,9 @@ class ViTEncoder(Encoder):
         std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)
         self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
+        self.timm_name, self.timm_kwargs = plain_timm_arguments(
+            SIZES.get(name, name), self.vit, img_size, layer_scale_init, fresh=not _wants_pretrained(pretrained)
+        )
         if checkpoint_path:
             load_encoder_weights(self.vit, checkpoint_path)
 
@@ -238,6 +256,38 @@ class ViTEncoder(Encoder):
         return {k: v.detach().clone() for k, v in self.vit.state_dict().items()}
 
 
+def _wants_pretrained(pretrained: bool | str) -> bool:
+    return pretrained.lower() not in {"", "false", "none"} if isinstance(pretrained, str) else bool(pretrained)
+
+
+def plain_timm_arguments(
+    model_name: str, vit: VisionTransformer, img_size: int, layer_scale_init: float | None, fresh: bool
+) -> tuple[str, dict[str, Any]]:
+    """The model name and keyword arguments with which plain timm (without selfsup3d) builds ``vit``'s
+    architecture: ``timm.create_model(name, checkpoint_path=..., **kwargs)``.
+
+    Args:
+        model_name: the timm name ``vit`` was built from (ours are mapped through :data:`PLAIN_TIMM`).
+        vit: the built model; its width, depth, heads and patch size are read from it.
+        img_size: the image size it was built for (position embeddings are stored at this size).
+        layer_scale_init: the configured LayerScale start value, if any.
+        fresh: ``vit`` holds freshly initialised weights, so its LayerScale values are the start value.
+    """
+    base, base_args = PLAIN_TIMM.get(model_name, (model_name, {}))
+    arch = vit_architecture(vit)
+    shape = ("patch_size", "embed_dim", "depth", "num_heads")
+    kwargs: dict[str, Any] = {"img_size": int(img_size), **{k: arch[k] for k in shape}}
+    kwargs.update({k: v for k, v in base_args.items() if k not in kwargs})
+    if arch["layer_scale"]:
+        if layer_scale_init is not None:
+            kwargs["init_values"] = float(layer_scale_init)
+        elif fresh:
+            kwargs["init_values"] = float(f"{float(vit.blocks[0].ls1.gamma.detach().flatten()[0]):.6g}")
+        # else pretrained weights replaced the start value: the model name's own default (what was built) applies
+    kwargs.update(num_classes=0, dynamic_img_size=True)
+    return base, kwargs
+
+
 def create_vit(
     name: str,
     *,
@@ -277,20 +327,26 @@ def create_vit(
         raise ConfigError(
             "embed_dim/depth/num_heads overrides change the architecture: they cannot use pretrained weights"
         )
+    hub_id: str | None = None
     if isinstance(pretrained, str):
         hub_id = pretrained.removeprefix("hf-hub:")
         kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": hub_id}
         pretrained = True
-    try:
-        model = timm.create_model(model_name, pretrained=bool(pretrained), **kwargs)
-    except (OSError, RuntimeError, ValueError) as err:
-        if not pretrained:
+    if not pretrained:
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+    else:
+        hub_id = hub_id or getattr(timm.models.get_pretrained_cfg(model_name), "hf_hub_id", None) or model_name
+        what = f"pretrained weights {hub_id} for encoder {name!r}"
+        advice = (
+            f"Download them where there is network (`hf download {hub_id} model.safetensors`, or copy the Hugging "
+            "Face cache), then set the encoder's checkpoint_path to the file and pretrained to false."
+        )
+        try:
+            model = fetch_pretrained(lambda: timm.create_model(model_name, pretrained=True, **kwargs), what, advice)
+        except (ConfigError, WeightsUnavailableError):
             raise
-        raise RuntimeError(
-            f"could not load pretrained weights for encoder {name!r}: {err}. Without network access, "
-            "download the weights elsewhere and pass encoder checkpoint_path=/path/to/weights "
-            "(a timm state dict, .safetensors file or selfsup3d checkpoint)."
-        ) from err
+        except (OSError, RuntimeError, ValueError) as err:
+            raise WeightsUnavailableError(f"could not load {what}: {err}. {advice}") from err
     if not isinstance(model, VisionTransformer):
         raise ConfigError(f"encoder {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
     for block in model.blocks:

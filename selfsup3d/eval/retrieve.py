@@ -24,13 +24,14 @@ from tqdm import tqdm
 
 from selfsup3d.datamodules import MultiViewShards
 from selfsup3d.eval.scene_retrieval import RetrievalProtocol
-from selfsup3d.objectives import FeatureConsensus, PretrainObjective
+from selfsup3d.objectives import FeatureConsensus
+from selfsup3d.objectives.base import load_objective
 
 
 def retrieve(checkpoint: str | Path, urls: str, views: int = 8, batch_size: int = 8, image_size: int | None = None,
              progress: bool = True) -> dict[str, dict[str, float]]:  # fmt: skip
     """The retrieval and duplicate figures of every consensus objective of ``checkpoint`` on the scenes of ``urls``."""
-    model = PretrainObjective.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True).eval()
+    model = load_objective(checkpoint).eval()
     components = [(name, c) for name, c in model.components() if isinstance(c, FeatureConsensus)]
     if not components:
         raise ValueError(f"{checkpoint} holds no FeatureConsensus objective")
@@ -71,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  2D->3D retrieval: top-1 {m['retrieval_top1']:.3f}, top-5 {m['retrieval_top5']:.3f} "
               f"(chance {m['retrieval_chance']:.3f})")  # fmt: skip
         if "duplicate_auc" in m:
-            print(
-                f"  duplicate-scene detection (disjoint halves of the other views): ROC AUC {m['duplicate_auc']:.3f}"
-            )
+            print(f"  duplicate-scene detection (disjoint halves of the other views): ROC AUC {m['duplicate_auc']:.3f}")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     return 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -433,6 +434,25 @@ class PretrainObjective(LightningModule):
             ema.copy_(norm if ema == 0 else 0.99 * ema + 0.01 * norm)
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+
+
+def load_objective(checkpoint: str | Path, map_location: str = "cpu") -> PretrainObjective:
+    """The objective (of whatever class) a selfsup3d checkpoint holds, rebuilt from its hyper-parameters and loaded.
+
+    ``LightningModule.load_from_checkpoint`` must be called on the checkpoint's own class; its name is in the
+    hyper-parameters (``_class_path``), written by the CLI and by :class:`PretrainObjective` itself."""
+    import importlib
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    hparams = state.get("hyper_parameters", {}) if isinstance(state, Mapping) else {}
+    class_path = hparams.get("_class_path")
+    if not isinstance(class_path, str) or "." not in class_path:
+        raise ValueError(f"{checkpoint} is not a checkpoint of a selfsup3d objective (no _class_path hyper-parameter)")
+    module, name = class_path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, PretrainObjective)):
+        raise ValueError(f"{checkpoint} holds a {class_path}, not a selfsup3d objective")
+    return cls.load_from_checkpoint(str(checkpoint), map_location=map_location, weights_only=True)
 
 
 def component_outputs(
