@@ -47,8 +47,7 @@ demo: $(STAMP)
 	@test -f $(DEMO_DATA)/info.json || $(BIN)/selfsup3d data render --out $(DEMO_DATA)
 	rm -rf $(DEMO_RUN)  # a fresh run each time: its checkpoints are lightning_logs/version_0/checkpoints/
 	$(BIN)/selfsup3d fit --config configs/demo/masked_view.yaml $(DEMO_ARGS)
-	$(BIN)/selfsup3d validate --config configs/demo/masked_view.yaml $(DEMO_ARGS) \
-		--ckpt_path $(DEMO_RUN)/lightning_logs/version_0/checkpoints/last.ckpt
+	$(BIN)/selfsup3d validate --config configs/demo/masked_view.yaml $(DEMO_ARGS) --ckpt_path last
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

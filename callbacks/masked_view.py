@@ -82,7 +82,10 @@ def summary_text(metrics: Mapping[str, float]) -> str:
         metrics: logged values by name (``val/psnr``, ``val/psnr_mean_colour``, ``val/rot_err``, ...).
     """
     m = {k.removeprefix("val/"): v for k, v in metrics.items()}
-    lines = ["Masked-view prediction on held-out novel views (set B rendered from set A):", "  PSNR dB   SSIM"]
+    lines = [
+        "Masked-view prediction on the validation scenes' novel views (set B rendered from set A):",
+        "  PSNR dB   SSIM",
+    ]
     rows = [
         ("model", ""),
         ("mean colour of the context views", "_mean_colour"),

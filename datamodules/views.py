@@ -44,6 +44,15 @@ def views_as_images(batch: Mapping[str, Any], max_views: int | None = None) -> d
     return out
 
 
+PER_VIEW = ("images", "K", "c2w", "depth", "mask")
+"""The fields of a multi-view batch that have a view axis (axis 1)."""
+
+
+def select_views(batch: Mapping[str, Any], views: slice) -> dict[str, Any]:
+    """The views ``views`` of a multi-view batch: every per-view tensor sliced on its view axis."""
+    return {k: (v[:, views] if k in PER_VIEW and isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+
 def batch_size(batch: Any) -> int:
     """Samples in a batch: scenes of a multi-view batch, images of a single-view one (1 when unknown)."""
     if isinstance(batch, Mapping):

@@ -132,15 +132,16 @@ class SelfSup3DCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
-        """``fit --ckpt_path last`` continues the newest run in place.
+        """``--ckpt_path last`` means the newest run of this config.
 
         Lightning looks for ``last.ckpt`` in the *current* run's checkpoint folder, which is a fresh
-        ``version_N`` for every launch, so a plain ``--ckpt_path last`` would start from scratch. Here the
-        newest run under the same logger folder that has a ``last.ckpt`` is found and the logger is pinned
-        to its version: logs, checkpoints and the saved config continue where they were."""
-        if self.subcommand != "fit":
+        ``version_N`` for every launch, so a plain ``--ckpt_path last`` would find nothing. Here the newest run
+        under the same logger folder that has a ``last.ckpt`` is found: ``fit`` pins the logger to its version
+        (logs, checkpoints and the saved config continue where they were); ``validate``, ``test`` and
+        ``predict`` evaluate that file."""
+        if self.subcommand not in ("fit", "validate", "test", "predict"):
             return
-        cfg = self.config["fit"]
+        cfg = self.config[self.subcommand]
         if cfg.get("ckpt_path") != "last" or cfg.get("checkpoint", {}).get("dirpath"):
             return
         logger = cfg.trainer.get("logger")
@@ -157,13 +158,22 @@ class SelfSup3DCLI(LightningCLI):
             return
         runs = Path(args.save_dir) / (args.get("name") or "")
         found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if found:
-            folder = found[-1].parent.parent.name
-            # TensorBoardLogger names an integer version "version_N"; a string is used as the folder name as is
-            number = re.fullmatch(r"version_(\d+)", folder)
-            args.version = int(number.group(1)) if number else folder
-            cfg.trainer.logger = logger
-            rank_zero_info(f"resuming {found[-1]}")
+        if not found:
+            if self.subcommand != "fit":
+                self._parser(self.subcommand).error(
+                    f"--ckpt_path last: no run under {runs} has a checkpoints/last.ckpt"
+                )
+            return
+        if self.subcommand != "fit":
+            cfg.ckpt_path = str(found[-1])
+            rank_zero_info(f"evaluating {found[-1]}")
+            return
+        folder = found[-1].parent.parent.name
+        # TensorBoardLogger names an integer version "version_N"; a string is used as the folder name as is
+        number = re.fullmatch(r"version_(\d+)", folder)
+        args.version = int(number.group(1)) if number else folder
+        cfg.trainer.logger = logger
+        rank_zero_info(f"resuming {found[-1]}")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Lightning's, with selfsup3d's progress bar (:func:`~selfsup3d.callbacks.default_progress_bar`) unless

@@ -366,3 +366,17 @@ def test_the_default_progress_bar_is_off_when_the_trainer_says_so(tmp_path):
     cfg = write_config(tmp_path)  # enable_progress_bar: false
     cli = SelfSup3DCLI(args=["fit", "--config", str(cfg), "--trainer.max_steps", "0"])
     assert cli.trainer.progress_bar_callback is None
+
+
+def test_validate_ckpt_path_last_evaluates_the_newest_run(tmp_path, capsys, caplog):
+    cfg = write_config(tmp_path, max_steps=2)
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", "--config", str(cfg), "--ckpt_path", "last"])
+    assert exit_.value.code == 2 and "no run under" in capsys.readouterr().err
+    main(["fit", "--config", str(cfg)])
+    main(["fit", "--config", str(cfg), "--trainer.max_steps", "4", "--ckpt_path", "last"])  # continues version_0
+    assert not run_dir(tmp_path, 1).exists()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        main(["validate", "--config", str(cfg), "--ckpt_path", "last"])
+    assert f"evaluating {run_dir(tmp_path) / 'checkpoints' / 'last.ckpt'}" in caplog.text

@@ -90,7 +90,7 @@ def test_fit_bf16_then_validate_with_pictures_and_figures(tmp_path, shard_urls, 
     main(["validate", "--config", str(cfg), "--ckpt_path", str(ckpt), "--data.init_args.num_views", "5",
           "--data.init_args.num_context_views", "3"])  # fmt: skip
     printed = capsys.readouterr().out
-    assert "held-out novel views" in printed and "mean colour of the context views (model" in printed
+    assert "validation scenes' novel views" in printed and "mean colour of the context views (model" in printed
     assert "per-pixel mean of the context views (model" in printed and "nearest context view" in printed
     assert "AUC@5/15/30" in printed
 

@@ -165,8 +165,8 @@ def demo_config(tmp_path: Path, urls: tuple[str, str]) -> dict:
     for name, source in cfg["data"]["init_args"]["sources"].items():
         source["init_args"].update(train_urls=urls[0], val_urls=urls[1], num_workers=0, batch_size=2,
                                    batches_per_epoch=2, val_batches=1, image_size=32)  # fmt: skip
-        if name == "scenes":
-            source["init_args"].update(num_views=4, num_context_views=2)
+        if name in ("scenes", "posed"):
+            source["init_args"].update(num_views=4, num_context_views=2 if name == "scenes" else 1)
     cfg["trainer"].update(max_steps=3, default_root_dir=str(tmp_path), enable_progress_bar=False,
                           log_every_n_steps=1)  # fmt: skip
     return cfg
@@ -176,7 +176,7 @@ def test_demo_config_from_the_cli_and_the_export_loads_in_timm(tmp_path, urls):
     main(["fit", "--config", str(_write(tmp_path, demo_config(tmp_path, urls)))])
     run = tmp_path / "lightning_logs" / "version_0"
     tags = set(EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload().Tags()["scalars"])
-    assert {"train/masked_view/loss", "train/triplane/loss", "train/loss"} <= tags
+    assert {"train/masked_view/loss", "train/triplane/loss", "train/consensus/consensus", "train/loss"} <= tags
     export = run / "encoder.safetensors"
     config = read_export_config(export)
     vit = timm.create_model("vit_tiny_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True,
@@ -192,8 +192,11 @@ def test_demo_config_from_the_cli_and_the_export_loads_in_timm(tmp_path, urls):
     ("override", "needles"),
     [
         ([], []),  # the config as written starts
-        (["--model.init_args.sources", "{masked_view: scenes}"], ["'triplane' reads", "model.init_args.sources"]),
-        (["--model.init_args.sources", "{masked_view: scenes, triplane: x}"], ["model.init_args.sources.triplane='x'"]),
+        (["--model.init_args.sources", "{masked_view: scenes}"], ["reads in model.init_args.sources"]),
+        (
+            ["--model.init_args.sources", "{masked_view: scenes, triplane: x, consensus: posed}"],
+            ["model.init_args.sources.triplane='x'"],
+        ),
         (["--model.init_args.weights", "{bogus: 1.0}"], ["model.init_args.weights names no objective: bogus"]),
         (
             ["--model.init_args.objectives.masked_view.init_args.num_heads", "3"],
@@ -241,7 +244,7 @@ def test_shipped_configs_parse(name, capsys):
     assert exit_.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] == "selfsup3d.objectives.MultiTask"
-    assert set(printed["model"]["init_args"]["objectives"]) == {"masked_view", "triplane"}
+    assert set(printed["model"]["init_args"]["objectives"]) == {"masked_view", "triplane", "consensus"}
 
 
 def test_gpu_config_builds_at_its_sizes():

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc
 
+from selfsup3d.datamodules.views import select_views
+
 SetSimilarity = Literal["best_match", "chamfer", "mutual"]
 
 
@@ -167,12 +169,6 @@ class SparseSummaries(Protocol):
     def image_keypoints(self, images: Tensor, encoder: Any) -> KeypointSet: ...
 
 
-def _views(batch: Mapping[str, Any], views: slice) -> dict[str, Any]:
-    """The views ``views`` of a multi-view batch (every per-view tensor sliced on its view axis)."""
-    per_view = ("images", "K", "c2w", "depth", "mask")
-    return {k: (v[:, views] if k in per_view and isinstance(v, Tensor) else v) for k, v in batch.items()}
-
-
 class RetrievalProtocol:
     """2D->3D retrieval and duplicate detection over held-out scenes, batch by batch.
 
@@ -196,9 +192,9 @@ class RetrievalProtocol:
             raise ValueError(f"retrieval needs at least 3 views per scene (a query and two halves), got {v}")
         half = 1 + (v - 1) // 2
         self.sets["query"].append(summaries.image_keypoints(scenes["images"][:, 0], encoder))
-        self.sets["database"].append(summaries.scene_keypoints(_views(scenes, slice(1, v)), encoder))
-        self.sets["half_a"].append(summaries.scene_keypoints(_views(scenes, slice(1, half)), encoder))
-        self.sets["half_b"].append(summaries.scene_keypoints(_views(scenes, slice(half, v)), encoder))
+        self.sets["database"].append(summaries.scene_keypoints(select_views(scenes, slice(1, v)), encoder))
+        self.sets["half_a"].append(summaries.scene_keypoints(select_views(scenes, slice(1, half)), encoder))
+        self.sets["half_b"].append(summaries.scene_keypoints(select_views(scenes, slice(half, v)), encoder))
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.sets["query"])

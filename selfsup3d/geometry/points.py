@@ -325,3 +325,32 @@ def ray_box_intersection(
     hit = t_far > t_near
     zero = torch.zeros_like(t_near)
     return torch.where(hit, t_near, zero), torch.where(hit, t_far, zero), hit
+
+
+def scale_to_common_centre(c2w: Tensor, K: Tensor, depth: Tensor) -> Tensor:
+    """Poses whose translations have no unit (a camera estimator's), scaled so the views' point clouds share a centre.
+
+    View ``i``'s cloud has its centroid at ``R_i m_i + s t_i`` (``m_i`` the mean of its camera-frame points with
+    depth); the scale ``s`` minimising the spread of those centroids over the views has the closed form
+    ``s = -<a, b> / <b, b>`` with ``a_i = R_i m_i``, ``b_i = t_i`` (both centred over the views). Exact when the
+    views see the same part of the scene; a fair estimate for views around one object.
+
+    Args:
+        c2w: ``[B, V, 4, 4]`` poses of unknown scale.
+        K: ``[B, V, 3, 3]`` intrinsics of the depth maps.
+        depth: ``[B, V, 1, H, W]`` z-depths (0 unknown), in the unit the result should have.
+
+    Returns:
+        ``[B, V, 4, 4]``: rotations unchanged, translations times ``s`` (at least ``1e-3``).
+    """
+    h, w = depth.shape[-2:]
+    known = (depth > 0).to(depth.dtype)[:, :, 0, ..., None]  # [B, V, H, W, 1]
+    cam = camera_directions(K, h, w) * depth[:, :, 0, ..., None]
+    mean_cam = (cam * known).sum((2, 3)) / known.sum((2, 3)).clamp(min=1)  # [B, V, 3]
+    a = (c2w[..., :3, :3] @ mean_cam[..., None]).squeeze(-1)
+    t = c2w[..., :3, 3]
+    a, t = a - a.mean(1, keepdim=True), t - t.mean(1, keepdim=True)
+    scale = (-(a * t).sum((1, 2)) / t.square().sum((1, 2)).clamp(min=1e-8)).clamp(min=1e-3)
+    out = c2w.clone()
+    out[..., :3, 3] = c2w[..., :3, 3] * scale[:, None, None]
+    return out

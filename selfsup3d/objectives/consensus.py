@@ -41,11 +41,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup3d.datamodules.spec import DataSpec
+from selfsup3d.datamodules.views import select_views
 from selfsup3d.encoders.base import Encoder, EncoderOutput
 from selfsup3d.encoders.teacher import FrozenTeacher, build_teacher
 from selfsup3d.errors import ConfigError
 from selfsup3d.eval.scene_retrieval import KeypointSet
-from selfsup3d.geometry.cameras import camera_directions, intrinsics_from_focal, scale_intrinsics
+from selfsup3d.geometry.cameras import intrinsics_from_focal, scale_intrinsics
+from selfsup3d.geometry.points import scale_to_common_centre
 from selfsup3d.heads.keypoints import (
     KeypointHead2D,
     project_keypoints,
@@ -54,6 +56,7 @@ from selfsup3d.heads.keypoints import (
     select_keypoints_3d,
 )
 from selfsup3d.heads.scene import SceneBranch, SceneGrid, pooled_depth
+from selfsup3d.layers.conv import ResidualHead
 from selfsup3d.losses.consensus import (
     Metric,
     consensus_loss,
@@ -65,22 +68,6 @@ from selfsup3d.losses.consensus import (
     keypoint_reliability_loss,
 )
 from selfsup3d.objectives.base import PretrainObjective
-
-
-class ResidualHead(nn.Module):
-    """``x + MLP(LayerNorm(x))`` per cell of a ``[N, D, h, w]`` map; the MLP's output layer starts at zero, so
-    the head starts as the identity (``F2D`` = the encoder's patch features)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = x.permute(0, 2, 3, 1)
-        return x + self.mlp(self.norm(y)).permute(0, 3, 1, 2)
 
 
 class FeatureConsensus(PretrainObjective):
@@ -113,6 +100,8 @@ class FeatureConsensus(PretrainObjective):
         cameras: ``data`` (the batch's cameras) or ``predicted`` (a masked-view objective's, in a multi-task run).
         camera_objective: with ``predicted``, the name of that objective in the multi-task run.
         num_classes: classes of the 3D backbone's online linear probe (``null``: no probe).
+        num_views: use the first ``num_views`` views of each scene (``null``: all), e.g. beside masked-view
+            prediction on one stream of many views (training batches come in random view order).
         **kwargs: optimisation and fine-tuning arguments of :class:`~selfsup3d.objectives.base.PretrainObjective`.
     """
 
@@ -148,6 +137,7 @@ class FeatureConsensus(PretrainObjective):
         cameras: Literal["data", "predicted"] = "data",
         camera_objective: str = "masked_view",
         num_classes: int | None = None,
+        num_views: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(encoder, **kwargs)
@@ -171,6 +161,7 @@ class FeatureConsensus(PretrainObjective):
         self.lambda_depth, self.lambda_keypoints = lambda_depth, lambda_keypoints
         self.num_keypoints, self.keypoint_temperature = num_keypoints, keypoint_temperature
         self.cameras, self.camera_objective = cameras, camera_objective
+        self.num_views = num_views
         self._camera_source: list[PretrainObjective] = []  # bound in a multi-task run (not a submodule)
         self.head2d = ResidualHead(dim, head_hidden or dim)
         self.to_scene = nn.Linear(dim, feature_dim) if scene_input == "features" else None
@@ -243,17 +234,7 @@ class FeatureConsensus(PretrainObjective):
             c2w, focal = self._camera_source[0].camera(enc.patches.unflatten(0, (b, v)), enc.grid)
             f = focal.float() * w
             K = intrinsics_from_focal(f, f, h, w)[:, None].expand(b, v, 3, 3)
-            # the predicted translations have no unit: the scale that gives the views' clouds one centre
-            d = batch["depth"].float()
-            known = (d > 0).float()
-            cam = camera_directions(K, h, w) * d[:, :, 0, ..., None]  # [B, V, H, W, 3] in each camera frame
-            mean_cam = (cam * known[:, :, 0, ..., None]).sum((2, 3)) / known.sum((2, 3, 4))[..., None].clamp(min=1)
-            a = (c2w[..., :3, :3] @ mean_cam[..., None]).squeeze(-1)  # rotated centroid offsets [B, V, 3]
-            t = c2w[..., :3, 3]
-            a, t = a - a.mean(1, keepdim=True), t - t.mean(1, keepdim=True)
-            scale = (-(a * t).sum((1, 2)) / t.square().sum((1, 2)).clamp(min=1e-8)).clamp(min=1e-3)
-            c2w = c2w.clone()
-            c2w[..., :3, 3] = c2w[..., :3, 3] * scale[:, None, None]
+            c2w = scale_to_common_centre(c2w, K, batch["depth"].float())
         return K, c2w
 
     def build_scene(self, batch: Mapping[str, Any], f2d: Tensor, K: Tensor, c2w: Tensor) -> SceneGrid:
@@ -271,6 +252,8 @@ class FeatureConsensus(PretrainObjective):
 
     # ------------------------------------------------------------------ the step
     def step(self, batch: dict[str, Any], stage: str, encoder: Encoder) -> dict[str, Any]:
+        if self.num_views is not None:
+            batch = select_views(batch, slice(0, self.num_views))
         images = batch["images"]
         b, v, _, height, width = images.shape
         enc, f2d = self.features_2d(images.flatten(0, 1), encoder)
