@@ -1,3 +1,5 @@
+"""The shared encoder: timm sizes and names, weights from files and the hub, export, teachers, outputs."""
+
 from __future__ import annotations
 
 from pathlib import Path

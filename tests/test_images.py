@@ -1,3 +1,5 @@
+"""Picture helpers: grids with row labels, depth colouring, feature PCA."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,3 +1,5 @@
+"""The objectives' base class: parameter groups, layer decay, schedule, spike skipping, fine-tuning, hparams."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,0 +1,1 @@
+"""Evaluation: novel-view and pose metrics, frozen-feature probes, scene retrieval. Import from the submodules."""

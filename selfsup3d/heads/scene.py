@@ -132,25 +132,42 @@ class SceneBranch(nn.Module):
         return scene
 
     # ------------------------------------------------------------------ rendering
-    def render(self, scene: SceneGrid, K: Tensor, c2w: Tensor, size: tuple[int, int], image_hw: tuple[int, int],
-               perturb: bool) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-        """Render the feature grid into views.
+    def render(
+        self,
+        scene: SceneGrid,
+        K: Tensor,
+        c2w: Tensor,
+        size: tuple[int, int],
+        image_hw: tuple[int, int],
+        perturb: bool,
+        pixels: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Render the feature grid into views: a ray through the centre of each cell of an ``size`` map, or
+        through chosen pixels of the images.
 
         Args:
             scene: the scene's grids.
             K: ``[B, V, 3, 3]`` intrinsics of the images.
             c2w: ``[B, V, 4, 4]`` world poses (moved into the cube here).
-            size: ``(h, w)`` of the rendered maps (a ray through the centre of each cell).
+            size: ``(h, w)`` of the rendered maps.
             image_hw: ``(H, W)`` of the images ``K`` belongs to.
             perturb: random sample positions (training).
+            pixels: ``[B, V, R]`` flat indices of image pixels to render instead of a map (row-major in
+                ``H x W``); the results are then ``R x 1`` "maps".
 
         Returns:
-            Features ``[B, V, C, h, w]``, z-depth in cube units ``[B, V, 1, h, w]`` and opacity ``[B, V, 1, h, w]``.
+            Features ``[B, V, C, h, w]``, z-depth in cube units ``[B, V, 1, h, w]`` and opacity ``[B, V, 1, h, w]``
+            (``h, w = R, 1`` with ``pixels``).
         """
         b, v = c2w.shape[:2]
-        h, w = size
-        K_map = scale_intrinsics(K, w / image_hw[1], h / image_hw[0])
-        origins, directions = camera_rays(K_map, scene.cube.cameras_to_unit(c2w), h, w)  # [B, V, h*w, 3]
+        c2w_cube = scene.cube.cameras_to_unit(c2w)
+        if pixels is None:
+            h, w = size
+            K_map = scale_intrinsics(K, w / image_hw[1], h / image_hw[0])
+            origins, directions = camera_rays(K_map, c2w_cube, h, w)  # [B, V, h*w, 3]
+        else:
+            h, w = pixels.shape[-1], 1
+            origins, directions = camera_rays(K, c2w_cube, image_hw[0], image_hw[1], pixels)
         origins, directions = origins.flatten(1, 2), directions.flatten(1, 2)
         near, far, hit = ray_box_intersection(origins, directions)
         far = torch.where(hit, far, near + 1e-3)  # rays that miss the cube see nothing
@@ -161,6 +178,15 @@ class SceneBranch(nn.Module):
             return x.view(b, v, h, w, -1).permute(0, 1, 4, 2, 3)
 
         return maps(out.values), maps(out.depth[..., None]), maps(out.opacity[..., None])
+
+
+def sample_known_pixels(known: Tensor, count: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """``count`` random pixels per map among the ``known`` ones (``[N, 1, H, W]`` bool): flat indices ``[N, R]``
+    and whether each is known (maps with fewer known pixels fill up with unknown ones, marked false)."""
+    flat = known.flatten(1)
+    scores = torch.rand(flat.shape, device=known.device, generator=generator) + flat.to(torch.float32)
+    index = scores.topk(min(count, flat.shape[1]), dim=1).indices
+    return index, flat.gather(1, index)
 
 
 def pooled_depth(depth: Tensor, size: tuple[int, int], min_share: float = 0.5) -> tuple[Tensor, Tensor]:

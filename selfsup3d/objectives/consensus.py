@@ -47,7 +47,7 @@ from selfsup3d.encoders.teacher import FrozenTeacher, build_teacher
 from selfsup3d.errors import ConfigError
 from selfsup3d.eval.scene_retrieval import KeypointSet
 from selfsup3d.geometry.cameras import intrinsics_from_focal, scale_intrinsics
-from selfsup3d.geometry.points import scale_to_common_centre
+from selfsup3d.geometry.points import sample_pixels, scale_to_common_centre
 from selfsup3d.heads.keypoints import (
     KeypointHead2D,
     project_keypoints,
@@ -55,7 +55,7 @@ from selfsup3d.heads.keypoints import (
     select_keypoints_2d,
     select_keypoints_3d,
 )
-from selfsup3d.heads.scene import SceneBranch, SceneGrid, pooled_depth
+from selfsup3d.heads.scene import SceneBranch, SceneGrid, pooled_depth, sample_known_pixels
 from selfsup3d.layers.conv import ResidualHead
 from selfsup3d.losses.consensus import (
     Metric,
@@ -102,6 +102,9 @@ class FeatureConsensus(PretrainObjective):
         num_classes: classes of the 3D backbone's online linear probe (``null``: no probe).
         num_views: use the first ``num_views`` views of each scene (``null``: all), e.g. beside masked-view
             prediction on one stream of many views (training batches come in random view order).
+        render_pixels: in training, the consensus and depth terms compare this many random foreground pixels per
+            view, ``F2D`` read there bilinearly (what a probe of dense features reads), instead of the patch grid
+            (``null``: the patch grid, as validation does).
         **kwargs: optimisation and fine-tuning arguments of :class:`~selfsup3d.objectives.base.PretrainObjective`.
     """
 
@@ -138,6 +141,7 @@ class FeatureConsensus(PretrainObjective):
         camera_objective: str = "masked_view",
         num_classes: int | None = None,
         num_views: int | None = None,
+        render_pixels: int | None = 256,
         **kwargs: Any,
     ) -> None:
         super().__init__(encoder, **kwargs)
@@ -161,7 +165,7 @@ class FeatureConsensus(PretrainObjective):
         self.lambda_depth, self.lambda_keypoints = lambda_depth, lambda_keypoints
         self.num_keypoints, self.keypoint_temperature = num_keypoints, keypoint_temperature
         self.cameras, self.camera_objective = cameras, camera_objective
-        self.num_views = num_views
+        self.num_views, self.render_pixels = num_views, render_pixels
         self._camera_source: list[PretrainObjective] = []  # bound in a multi-task run (not a submodule)
         self.head2d = ResidualHead(dim, head_hidden or dim)
         self.to_scene = nn.Linear(dim, feature_dim) if scene_input == "features" else None
@@ -260,16 +264,34 @@ class FeatureConsensus(PretrainObjective):
         h, w = enc.grid
         K, c2w = self.scene_cameras(batch, enc, b, v)
         scene = self.build_scene(batch, f2d, K, c2w)
-        rendered, depth3d, opacity = self.scene.render(scene, K, c2w, (h, w), (height, width), stage == "train")
-        f3d = self.lift(rendered.flatten(0, 1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # [B·V, D, h, w]
         target_depth, known = pooled_depth(batch["depth"].float().flatten(0, 1), (h, w))
-        if isinstance(batch.get("mask"), Tensor):
-            known = known & (F.adaptive_avg_pool2d(batch["mask"].float().flatten(0, 1), (h, w)) >= 0.5)
+        mask = batch.get("mask")
+        if isinstance(mask, Tensor):
+            known = known & (F.adaptive_avg_pool2d(mask.float().flatten(0, 1), (h, w)) >= 0.5)
         target_depth = scene.cube.depth_to_unit(target_depth.unflatten(0, (b, v))).flatten(0, 1)
+        if stage == "train" and self.render_pixels:
+            # the consensus at random foreground pixels, F2D read there bilinearly (as probes read features)
+            pixel_known = batch["depth"].float().flatten(0, 1) > 0
+            if isinstance(mask, Tensor):
+                pixel_known = pixel_known & (mask.flatten(0, 1) > 0.5)
+            pixels, use = sample_known_pixels(pixel_known, self.render_pixels)
+            rendered, depth3d, opacity = self.scene.render(
+                scene, K, c2w, (h, w), (height, width), True, pixels.unflatten(0, (b, v))
+            )
+            uv = torch.stack([pixels % width + 0.5, pixels // width + 0.5], dim=-1).float()
+            uv = uv * torch.tensor([w / width, h / height], device=uv.device)
+            f2d_at = sample_pixels(f2d, uv).transpose(1, 2)[..., None]  # [B·V, D, R, 1]
+            depth_at = batch["depth"].float().flatten(0, 1).flatten(1).gather(1, pixels)
+            depth_at = scene.cube.depth_to_unit(depth_at.unflatten(0, (b, v))).flatten(0, 1)[:, None, :, None]
+            compared, target_2d, target_3d, where = f2d_at, depth_at, rendered, use[:, None, :, None]
+        else:
+            rendered, depth3d, opacity = self.scene.render(scene, K, c2w, (h, w), (height, width), stage == "train")
+            compared, target_2d, target_3d, where = f2d, target_depth, rendered, known
+        f3d = self.lift(target_3d.flatten(0, 1).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # [B·V, D, ·, ·]
 
         out: dict[str, Any] = {}
-        out["consensus"] = consensus_loss(f3d, f2d, known, self.metric, self.detach_2d, self.detach_3d)
-        out["depth"] = depth_loss(depth3d.flatten(0, 1), target_depth, known)
+        out["consensus"] = consensus_loss(f3d, compared, where, self.metric, self.detach_2d, self.detach_3d)
+        out["depth"] = depth_loss(depth3d.flatten(0, 1), target_2d, where)
         loss = self.lambda_consensus * out["consensus"] + self.lambda_depth * out["depth"]
         teacher_grid = None
         if self.teacher is not None:
@@ -286,11 +308,9 @@ class FeatureConsensus(PretrainObjective):
             out.update(self.probe_3d(scene, batch["label"]))
             loss = loss + out["probe3d_loss"]
         out["loss"] = loss
-        out["opacity"] = (opacity.flatten(0, 1) * known).sum() / known.sum().clamp(min=1)
         with torch.no_grad():
-            out["depth_abs_rel"] = ((depth3d.flatten(0, 1) - target_depth).abs() / target_depth.clamp(min=1e-6))[
-                known
-            ].mean()
+            out["opacity"] = opacity.flatten(0, 1)[where].mean()
+            out["depth_abs_rel"] = ((depth3d.flatten(0, 1) - target_2d).abs() / target_2d.clamp(min=1e-6))[where].mean()
         if stage != "train":  # pictures and key points for callbacks
             out.update(images=images, f2d=f2d.detach(), f3d=f3d.detach(), known=known, scene=scene)
             if teacher_grid is not None:
