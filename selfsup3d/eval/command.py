@@ -78,11 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matches", type=int, default=256, help="matches kept per pair by the ratio test (256)")
     p.add_argument("--head-steps", type=int, default=600, help="optimiser steps of the depth/normal heads")
     p.add_argument("--pose-steps", type=int, default=600, help="optimiser steps of the pose head")
-    p.add_argument("--shuffle-views", action="store_true", help="sanity check: roll each test scene's views")
+    p.add_argument("--shuffle-views", action="store_true", help="sanity check: permute each test scene's views")
     p.add_argument("--seed", type=int, default=0, help="seed of every draw, head and random initialisation")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is often fastest on a busy machine)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (the report is printed all the same)")
     return p
 
 
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    say = print if not args.quiet else (lambda *a, **k: None)
+    say = print
     progress = not args.quiet and sys.stderr.isatty()
 
     specs = list(args.encoders)

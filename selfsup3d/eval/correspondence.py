@@ -212,6 +212,7 @@ def scene_correspondence(
     seed: int = 0,
     chance: bool = False,
     min_queries: int = 8,
+    max_pairs: int | None = None,
 ) -> int:
     """Match every pair ``i < j`` of one scene's views and add them to ``metric``.
 
@@ -227,6 +228,7 @@ def scene_correspondence(
         seed: seed of the query subsets.
         chance: also add the pairs' chance fractions.
         min_queries: pairs with fewer visible queries are skipped.
+        max_pairs: stop after this many pairs (in the order ``(0, 1), (0, 2), ...``); ``None``: all.
 
     Returns:
         the number of pairs added.
@@ -236,21 +238,23 @@ def scene_correspondence(
     side = float(max(hw))
     thresholds_px = torch.tensor(metric.thresholds, device=depth.device) * side
     added = 0
-    for i in range(v):
-        for j in range(i + 1, v):
-            index, true_uv = visible_queries(depth[i], K[i], c2w[i], depth[j], K[j], c2w[j], rel_tol)
-            if index.numel() < min_queries:
-                continue
-            g = torch.Generator().manual_seed(seed * 1_000_003 + i * v + j)
-            pick = torch.randperm(index.numel(), generator=g)[:num_queries].sort().values.to(index.device)
-            index, true_uv = index[pick], true_uv[pick]
-            db_index = (depth[j, 0].flatten() > 0).nonzero()[:, 0]
-            query_uv = pixel_uv(index, hw[1]).to(depth.device)
-            db_uv = pixel_uv(db_index, hw[1]).to(depth.device)
-            query = sample_at(dense[i : i + 1], query_uv[None], hw)[0]
-            database = sample_at(dense[j : j + 1], db_uv[None], hw)[0]
-            errors, _ = match_errors(query, database, db_uv, true_uv, num_matches)
-            fractions = chance_fractions(true_uv, db_uv, thresholds_px) if chance else None
-            metric.update(errors / side, relative_rotation_deg(c2w[i], c2w[j]), fractions)
-            added += 1
+    for i, j in torch.triu_indices(v, v, offset=1).T.tolist():
+        if max_pairs is not None and added >= max_pairs:
+            break
+        index, true_uv = visible_queries(depth[i], K[i], c2w[i], depth[j], K[j], c2w[j], rel_tol)
+        if index.numel() < min_queries:
+            continue
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i * v + j)
+        # in random order, so that matches of equal weight (e.g. a constant feature) are kept at random
+        pick = torch.randperm(index.numel(), generator=g)[:num_queries].to(index.device)
+        index, true_uv = index[pick], true_uv[pick]
+        db_index = (depth[j, 0].flatten() > 0).nonzero()[:, 0]
+        query_uv = pixel_uv(index, hw[1]).to(depth.device)
+        db_uv = pixel_uv(db_index, hw[1]).to(depth.device)
+        query = sample_at(dense[i : i + 1], query_uv[None], hw)[0]
+        database = sample_at(dense[j : j + 1], db_uv[None], hw)[0]
+        errors, _ = match_errors(query, database, db_uv, true_uv, num_matches)
+        fractions = chance_fractions(true_uv, db_uv, thresholds_px) if chance else None
+        metric.update(errors / side, relative_rotation_deg(c2w[i], c2w[j]), fractions)
+        added += 1
     return added

@@ -139,13 +139,14 @@ class PixelHead(nn.Module):
     """A per-pixel MLP on standardised frozen features: ``[P, D] -> [P, out]``.
 
     Args:
-        norm: the input standardisation (fitted on the probe data).
+        norm: the input standardisation (:class:`Standardize` fitted on the probe data, or a non-affine
+            ``BatchNorm1d`` when the head trains online).
         dim: feature width ``D``.
         out: outputs per pixel (1 for log depth, 3 for a normal).
         hidden: width of the two hidden layers.
     """
 
-    def __init__(self, norm: Standardize, dim: int, out: int, hidden: int = 128) -> None:
+    def __init__(self, norm: nn.Module, dim: int, out: int, hidden: int = 128) -> None:
         super().__init__()
         self.norm = norm
         self.mlp = nn.Sequential(

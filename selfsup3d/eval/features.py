@@ -185,20 +185,39 @@ class EncoderFeatures(FeatureSource):
             "input_size": list(self.input_hw) if self.input_hw else None,
         }
 
-    @torch.no_grad()
     def __call__(self, views: Views) -> Features:
-        images = views.images
         hw = self.input_hw or self._round(views.hw)
-        dense, vector = [], []
-        for start in range(0, images.shape[0], self.batch_size):
-            x = images[start : start + self.batch_size].float()
-            if tuple(x.shape[-2:]) != hw:
-                x = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-            out = self.encoder(x)
-            patches = out.patches.float()
-            dense.append(out.patch_grid.float())
-            vector.append(torch.cat([out.cls.float(), patches.mean(dim=1)], dim=-1))
-        return Features(torch.cat(dense), torch.cat(vector))
+        parts = [
+            encoder_features(self.encoder, views.images[start : start + self.batch_size], hw)
+            for start in range(0, views.images.shape[0], self.batch_size)
+        ]
+        return Features(torch.cat([p.dense for p in parts]), torch.cat([p.vector for p in parts]))
+
+
+def encoder_patch_size(encoder: nn.Module) -> int:
+    """``patch_size`` of an encoder, also through a wrapper with a ``module`` (e.g. a frozen teacher)."""
+    size = getattr(encoder, "patch_size", None)
+    if size is None and isinstance(getattr(encoder, "module", None), nn.Module):
+        size = getattr(encoder.module, "patch_size", None)
+    if size is None:
+        raise ValueError(f"{type(encoder).__name__} has no patch_size")
+    return int(size)
+
+
+@torch.no_grad()
+def encoder_features(encoder: nn.Module, images: Tensor, input_hw: tuple[int, int] | None = None) -> Features:
+    """Features of images ``[N, 3, H, W]`` in ``[0, 1]`` from an encoder giving an ``EncoderOutput``, without
+    gradients and without changing the encoder's mode: dense = final patch grid, vector = class token ‖ mean
+    patch token. Images are resized (bilinear, antialiased) to ``input_hw``, by default to the nearest
+    multiple of the patch size."""
+    if input_hw is None:
+        p = encoder_patch_size(encoder)
+        input_hw = (max(p, round(images.shape[-2] / p) * p), max(p, round(images.shape[-1] / p) * p))
+    x = images.float()
+    if tuple(x.shape[-2:]) != tuple(input_hw):
+        x = F.interpolate(x, size=input_hw, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    out = encoder(x)
+    return Features(out.patch_grid.float(), torch.cat([out.cls.float(), out.patches.float().mean(dim=1)], dim=-1))
 
 
 class ColourFeatures(FeatureSource):
@@ -277,11 +296,23 @@ class ConstantFeatures(FeatureSource):
         return Features(ones, ones.flatten(1))
 
 
-def roll_views(views: Views, shifts: Tensor, num_views: int) -> Views:
-    """Views of scene-major batches (``num_views`` per scene) rolled within each scene: slot ``i`` of scene
-    ``s`` gets view ``(i + shifts[s]) % num_views``. Used to break the link between views and cameras."""
-    n = views.images.shape[0]
-    scenes = torch.arange(n, device=views.images.device) // num_views
-    slot = torch.arange(n, device=views.images.device) % num_views
-    index = scenes * num_views + (slot + shifts.to(slot.device)[scenes]) % num_views
-    return views.select(index)
+def derangements(num_scenes: int, num_views: int, generator: torch.Generator) -> Tensor:
+    """``[S, V]`` random permutations without a fixed point (every view moves), one per scene."""
+    if num_views < 2:
+        raise ValueError("shuffling views needs at least two views per scene")
+    out = []
+    for _ in range(num_scenes):
+        while True:
+            perm = torch.randperm(num_views, generator=generator)
+            if not (perm == torch.arange(num_views)).any():
+                break
+        out.append(perm)
+    return torch.stack(out)
+
+
+def permute_views(views: Views, perms: Tensor) -> Views:
+    """Views of scene-major batches (``V = perms.shape[1]`` per scene) permuted within each scene: slot ``i``
+    of scene ``s`` gets view ``perms[s, i]``. Used to break the link between views and cameras."""
+    v = perms.shape[1]
+    base = torch.arange(perms.shape[0], device=perms.device)[:, None] * v
+    return views.select((base + perms).flatten().to(views.images.device))

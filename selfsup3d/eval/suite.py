@@ -47,9 +47,10 @@ from selfsup3d.eval.features import (
     Features,
     FeatureSource,
     Views,
+    derangements,
+    permute_views,
     pixel_uv,
     resample_grid,
-    roll_views,
     sample_at,
 )
 from selfsup3d.eval.fitting import fit_head
@@ -86,8 +87,9 @@ class ProbeSettings:
         depth_align: ``median`` (scale-free: the depth head regresses depth over its image's median, and each
             image's prediction is scaled to the true median before the errors, as monocular-depth
             evaluations of relative depth do) or ``none`` (metric depth, for data of one known scale).
-        shuffle_views: sanity check: the test views of each scene are rolled (by a seeded offset in
-            ``1..V-1``) before the source sees them, so features no longer belong to the cameras and depth.
+        shuffle_views: sanity check: the test views of each scene are permuted (a seeded permutation that
+            moves every view) before the source sees them, so features no longer belong to the cameras and
+            depth.
         seed: seed of every random draw and of the heads.
         batch_scenes: scenes per forward pass.
     """
@@ -201,9 +203,8 @@ def _pairs(num_scenes: int, num_views: int, ordered: bool) -> tuple[Tensor, Tens
     return (base + i).flatten(), (base + j).flatten()
 
 
-def _shifts(num_scenes: int, num_views: int, seed: int) -> Tensor:
-    g = torch.Generator().manual_seed(_scene_seed(seed, 99991))
-    return torch.randint(1, max(2, num_views), (num_scenes,), generator=g)
+def _shuffles(num_scenes: int, num_views: int, seed: int) -> Tensor:
+    return derangements(num_scenes, num_views, torch.Generator().manual_seed(_scene_seed(seed, 99991)))
 
 
 # ============================================================================ the probes
@@ -360,17 +361,28 @@ def _dense_eval(
                     normal_m.update(heads.normal(f[nv]), target_n)
 
 
-def _named(
-    settings: ProbeSettings, corr: dict[str, Tensor] | None, **groups: dict[str, Tensor] | None
+def named_metrics(
+    thresholds: Sequence[float],
+    bins: Sequence[float],
+    corr: dict[str, Tensor] | None = None,
+    **groups: dict[str, Tensor] | None,
 ) -> dict[str, float]:
+    """The metric classes' results under the report's names (see the module docstring).
+
+    Args:
+        thresholds: correspondence thresholds (fractions).
+        bins: rotation-bin edges (degrees).
+        corr: :class:`CorrespondenceRecall` results.
+        groups: ``depth=`` :class:`DepthMetrics`, ``normal=`` :class:`NormalMetrics`, ``pose=`` :class:`PoseAUC`
+            results (``None`` to leave out).
+    """
     out: dict[str, float] = {}
     if corr is not None:
-        for t, tau in enumerate(settings.thresholds):
+        for t, tau in enumerate(thresholds):
             out[f"corr@{_tau(tau)}"] = float(corr["recall"][t])
-        edges = settings.rotation_bins
-        for b in range(len(edges) - 1):
-            name = _bin_name(edges[b], edges[b + 1])
-            for t, tau in enumerate(settings.thresholds):
+        for b in range(len(bins) - 1):
+            name = _bin_name(bins[b], bins[b + 1])
+            for t, tau in enumerate(thresholds):
                 out[f"corr@{_tau(tau)}/{name}"] = float(corr["bin_recall"][b, t])
             out[f"corr_matches/{name}"] = float(corr["bin_matches"][b])
     names = {
@@ -433,12 +445,12 @@ def run_probes(
     corr_m = CorrespondenceRecall(settings.thresholds, settings.rotation_bins).to(device)
     depth_m, normal_m, pose_m = DepthMetrics().to(device), NormalMetrics().to(device), PoseAUC(30).to(device)
     v = test.num_views
-    shifts = _shifts(len(test), v, settings.seed)
+    perms = _shuffles(len(test), v, settings.seed) if settings.shuffle_views else None
     vectors = []
     for start in _progress(range(0, len(test), settings.batch_scenes), f"{label}: test split", progress):
         stop = min(start + settings.batch_scenes, len(test))
         views = test.views(start, stop).to(device)
-        seen = roll_views(views, shifts[start:stop], v) if settings.shuffle_views else views
+        seen = permute_views(views, perms[start:stop]) if perms is not None else views
         feats = source(seen)
         vectors.append(feats.vector)
         if "correspondence" in wanted:
@@ -465,8 +477,9 @@ def run_probes(
                 rot, direction = heads.pose(grid[a.to(device)], grid[b.to(device)])
             true_r, true_t = relative_pose_targets(views.c2w[a.to(device)], views.c2w[b.to(device)])
             pose_m.update(*pose_errors(rot, direction, true_r, true_t))
-    out = _named(
-        settings,
+    out = named_metrics(
+        settings.thresholds,
+        settings.rotation_bins,
         corr_m.compute() if "correspondence" in wanted else None,
         depth=depth_m.compute() if heads.depth is not None else None,
         normal=normal_m.compute() if heads.normal is not None else None,
@@ -557,8 +570,9 @@ def chance_levels(
         chance = corr_m.compute()["chance"]
         out.update({f"corr@{_tau(t)}": float(chance[k]) for k, t in enumerate(settings.thresholds)})
     out.update(
-        _named(
-            settings,
+        named_metrics(
+            settings.thresholds,
+            settings.rotation_bins,
             None,
             depth=depth_m.compute() if log_depth is not None and "depth" in wanted else None,
             normal=normal_m.compute() if mean_normal is not None and "normals" in wanted else None,
