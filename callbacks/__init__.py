@@ -7,7 +7,8 @@ if __name__ != "selfsup3d.callbacks":  # e.g. `import callbacks` from the reposi
 
 from selfsup3d.callbacks.export import EncoderExport
 from selfsup3d.callbacks.masked_view import MaskedViewPictures
+from selfsup3d.callbacks.probe import ProbeCallback
 from selfsup3d.callbacks.probes import OnlineProbes
 from selfsup3d.callbacks.triplane import TriplaneImages
 
-__all__ = ["EncoderExport", "MaskedViewPictures", "OnlineProbes", "TriplaneImages"]
+__all__ = ["EncoderExport", "MaskedViewPictures", "OnlineProbes", "ProbeCallback", "TriplaneImages"]
