@@ -136,6 +136,9 @@ def test_help_and_usage_errors(shards, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and "ENCODER forms" in capsys.readouterr().out
+    from selfsup3d.cli import DESCRIPTION
+
+    assert "selfsup3d probe --help" in DESCRIPTION
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["probe", "colour"])  # --data is required
     assert exit_info.value.code == 2 and "--data" in capsys.readouterr().err

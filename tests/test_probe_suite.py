@@ -33,8 +33,6 @@ def splits64():
 class DepthOracle(FeatureSource):
     """Each pixel's log depth over its image's median (what the scale-free depth head regresses)."""
 
-    needs_geometry = True
-
     def __call__(self, views: Views) -> Features:
         d = views.depth
         med = torch.stack([x[x > 0].median() for x in d])
@@ -43,8 +41,6 @@ class DepthOracle(FeatureSource):
 
 
 class NormalOracle(FeatureSource):
-    needs_geometry = True
-
     def __call__(self, views: Views) -> Features:
         n, _ = normals_from_depth(views.depth, views.K)
         return Features(n, n.flatten(2).mean(2))
@@ -52,8 +48,6 @@ class NormalOracle(FeatureSource):
 
 class CameraOracle(FeatureSource):
     """The camera-to-world matrix of each view, the same at every pixel."""
-
-    needs_geometry = True
 
     def __call__(self, views: Views) -> Features:
         c = views.c2w[:, :3].flatten(1)

@@ -129,11 +129,9 @@ class FeatureSource:
 
     Attributes:
         kind: what it is (``encoder``, ``colour``, ``oracle``, ``constant``), for the report.
-        needs_geometry: whether it reads the views' depth and cameras (only the oracle does).
     """
 
     kind = "source"
-    needs_geometry = False
 
     def __call__(self, views: Views) -> Features:
         raise NotImplementedError
@@ -261,7 +259,6 @@ class OracleFeatures(FeatureSource):
     """
 
     kind = "oracle"
-    needs_geometry = True
 
     def __init__(self, num_frequencies: int = 8, extent: float = 4.0) -> None:
         self.freqs = math.pi * (2.0 ** torch.arange(num_frequencies, dtype=torch.float64)) / extent

@@ -31,7 +31,6 @@ HEADERS: dict[str, str] = {
     "retrieval_top1": "retrieval@1",
 }
 _HIGHER = {key: higher for key, _, higher in METRICS}
-_DESCRIPTION = {key: text for key, text, _ in METRICS}
 
 
 def _fmt(value: float | None, key: str) -> str:
@@ -173,8 +172,3 @@ def save_chart(report: dict[str, Any], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
-
-
-def describe_metric(key: str) -> str:
-    """The long name of a table metric."""
-    return _DESCRIPTION.get(key, key)

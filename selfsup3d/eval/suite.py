@@ -23,7 +23,7 @@ Metric names (the keys of the returned dict, see :data:`METRICS` for the ones th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
@@ -113,7 +113,6 @@ class ProbeSettings:
     shuffle_views: bool = False
     seed: int = 0
     batch_scenes: int = 8
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         unknown = set(self.probes) - set(PROBES)
@@ -588,17 +587,3 @@ def chance_levels(
     if "retrieval" in wanted:
         out["retrieval_top1"] = retrieval_chance(torch.arange(len(test)).repeat_interleave(v))
     return out
-
-
-def metric_keys(settings: ProbeSettings) -> Sequence[str]:
-    """The table's metric keys for the probes that run."""
-    groups = {
-        "corr": "correspondence",
-        "depth": "depth",
-        "normal": "normals",
-        "pose": "pose",
-        "linear": "classification",
-        "knn": "classification",
-        "retrieval": "retrieval",
-    }
-    return [k for k, _, _ in METRICS if groups[k.split("_")[0].split("@")[0]] in settings.probes]
