@@ -9,6 +9,7 @@ Tool verbs, dispatched before LightningCLI parses anything::
 
     selfsup3d data render|convert|pseudo-depth ...   build WebDataset shards
     selfsup3d export CKPT --out encoder.safetensors  write the encoder of a checkpoint
+    selfsup3d probe ENCODER... --data URLS           compare how 3D-aware encoders are
 
 Any objective is a ``class_path`` (``subclass_mode_model``): a new one needs no registry entry.
 """
@@ -51,6 +52,7 @@ from selfsup3d.usage import ConciseArgumentParser
 TOOL_VERBS: dict[str, tuple[str, str]] = {
     "data": ("selfsup3d.datamodules.commands:main", "build WebDataset shards: render, convert, pseudo-depth"),
     "export": ("selfsup3d.encoders.export:main", "write the encoder of a checkpoint as timm weights"),
+    "probe": ("selfsup3d.eval.command:main", "compare how 3D-aware encoders are (correspondence, depth, pose, ...)"),
     "retrieve": (
         "selfsup3d.eval.retrieve:main",
         "2D->3D scene retrieval and duplicate detection with a consensus model",

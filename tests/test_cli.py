@@ -295,11 +295,11 @@ def _printed_callbacks(capsys, argv: list[str]) -> list[dict]:
 @pytest.mark.parametrize("key", ["--trainer.callbacks.init_args.num_classes", "--trainer.callbacks.num_classes"])
 def test_one_callbacks_argument_is_overridden_by_name(tmp_path, capsys, key):
     cfg = yaml.safe_load(write_config(tmp_path).read_text())
-    probes = {"class_path": "selfsup3d.callbacks.OnlineProbes", "init_args": {"num_classes": 10, "bank_size": 64}}
+    probes = {"class_path": "selfsup3d.callbacks.ProbeCallback", "init_args": {"num_classes": 10, "bank_size": 64}}
     cfg["trainer"]["callbacks"].insert(0, probes)  # not the last one: jsonargparse alone only reaches the last
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     callbacks = _printed_callbacks(capsys, ["fit", "--config", str(tmp_path / "config.yaml"), key, "3"])
-    assert [c["class_path"].rsplit(".", 1)[-1] for c in callbacks] == ["OnlineProbes", "EncoderExport"]
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in callbacks] == ["ProbeCallback", "EncoderExport"]
     assert callbacks[0]["init_args"]["num_classes"] == 3 and callbacks[0]["init_args"]["bank_size"] == 64
     # the usual form keeps its meaning: after `+=`, the arguments go to the callback just appended
     callbacks = _printed_callbacks(
@@ -307,7 +307,7 @@ def test_one_callbacks_argument_is_overridden_by_name(tmp_path, capsys, key):
         ["fit", "--config", str(tmp_path / "config.yaml"), key, "4", "--trainer.callbacks+=toy.InterruptAt",
          "--trainer.callbacks.step=5", "--trainer.callbacks.crash=true"],
     )  # fmt: skip
-    assert [c["class_path"].rsplit(".", 1)[-1] for c in callbacks] == ["OnlineProbes", "EncoderExport", "InterruptAt"]
+    assert [c["class_path"].rsplit(".", 1)[-1] for c in callbacks] == ["ProbeCallback", "EncoderExport", "InterruptAt"]
     assert callbacks[0]["init_args"]["num_classes"] == 4
     assert callbacks[-1]["init_args"] == {"step": 5, "crash": True}
 
@@ -328,7 +328,7 @@ def test_demo_config_probe_classes_from_the_command_line(capsys):
     config = str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "triplane.yaml")
     argv = ["fit", "--config", config, "--trainer.callbacks.init_args.num_classes", "3"]
     callbacks = _printed_callbacks(capsys, argv)
-    (probes,) = [c for c in callbacks if c["class_path"].endswith("OnlineProbes")]
+    (probes,) = [c for c in callbacks if c["class_path"].endswith("ProbeCallback")]
     assert probes["init_args"]["num_classes"] == 3
 
 

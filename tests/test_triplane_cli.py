@@ -68,7 +68,7 @@ def test_cli_fit_logs_losses_probes_and_pictures(tmp_path, tiny_shards):
             "num_sanity_val_steps": 0,
             "log_every_n_steps": 1,
             "callbacks": [
-                {"class_path": "selfsup3d.callbacks.OnlineProbes", "init_args": {"num_classes": 15}},
+                {"class_path": "selfsup3d.callbacks.ProbeCallback", "init_args": {"num_classes": 15}},
                 {"class_path": "selfsup3d.callbacks.TriplaneImages", "init_args": {"num_images": 2}},
             ],
         },
@@ -89,7 +89,7 @@ def test_cli_fit_logs_losses_probes_and_pictures(tmp_path, tiny_shards):
     scalars = set(events.Tags()["scalars"])
     for tag in ("train/rgb_loss", "train/depth_loss", "train/dist_loss", "train/density_l1", "val/depth_rmse"):
         assert tag in scalars, tag
-    assert {"val/probe/linear_acc", "val/probe/teacher_linear_acc", "val/probe/teacher_cosine"} <= scalars
+    assert {"val/probe3d/linear_acc", "val/probe3d/ref_linear_acc", "val/probe3d/depth_rmse"} <= scalars
     assert "val/triplane" in events.Tags()["images"]
 
 

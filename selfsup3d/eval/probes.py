@@ -1,46 +1,16 @@
-"""Probes of frozen features, as pure functions and small modules (the online callback is
-:class:`selfsup3d.callbacks.OnlineProbes`).
+"""Classification probes of frozen features, as small modules and functions (used by ``selfsup3d probe`` and
+:class:`selfsup3d.callbacks.ProbeCallback`).
 
-* :func:`global_features`: one vector per image from encoder tokens (class token, optionally with the
-  mean patch token as in DINOv2's linear evaluation);
 * :class:`LinearProbe`: a linear classifier on (batch-normalised, non-affine) global features;
 * :func:`knn_predict`: weighted k-nearest-neighbour vote on cosine similarity (Wu et al. 2018, as in DINO);
-* :class:`FeatureBank`: a first-in-first-out memory of features and labels for the kNN vote;
-* :class:`DepthProbe`: a linear map from each patch token to the ``p × p`` depths of its patch;
-* :func:`depth_probe_target`: the depth the probe regresses (raw, or divided by the image's median);
-* :func:`token_cosine`: mean cosine similarity of two token sets (how far a student moved from its teacher).
+* :class:`FeatureBank`: a first-in-first-out memory of features and labels for the kNN vote.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from selfsup3d.geometry.rays import unpatchify
-
-FeatureKind = Literal["cls", "cls_avg"]
-DepthTarget = Literal["raw", "median"]
-
-
-class Tokens(Protocol):
-    """What the probes read from an encoder output (:class:`~selfsup3d.encoders.EncoderOutput` has it)."""
-
-    cls: Tensor
-    patches: Tensor
-    grid: tuple[int, int]
-
-
-def global_features(features: Tokens, kind: FeatureKind = "cls_avg") -> Tensor:
-    """``[B, D]`` class tokens (``cls``) or ``[B, 2D]`` class token and mean patch token (``cls_avg``)."""
-    cls = features.cls.detach().float()
-    if kind == "cls":
-        return cls
-    if kind == "cls_avg":
-        return torch.cat([cls, features.patches.detach().float().mean(dim=1)], dim=-1)
-    raise ValueError(f"feature kind must be 'cls' or 'cls_avg', got {kind!r}")
 
 
 class LinearProbe(nn.Module):
@@ -131,53 +101,3 @@ class FeatureBank:
 
     def __len__(self) -> int:
         return self.size
-
-
-class DepthProbe(nn.Module):
-    """Dense linear probe: each patch token maps linearly to the ``p × p`` depths of its patch.
-
-    Args:
-        dim: token width.
-        patch_size: encoder patch size ``p``.
-    """
-
-    def __init__(self, dim: int, patch_size: int) -> None:
-        super().__init__()
-        self.patch_size = patch_size
-        self.linear = nn.Linear(dim, patch_size * patch_size)
-
-    def forward(self, patches: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Patch tokens ``[B, h·w, D]`` to a depth map ``[B, 1, h·p, w·p]``."""
-        p = self.patch_size
-        return unpatchify(self.linear(patches.float()), p, grid[0] * p, grid[1] * p)
-
-
-def depth_probe_target(depth: Tensor, size: tuple[int, int], mode: DepthTarget = "median") -> tuple[Tensor, Tensor]:
-    """The depth a probe regresses at ``size`` and its validity mask, both ``[B, 1, H, W]``.
-
-    ``raw`` keeps the depth's units; ``median`` divides each map by its median valid depth (scale-free,
-    for data whose scale varies per image, e.g. pseudo depth or cameras at random distances). Depth 0 or
-    non-finite is unknown; resizing is nearest-neighbour so unknown pixels stay unknown.
-    """
-    if depth.shape[-2:] != size:
-        depth = F.interpolate(depth.float(), size=size, mode="nearest")
-    valid = torch.isfinite(depth) & (depth > 0)
-    depth = torch.where(valid, depth, torch.zeros_like(depth)).float()
-    if mode == "median":
-        flat = torch.where(valid, depth, torch.full_like(depth, float("nan"))).flatten(1)
-        med = torch.nan_to_num(torch.nanmedian(flat, dim=1).values, nan=1.0).clamp(min=1e-6)
-        depth = depth / med.view(-1, 1, 1, 1)
-    elif mode != "raw":
-        raise ValueError(f"depth target must be 'raw' or 'median', got {mode!r}")
-    return depth, valid
-
-
-def squared_error(pred: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum of squared errors over valid pixels and their count (for an RMSE over a data set)."""
-    valid = valid.to(pred.dtype)
-    return (((pred.float() - target.float()) ** 2) * valid).sum(), valid.sum()
-
-
-def token_cosine(a: Tensor, b: Tensor) -> Tensor:
-    """Mean cosine similarity of matching tokens ``[..., D]`` of ``a`` and ``b``."""
-    return F.cosine_similarity(a.detach().float(), b.detach().float(), dim=-1).mean()
