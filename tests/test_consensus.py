@@ -161,6 +161,12 @@ def test_retrieval_and_the_3d_backbone_export_from_the_cli(tmp_path, urls, capsy
         meta = json.loads(f.metadata()["selfsup3d"])
     backbone = SceneBranch(**meta["init_args"])
     backbone.load_state_dict(load_file(str(path)))
+    # the teacher (a copy of the randomly initialised encoder, saved in the checkpoint) exports for the probe
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert main(["export", str(ckpt), "--teacher", "--out", str(tmp_path / "teacher.safetensors")]) == 0
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    teacher = load_file(str(tmp_path / "teacher.safetensors"))
+    assert teacher and all(torch.equal(v, saved[f"teacher.module.vit.{k}"]) for k, v in teacher.items())
     # the retrieval command over the held-out scenes
     capsys.readouterr()
     assert main(["retrieve", str(run / "checkpoints" / "last.ckpt"), "--data", urls[1], "--views", "4"]) == 0

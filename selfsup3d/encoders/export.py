@@ -147,6 +147,20 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     return save_encoder(sd, config, out)
 
 
+def export_teacher(ckpt: str | Path, out: str | Path) -> Path:
+    """Export the frozen teacher of a selfsup3d checkpoint (the reference its student is measured against):
+    saved in the checkpoint when it could not be rebuilt (a copy of a randomly initialised encoder), rebuilt
+    from its source otherwise."""
+    from selfsup3d.objectives.base import load_objective
+
+    teacher = load_objective(ckpt).frozen_teacher()
+    if teacher is None:
+        raise ValueError(f"{ckpt} has no frozen teacher")
+    encoder = teacher.encoder
+    config = {**encoder.config, "checkpoint_path": None, "pretrained": False}
+    return save_encoder(encoder.export_state_dict(), config, out, **timm_metadata(encoder))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="selfsup3d export",
@@ -159,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         ".safetensors file whose timm.create_model line to print",
     )
     parser.add_argument("--out", help="output .safetensors path")
+    parser.add_argument("--teacher", action="store_true", help="export the checkpoint's frozen teacher instead")
     args = parser.parse_args(argv)
     try:
         if args.out is None:
@@ -166,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--out is required to export a checkpoint")
             print(f"import timm\nmodel = {timm_create_model_line(args.checkpoint)}")
             return 0
-        path = export_checkpoint(args.checkpoint, args.out)
+        path = (export_teacher if args.teacher else export_checkpoint)(args.checkpoint, args.out)
     except (OSError, ValueError) as err:
         parser.error(str(err))
     n = sum(t.numel() for t in _tensors(path))
