@@ -1,7 +1,7 @@
 """The cost of composing objectives: a multi-task training step beside the sum of its objectives' own steps.
 
 The multi-task model is built exactly as ``selfsup3d fit --config CFG`` builds it (default: the CPU demo,
-configs/demo/multitask.yaml, masked-view prediction and triplane reconstruction on one encoder). Each
+configs/demo/multitask.yaml: the three objectives on one encoder). Each
 objective is then also set up alone, as a standalone objective with its own copy of the encoder, on the
 same batch of its source. One training step (forward, backward, AdamW step) of each is timed, in turns
 (multi-task, then each objective alone, repeated), and the medians are printed with
@@ -18,6 +18,7 @@ config's shapes (the data loader is not timed).
 from __future__ import annotations
 
 import argparse
+import math
 import copy
 import statistics
 import sys
@@ -31,6 +32,7 @@ import torch
 
 from selfsup3d.cli import SelfSup3DCLI
 from selfsup3d.datamodules import CombinedShards, DataSpec
+from selfsup3d.geometry.cameras import intrinsics_from_fov, look_at, spherical_to_cartesian
 from selfsup3d.objectives import MultiTask, PretrainObjective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +54,11 @@ def random_batch(spec: DataSpec, batch_size: int) -> dict[str, Any]:
         lead = (batch_size,)
     if spec.with_depth:
         out["depth"] = 1.5 + 2.0 * torch.rand(*lead, 1, h, w)
+    if spec.has_cameras:  # cameras on a sphere of radius 2.5 looking at the origin, as the embedded renderer's
+        azimuth, elevation = 2 * math.pi * torch.rand(lead), 0.5 * torch.rand(lead)
+        eye = spherical_to_cartesian(azimuth, elevation, torch.full(lead, 2.5))
+        out["c2w"] = look_at(eye, torch.zeros_like(eye))
+        out["K"] = intrinsics_from_fov(math.radians(50.0), h, w).expand(*lead, 3, 3).clone()
     return out
 
 
