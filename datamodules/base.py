@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from kornia.augmentation import ColorJitter
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 
 from selfsup3d.datamodules.format import (
@@ -34,6 +35,7 @@ from selfsup3d.datamodules.format import (
     view_field,
     view_indices,
 )
+from selfsup3d.datamodules.inventory import SplitInventory, check_training_data
 from selfsup3d.datamodules.pipeline import (
     BadSampleHandler,
     Decoder,
@@ -362,6 +364,8 @@ class ShardDataModule(LightningDataModule):
         self._train_list: list[str] | None = None
         self._val_list: list[str] | None = None
         self._counters: dict[str, SkipCounter] = {}
+        self.inventories: dict[str, SplitInventory] = {}
+        """What each split's shards hold, taken at set-up (see :mod:`~selfsup3d.datamodules.inventory`)."""
         self._rank, self._world_size, self._seed = 0, 1, 0
 
     def key(self, name: str) -> str:
@@ -401,6 +405,8 @@ class ShardDataModule(LightningDataModule):
             self._val_list = expand_urls(self.val_urls, self.key("val_urls"))
         for split, urls in (("train", self._train_list), ("val", self._val_list)):
             self._counters.setdefault(split, SkipCounter())
+            if urls and split not in self.inventories:
+                self._take_inventory(split, urls)
             summary = summarize_first_sample(urls) if urls else None
             if summary is not None:
                 self._check_summary(summary, split)
@@ -411,6 +417,18 @@ class ShardDataModule(LightningDataModule):
         if self.num_classes is None:
             names = class_names_near(self._train_list or self._val_list or [])
             self.num_classes = len(names) if names else None
+
+    def _take_inventory(self, split: str, urls: list[str]) -> None:
+        """Say what the shards hold (one line); refuse a nearly broken training split (see ``inventory``)."""
+        inventory = SplitInventory.of(urls, split)
+        self.inventories[split] = inventory
+        name = "training" if split == "train" else "validation"
+        if inventory.damaged:
+            rank_zero_warn(inventory.summary(name))
+        else:
+            rank_zero_info(inventory.summary(name))
+        if split == "train":
+            check_training_data(inventory, self.batch_size, self.strict, self.key("train_urls"))
 
     def _ensure_setup(self, stage: str) -> None:
         if not self._counters:
@@ -477,3 +495,8 @@ class ShardDataModule(LightningDataModule):
     def skipped(self) -> dict[str, int]:
         """Samples skipped as bad so far in this process and its workers, per split (``train``, ``val``)."""
         return {split: counter.total for split, counter in self._counters.items()}
+
+    @property
+    def read(self) -> dict[str, int]:
+        """Samples read (decoded) so far in this process and its workers, per split."""
+        return {split: counter.read for split, counter in self._counters.items()}

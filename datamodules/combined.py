@@ -98,11 +98,19 @@ class CombinedShards(LightningDataModule):
         name = self._val_names[dataloader_idx]
         return {name: self.sources[name].on_after_batch_transfer(batch, 0)}
 
+    def _summed(self, what: str) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for source in self.sources.values():
+            for split, count in getattr(source, what, {}).items():
+                total[split] = total.get(split, 0) + count
+        return total
+
     @property
     def skipped(self) -> dict[str, int]:
         """Skipped bad samples per split, summed over the sources (see ``SkippedSamplesLogger``)."""
-        total: dict[str, int] = {}
-        for source in self.sources.values():
-            for split, count in getattr(source, "skipped", {}).items():
-                total[split] = total.get(split, 0) + count
-        return total
+        return self._summed("skipped")
+
+    @property
+    def read(self) -> dict[str, int]:
+        """Samples read per split, summed over the sources."""
+        return self._summed("read")

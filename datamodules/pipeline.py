@@ -31,6 +31,7 @@ import braceexpand
 import torch
 import webdataset as wds
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from selfsup3d.datamodules.format import SampleError, sample_where
@@ -179,25 +180,40 @@ def first_sample(urls: Sequence[str]) -> dict[str, Any] | None:
 
 # ============================================================================ bad samples
 class SkipCounter:
-    """Number of skipped samples, shared between the main process and DataLoader workers.
+    """Numbers of skipped and of read samples, shared between the main process and DataLoader workers.
 
-    One slot per worker in a shared-memory tensor, so workers never race on a slot."""
+    One slot per worker in shared-memory tensors, so workers never race on a slot."""
 
     SLOTS = 256
 
     def __init__(self) -> None:
         self.slots = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
+        self.read_slots = torch.zeros(self.SLOTS, dtype=torch.int64).share_memory_()
+
+    @staticmethod
+    def _slot() -> int:
+        info = torch.utils.data.get_worker_info()
+        return 0 if info is None else 1 + info.id % (SkipCounter.SLOTS - 1)
 
     def add(self, n: int = 1) -> int:
         """Count ``n`` skips for the calling worker; returns this worker's total."""
-        info = torch.utils.data.get_worker_info()
-        slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
+        slot = self._slot()
         self.slots[slot] += n
         return int(self.slots[slot])
 
+    def add_read(self, n: int = 1) -> None:
+        """Count ``n`` samples read (decoded) by the calling worker."""
+        self.read_slots[self._slot()] += n
+
     @property
     def total(self) -> int:
+        """Samples skipped so far."""
         return int(self.slots.sum())
+
+    @property
+    def read(self) -> int:
+        """Samples read so far (a sample that gives several views as images counts once)."""
+        return int(self.read_slots.sum())
 
 
 def _describe(err: Exception) -> str:
@@ -250,7 +266,9 @@ def _decode_or_skip(
     decoder: Decoder, raw: dict[str, Any], rng: random.Random | None, handler: BadSampleHandler
 ) -> list[dict[str, Any]] | None:
     try:
-        return decoder(raw, rng)
+        items = decoder(raw, rng)
+        handler.counter.add_read()
+        return items
     except SampleError as err:
         handler(err)
     except Exception as err:  # anything else a corrupt sample can trigger, named like a SampleError
@@ -425,20 +443,52 @@ def rank_and_world_size(trainer: Trainer | None) -> tuple[int, int]:
 
 # ============================================================================ logging
 class SkippedSamplesLogger(Callback):
-    """Logs the datamodule's skipped-sample counts (``data/skipped_train``, ``data/skipped_val``, summed over
-    ranks) at the end of every training and validation epoch. Works with any LightningModule and any
-    datamodule that has a ``skipped`` dict (MultiViewShards, SingleViewShards)."""
+    """Says how much data a run read: logs the datamodule's counts of read and skipped samples
+    (``data/read_train``, ``data/skipped_train`` at the end of every training epoch, ``data/read_val``,
+    ``data/skipped_val`` per validation pass; summed over ranks) and prints one line per validation pass
+    (``validation: 64 samples evaluated, 0 skipped as bad``) and at the end of fitting. Works with any
+    LightningModule and any datamodule with ``skipped`` and ``read`` dicts (the shard datamodules)."""
 
-    def _log(self, trainer: Trainer, pl_module: LightningModule, split: str) -> None:
+    def __init__(self) -> None:
+        self._val_start: tuple[int, int] = (0, 0)
+
+    @staticmethod
+    def _counts(trainer: Trainer, split: str) -> tuple[int, int] | None:
         datamodule = trainer.datamodule
-        counts = getattr(datamodule, "skipped", None)
-        if not isinstance(counts, dict) or split not in counts:
-            return
-        pl_module.log(f"data/skipped_{split}", float(counts[split]), sync_dist=True, reduce_fx="sum")
+        skipped, read = getattr(datamodule, "skipped", None), getattr(datamodule, "read", None)
+        if not isinstance(skipped, dict) or split not in skipped:
+            return None
+        return int(read.get(split, 0)) if isinstance(read, dict) else 0, int(skipped[split])
+
+    @staticmethod
+    def _summed(trainer: Trainer, pl_module: LightningModule, counts: tuple[int, int]) -> tuple[int, int]:
+        total = trainer.strategy.reduce(torch.tensor(counts, device=pl_module.device), reduce_op="sum")
+        return int(total[0]), int(total[1])
+
+    def _log(self, pl_module: LightningModule, split: str, read: int, skipped: int) -> None:
+        pl_module.log(f"data/read_{split}", float(read), sync_dist=True, reduce_fx="sum")
+        pl_module.log(f"data/skipped_{split}", float(skipped), sync_dist=True, reduce_fx="sum")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._log(trainer, pl_module, "train")
+        counts = self._counts(trainer, "train")
+        if counts is not None:
+            self._log(pl_module, "train", *counts)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._log(trainer, pl_module, "val")
+        counts = self._counts(trainer, "val")
+        if counts is None:
+            return
+        # this pass's share: the counts since the end of the previous pass (loaders read ahead of the hooks)
+        start, self._val_start = self._val_start, counts
+        if trainer.sanity_checking:
+            return
+        read, skipped = counts[0] - start[0], counts[1] - start[1]
+        self._log(pl_module, "val", read, skipped)
+        read, skipped = self._summed(trainer, pl_module, (read, skipped))
+        rank_zero_info(f"validation: {read} samples evaluated, {skipped} skipped as bad")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        counts = self._counts(trainer, "train")
+        if counts is not None:
+            read, skipped = self._summed(trainer, pl_module, counts)
+            rank_zero_info(f"training read {read} samples, {skipped} skipped as bad")

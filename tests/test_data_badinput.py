@@ -231,3 +231,91 @@ def test_skipped_counts_are_logged(tmp_path):
         trainer.fit(_Consume(), datamodule=dm)
     assert trainer.callback_metrics["data/skipped_train"] >= 1
     assert trainer.callback_metrics["data/skipped_val"] == 1
+
+
+# ---------------------------------------------------------------- how much data there is, and refusing a broken stream
+def _cut(path, keep: int, between: bool = False) -> None:
+    """Truncate the shard ``path`` after its first ``keep`` samples: inside the next sample's first member,
+    or exactly between two samples (``between``)."""
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        members = [m for m in tar.getmembers() if m.isreg()]
+    keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m in members))
+    first = next(m for m in members if m.name.split(".", 1)[0] == keys[keep])
+    end = first.offset if between else first.offset_data + first.size // 2
+    with open(path, "r+b") as f:
+        f.truncate(end)
+
+
+def _info(tmp_path, split: str, url: str, scenes: int) -> None:
+    info = {"splits": {split: {"scenes": scenes, "shards": 1, "url": url}}}
+    (tmp_path / "info.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize("between", [False, True], ids=["cut-inside-a-sample", "cut-between-samples"])
+def test_inventory_counts_intact_samples_and_names_the_damage(tmp_path, between):
+    from selfsup3d.datamodules.inventory import SplitInventory, inventory_shard
+
+    url = _write(tmp_path, _records(num_scenes=4), split="train")
+    whole = inventory_shard(url)
+    assert (whole.samples, whole.damage) == (4, None)
+    _cut(url, keep=1, between=between)
+    cut = inventory_shard(url)
+    assert cut.samples == 1
+    assert ("end-of-archive" if between else "truncated inside sample") in cut.damage
+    _info(tmp_path, "train", url, 4)
+    line = SplitInventory.of([url], "train").summary("training")
+    assert line.startswith("training data: 1 shard(s), 1 intact sample(s) of the 4 info.json lists")
+    assert url in line
+
+
+@pytest.mark.parametrize("with_info", [True, False], ids=["info.json", "no-info.json"])
+def test_fit_refuses_a_training_stream_that_is_nearly_all_broken(tmp_path, with_info):
+    url = _write(tmp_path, _records(num_scenes=4), split="train")
+    _cut(url, keep=1)  # the only shard, truncated down to one intact scene
+    if with_info:
+        _info(tmp_path, "train", url, 4)
+    dm = MultiViewShards(url, None, batch_size=2, num_workers=0, image_size=16, num_views=3)
+    reason = "only 1 of the 4 samples info.json lists" if with_info else "every shard is damaged"
+    with (
+        pytest.raises(ConfigError, match=rf"data.init_args.train_urls: refusing to train: {reason}"),
+        pytest.warns(UserWarning, match="is damaged"),
+    ):
+        dm.setup("fit")
+    # one damaged shard beside a whole one trains on (the damage is said), unless strict
+    good = _write(tmp_path / "more", _records(num_scenes=4, start=4), split="train")
+    MultiViewShards([good, url], None, batch_size=2, num_workers=0, image_size=16, num_views=3).setup("fit")
+    strict = MultiViewShards([good, url], None, batch_size=2, num_workers=0, image_size=16, num_views=3, strict=True)
+    with pytest.raises(ConfigError, match="damaged and strict=true"):
+        strict.setup("fit")
+
+
+def test_validation_says_how_many_samples_it_evaluated(tmp_path, caplog):
+    import logging
+
+    good = _write(tmp_path / "train", _records(num_scenes=2), split="train")
+    val = _write(tmp_path, _records(num_scenes=4, start=2), split="val")
+    _cut(val, keep=2)
+    _info(tmp_path, "val", val, 4)
+    dm = MultiViewShards(good, val, batch_size=1, num_workers=0, image_size=16, num_views=3, seed=0)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[SkippedSamplesLogger()])  # fmt: skip
+    inventory = r"validation data: 1 shard\(s\), 2 intact sample\(s\) of the 4 info.json lists; .* is damaged"
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match=inventory):
+        trainer.validate(_Consume(), datamodule=dm)
+    assert "validation: 2 samples evaluated, 1 skipped as bad" in caplog.text
+    assert trainer.callback_metrics["data/read_val"] == 2
+
+
+def test_cli_fit_on_a_truncated_only_shard_is_a_one_line_refusal(tmp_path, capsys):
+    from selfsup3d.cli import main
+
+    url = _write(tmp_path, _records(num_scenes=4, num_views=8), split="train")
+    _cut(url, keep=1)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", "configs/demo/masked_view.yaml", "--data.init_args.train_urls", url,
+              "--data.init_args.val_urls", "null", "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "refusing to train: every shard is damaged" in err and "Traceback" not in err
