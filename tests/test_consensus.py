@@ -71,6 +71,28 @@ def test_step_reports_every_term_and_gradients_reach_both_branches(urls):
     assert all(p.grad is None for p in model.teacher.parameters())
 
 
+def test_key_points_are_seen_on_the_background_too(urls, monkeypatch):
+    """The grid holds every surface the depth shows (the ground plane too), so a key point there is visible:
+    the views' masks restrict the dense terms, not which key points the 2D heads learn from."""
+    model = make(lambda_keypoints=1.0)
+    dm = data(urls)
+    model.configure_data(dm.data_specs())
+    batch = batch_of(dm)
+    seen: dict = {}
+    original = model.keypoint_losses
+
+    def spy(scene, f2d, K, c2w, depth, known, *args):
+        seen["known"] = known
+        return original(scene, f2d, K, c2w, depth, known, *args)
+
+    monkeypatch.setattr(model, "keypoint_losses", spy)
+    model.step(batch, "train", model.encoder)
+    _, surface = pooled_depth(batch["depth"].float().flatten(0, 1), seen["known"].shape[-2:])
+    assert torch.equal(seen["known"], surface)
+    foreground = torch.nn.functional.adaptive_avg_pool2d(batch["mask"].float().flatten(0, 1), surface.shape[-2:])
+    assert (surface & (foreground < 0.5)).any()  # the test data has background the masks leave out
+
+
 @pytest.mark.parametrize("switch", ["detach_2d", "detach_3d"])
 def test_stop_gradient_switches(urls, switch):
     model = make(lambda_fidelity=0.0, lambda_depth=0.0, lambda_keypoints=0.0, **{switch: True})
@@ -174,6 +196,9 @@ def test_retrieval_and_the_3d_backbone_export_from_the_cli(tmp_path, urls, capsy
     assert "4 held-out scenes" in printed and "top-1" in printed and "ROC AUC" in printed
     results = retrieve(run / "checkpoints" / "last.ckpt", urls[1], views=4, progress=False)
     assert results["consensus"]["retrieval_chance"] == pytest.approx(0.25)
+    # another way to compare key-point sets, named in the output
+    assert main(["retrieve", str(ckpt), "--data", urls[1], "--views", "4", "--mode", "chamfer"]) == 0
+    assert "(chamfer)" in capsys.readouterr().out
 
 
 def test_predicted_cameras_in_a_multitask_run(tmp_path, urls):

@@ -18,18 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import get_args
 
 import torch
 from tqdm import tqdm
 
 from selfsup3d.datamodules import MultiViewShards
-from selfsup3d.eval.scene_retrieval import RetrievalProtocol
+from selfsup3d.eval.scene_retrieval import RetrievalProtocol, SetSimilarity
 from selfsup3d.objectives import FeatureConsensus
 from selfsup3d.objectives.base import load_objective
 
 
 def retrieve(checkpoint: str | Path, urls: str, views: int = 8, batch_size: int = 8, image_size: int | None = None,
-             progress: bool = True) -> dict[str, dict[str, float]]:  # fmt: skip
+             progress: bool = True, mode: SetSimilarity = "best_match") -> dict[str, dict[str, float]]:  # fmt: skip
     """The retrieval and duplicate figures of every consensus objective of ``checkpoint`` on the scenes of ``urls``."""
     model = load_objective(checkpoint).eval()
     components = [(name, c) for name, c in model.components() if isinstance(c, FeatureConsensus)]
@@ -39,7 +40,7 @@ def retrieve(checkpoint: str | Path, urls: str, views: int = 8, batch_size: int 
     data = MultiViewShards(urls, urls, batch_size=batch_size, num_workers=0, image_size=size, num_views=views,
                            num_context_views=1, with_depth=True, with_masks=None)  # fmt: skip
     data.setup("validate")
-    protocols = {name: RetrievalProtocol() for name, _ in components}
+    protocols = {name: RetrievalProtocol(mode) for name, _ in components}
     with torch.no_grad():
         for batch in tqdm(data.val_dataloader(), desc="scenes", unit="batch", disable=not progress):
             batch = data.prepare_batch(batch, train=False)
@@ -59,16 +60,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=8, help="scenes per batch (default %(default)s)")
     parser.add_argument("--image-size", type=int, default=None, help="image size (default: the encoder's img_size)")
+    parser.add_argument(
+        "--mode",
+        choices=list(get_args(SetSimilarity)),
+        default="best_match",
+        help="how key-point sets compare (selfsup3d.eval.scene_retrieval.set_similarity; default %(default)s)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     if args.views < 3:
         parser.error("--views must be at least 3 (a query view and two halves of the others)")
     try:
-        results = retrieve(args.checkpoint, args.data, args.views, args.batch_size, args.image_size)
+        results = retrieve(args.checkpoint, args.data, args.views, args.batch_size, args.image_size, mode=args.mode)
     except (OSError, ValueError) as err:
         parser.error(str(err))
     for name, m in results.items():
-        print(f"{name}: {int(m['scenes'])} held-out scenes, 1 query view + {args.views - 1} views in the database")
+        print(f"{name}: {int(m['scenes'])} held-out scenes, 1 query view + {args.views - 1} views in the database "
+              f"({args.mode})")  # fmt: skip
         print(f"  2D->3D retrieval: top-1 {m['retrieval_top1']:.3f}, top-5 {m['retrieval_top5']:.3f} "
               f"(chance {m['retrieval_chance']:.3f})")  # fmt: skip
         if "duplicate_auc" in m:

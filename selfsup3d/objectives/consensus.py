@@ -264,10 +264,11 @@ class FeatureConsensus(PretrainObjective):
         h, w = enc.grid
         K, c2w = self.scene_cameras(batch, enc, b, v)
         scene = self.build_scene(batch, f2d, K, c2w)
-        target_depth, known = pooled_depth(batch["depth"].float().flatten(0, 1), (h, w))
+        target_depth, surface = pooled_depth(batch["depth"].float().flatten(0, 1), (h, w))
         mask = batch.get("mask")
+        known = surface  # where the dense terms apply: the foreground where masks are given
         if isinstance(mask, Tensor):
-            known = known & (F.adaptive_avg_pool2d(mask.float().flatten(0, 1), (h, w)) >= 0.5)
+            known = surface & (F.adaptive_avg_pool2d(mask.float().flatten(0, 1), (h, w)) >= 0.5)
         target_depth = scene.cube.depth_to_unit(target_depth.unflatten(0, (b, v))).flatten(0, 1)
         if stage == "train" and self.render_pixels:
             # the consensus at random foreground pixels, F2D read there bilinearly (as probes read features)
@@ -299,7 +300,8 @@ class FeatureConsensus(PretrainObjective):
             out["fidelity"] = fidelity_loss(f2d, teacher_grid)
             loss = loss + self.lambda_fidelity * out["fidelity"]
         if self.keypoints2d is not None:
-            terms = self.keypoint_losses(scene, f2d, K, c2w, target_depth, known, (h, w), (height, width))
+            # key points are seen wherever the scene has a surface (the grid holds the background too)
+            terms = self.keypoint_losses(scene, f2d, K, c2w, target_depth, surface, (h, w), (height, width))
             out.update(terms)
             loss = loss + self.lambda_keypoints * (
                 terms["kp_detection"] + terms["kp_descriptor"] + terms["kp_reliability"]
