@@ -252,3 +252,14 @@ def test_predicted_cameras_scale_is_fixed_from_the_views(urls):
     assert torch.allclose(results[0], results[1], atol=1e-4)
     ratio = results[0][:, 1:, :3, 3].norm(dim=-1) / rel[:, 1:, :3, 3].norm(dim=-1)
     assert ((ratio > 0.5) & (ratio < 2.0)).all(), ratio
+
+
+def test_retrieval_summaries_take_their_own_number_of_key_points(urls):
+    model = make(lambda_keypoints=1.0, num_keypoints=4, summary_keypoints=12)
+    dm = data(urls)
+    model.configure_data(dm.data_specs())
+    batch = batch_of(dm)
+    assert model.scene_keypoints(batch, model.encoder).descriptors.shape[1] == 12
+    assert model.image_keypoints(batch["images"][:, 0], model.encoder).descriptors.shape[1] == 12
+    with pytest.raises(ConfigError, match="summary_keypoints must be >= 1, got 0"):
+        make(summary_keypoints=0)

@@ -92,7 +92,10 @@ class FeatureConsensus(PretrainObjective):
         lambda_fidelity: weight of the fidelity term (0: no teacher is built).
         lambda_depth: weight of the depth term.
         lambda_keypoints: weight of the key-point terms (detection + descriptors + reliability; 0: no heads).
-        num_keypoints: 3D key points per scene (and 2D ones per image).
+        num_keypoints: 3D key points per scene (and 2D ones per image) in training.
+        summary_keypoints: key points per scene and per image in the sparse summaries of retrieval
+            (:meth:`scene_keypoints`, :meth:`image_keypoints`); ``null``: ``num_keypoints``. More cover more of
+            a scene (local maxima at most, after suppressing neighbours).
         descriptor_dim: key-point descriptor channels.
         keypoint_temperature: temperature of the descriptors' InfoNCE.
         teacher: the fidelity term's frozen teacher: ``null`` (the encoder as built), a weights file or a timm
@@ -134,6 +137,7 @@ class FeatureConsensus(PretrainObjective):
         lambda_keypoints: float = 0.1,
         # key points, the teacher, cameras, the 3D probe
         num_keypoints: int = 32,
+        summary_keypoints: int | None = None,
         descriptor_dim: int = 32,
         keypoint_temperature: float = 0.07,
         teacher: str | None = None,
@@ -164,6 +168,10 @@ class FeatureConsensus(PretrainObjective):
         self.lambda_consensus, self.lambda_fidelity = lambda_consensus, lambda_fidelity
         self.lambda_depth, self.lambda_keypoints = lambda_depth, lambda_keypoints
         self.num_keypoints, self.keypoint_temperature = num_keypoints, keypoint_temperature
+        for key, count in (("num_keypoints", num_keypoints), ("summary_keypoints", summary_keypoints)):
+            if count is not None and count < 1:
+                raise ConfigError(f"{self.key(key)} must be >= 1, got {count}")
+        self.summary_keypoints = summary_keypoints or num_keypoints
         self.cameras, self.camera_objective = cameras, camera_objective
         self.num_views, self.render_pixels = num_views, render_pixels
         self._camera_source: list[PretrainObjective] = []  # bound in a multi-task run (not a submodule)
@@ -377,7 +385,7 @@ class FeatureConsensus(PretrainObjective):
         K, c2w = self.scene_cameras(batch, enc, b, v)
         scene = self.build_scene(batch, f2d, K, c2w)
         assert scene.scores is not None
-        kp = select_keypoints_3d(scene.scores, scene.occupancy > 0, self.num_keypoints, 1, scene.descriptors)
+        kp = select_keypoints_3d(scene.scores, scene.occupancy > 0, self.summary_keypoints, 1, scene.descriptors)
         assert kp.descriptors is not None
         return KeypointSet.from_keypoints(kp.descriptors, kp.valid, kp.scores)
 
@@ -388,7 +396,7 @@ class FeatureConsensus(PretrainObjective):
             raise ConfigError(f"image key points need the key-point heads: {self.key('lambda_keypoints')} > 0")
         _, f2d = self.features_2d(images, encoder)
         scores, desc = self.keypoints2d(f2d)
-        kp = select_keypoints_2d(scores, self.num_keypoints, 1, desc)
+        kp = select_keypoints_2d(scores, self.summary_keypoints, 1, desc)
         assert kp.descriptors is not None
         return KeypointSet.from_keypoints(kp.descriptors, kp.valid, kp.scores)
 
