@@ -133,3 +133,38 @@ class CrashAtSetup(Callback):
 
     def setup(self, trainer, pl_module, stage) -> None:
         raise RuntimeError("crash at setup")
+
+
+class RecordLosses(Callback):
+    """Appends every training step's loss to ``path`` (JSON ``{global step: loss}``), keeping what an earlier
+    run of the same file recorded: a resumed run adds its steps to the interrupted run's."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import json
+        from pathlib import Path
+
+        path = Path(self.path)
+        seen = json.loads(path.read_text()) if path.exists() else {}
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        seen[str(trainer.global_step)] = None if loss is None else float(loss)
+        import os
+
+        if os.environ.get("DEBUG_KEYS"):
+            part = batch if "key" in batch else next(iter(batch.values()))
+            seen[f"k{trainer.global_step}"] = [part["key"], float(part.get("image", part.get("images")).sum())]
+        path.write_text(json.dumps(seen))
+
+
+class StopAt(Callback):
+    """Stops the fit gracefully after ``step`` optimiser steps (as Lightning does on ``should_stop``), at whatever
+    point of the epoch: the first half of a run that a resume completes."""
+
+    def __init__(self, step: int = 2) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

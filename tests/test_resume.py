@@ -1,0 +1,130 @@
+"""A run's life: a run of 2N steps and a run of N steps resumed for N more are the same run (same losses at every
+step, same final weights), alone and in the multi-task demo config, with data workers; the loader's state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from shards import write_multiview_shards, write_singleview_shards
+from test_multitask import demo_config
+from toy import tiny_encoder_config
+
+from selfsup3d.cli import main
+from selfsup3d.datamodules import SingleViewShards
+from selfsup3d.datamodules.resumable import ResumeMismatchWarning
+
+
+@pytest.fixture(scope="module")
+def image_urls(tmp_path_factory) -> str:
+    return write_singleview_shards(tmp_path_factory.mktemp("resume_images"), num_samples=8, size=32)
+
+
+@pytest.fixture(scope="module")
+def scene_urls(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("resume_scenes")
+    train = write_multiview_shards(root, num_scenes=4, num_views=4, size=32, num_shards=2)
+    val = write_multiview_shards(root, num_scenes=2, num_views=4, size=32, num_shards=1, split="val", seed=1)
+    return train, val
+
+
+def single_config(tmp_path: Path, urls: str) -> Path:
+    """The toy objective on shards: 2 workers, colour jitter, 3 batches per epoch, validation every epoch."""
+    cfg = {
+        "seed_everything": 7,
+        "model": {
+            "class_path": "toy.RotationPrediction",
+            "init_args": {"encoder": tiny_encoder_config(), "lr": 1e-3, "warmup_steps": 2, "grad_spike_factor": 3.0,
+                          "grad_spike_warmup": 2},
+        },
+        "data": {
+            "class_path": "selfsup3d.datamodules.SingleViewShards",
+            "init_args": {"train_urls": urls, "val_urls": urls, "image_size": 32, "batch_size": 2, "num_workers": 2,
+                          "batches_per_epoch": 3, "val_batches": 1, "with_depth": False, "color_jitter": True,
+                          "shuffle_buffer": 4},
+        },
+        "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
+                    "num_sanity_val_steps": 0, "log_every_n_steps": 1},
+    }  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def fit(cfg: Path, root: Path, max_steps: int, stop_at: int | None = None, resume: bool = False) -> None:
+    """Fit ``max_steps`` (the schedule's length) into ``root``, stopped after ``stop_at`` steps or resumed."""
+    argv = ["fit", "--config", str(cfg), "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(max_steps)]
+    argv += ["--trainer.callbacks+=toy.RecordLosses", f"--trainer.callbacks.path={root / 'losses.json'}"]
+    if stop_at is not None:
+        argv += ["--trainer.callbacks+=toy.StopAt", f"--trainer.callbacks.step={stop_at}"]
+    main([*argv, *(["--ckpt_path", "last"] if resume else [])])
+
+
+def outcome(root: Path) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    losses = json.loads((root / "losses.json").read_text())
+    ckpt = torch.load(root / "lightning_logs/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    return losses, ckpt["state_dict"]
+
+
+def assert_same_run(whole: Path, resumed: Path, steps: int) -> None:
+    (losses_a, weights_a), (losses_b, weights_b) = outcome(whole), outcome(resumed)
+    assert list(losses_a) == [str(s) for s in range(1, steps + 1)]
+    assert losses_b == losses_a  # every step, bit for bit
+    assert weights_a.keys() == weights_b.keys()
+    different = [k for k in weights_a if not torch.equal(weights_a[k], weights_b[k])]
+    assert not different, different
+
+
+def test_n_plus_n_is_2n_for_one_objective_with_workers(tmp_path, image_urls):
+    cfg = single_config(tmp_path, image_urls)
+    fit(cfg, tmp_path / "whole", 8)
+    fit(cfg, tmp_path / "resumed", 8, stop_at=4)  # mid-epoch (3 batches per epoch), after one validation
+    fit(cfg, tmp_path / "resumed", 8, resume=True)
+    assert_same_run(tmp_path / "whole", tmp_path / "resumed", 8)
+
+
+def test_n_plus_n_is_2n_for_the_multitask_demo_config_with_workers(tmp_path, scene_urls):
+    cfg = demo_config(tmp_path, scene_urls)
+    for source in cfg["data"]["init_args"]["sources"].values():
+        source["init_args"].update(num_workers=1, batches_per_epoch=3)
+    cfg["model"]["init_args"].update(grad_spike_factor=3.0, grad_spike_warmup=2)
+    cfg["trainer"]["callbacks"] = []
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    fit(path, tmp_path / "whole", 6)
+    fit(path, tmp_path / "resumed", 6, stop_at=2)
+    fit(path, tmp_path / "resumed", 6, resume=True)
+    assert_same_run(tmp_path / "whole", tmp_path / "resumed", 6)
+
+
+def _keys(loader, n: int) -> list[str]:
+    return [key for batch in (b for _, b in zip(range(n), loader)) for key in batch["key"]]
+
+
+def test_the_loader_state_resumes_the_stream_and_warns_when_it_cannot(image_urls):
+    def make(workers: int = 1):
+        dm = SingleViewShards(image_urls, batch_size=2, num_workers=workers, batches_per_epoch=3, with_depth=False,
+                              image_size=32, seed=3)  # fmt: skip
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    loader = make()
+    epochs = [_keys(loader, 3) for _ in range(3)]  # three epochs
+    assert epochs[0] != epochs[1] != epochs[2]  # every epoch its own draw
+    again = make()
+    _keys(again, 3)
+    first = iter(again)
+    partial = [next(first)["key"] for _ in range(2)]  # epoch 1, two batches in
+    state = again.state_dict()
+    assert state["epoch"] == 1 and state["batches"] == 2
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = _keys(resumed, 3)
+    assert [k for keys in partial for k in keys] + rest == epochs[1]
+    assert _keys(resumed, 3) == epochs[2]
+    other = make(workers=2)
+    with pytest.warns(ResumeMismatchWarning, match="num_workers 1 -> 2"):
+        other.load_state_dict(state)
