@@ -150,11 +150,6 @@ class RecordLosses(Callback):
         seen = json.loads(path.read_text()) if path.exists() else {}
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         seen[str(trainer.global_step)] = None if loss is None else float(loss)
-        import os
-
-        if os.environ.get("DEBUG_KEYS"):
-            part = batch if "key" in batch else next(iter(batch.values()))
-            seen[f"k{trainer.global_step}"] = [part["key"], float(part.get("image", part.get("images")).sum())]
         path.write_text(json.dumps(seen))
 
 
@@ -168,3 +163,21 @@ class StopAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class FlakyRotation(RotationPrediction):
+    """:class:`RotationPrediction` whose loss is NaN at the training batches ``nan_at`` (counted over the run)
+    and at every batch from ``nan_from`` on: a run that meets non-finite losses."""
+
+    def __init__(self, encoder: Encoder, nan_at: list[int] | None = None, nan_from: int | None = None, **kwargs):
+        super().__init__(encoder, **kwargs)
+        self.nan_at, self.nan_from = list(nan_at or []), nan_from
+        self.batches = 0
+
+    def step(self, batch: dict, stage: str, encoder: Encoder) -> dict:
+        out = super().step(batch, stage, encoder)
+        if stage == "train":
+            if self.batches in self.nan_at or (self.nan_from is not None and self.batches >= self.nan_from):
+                out["loss"] = out["loss"] * float("nan")
+            self.batches += 1
+        return out

@@ -1,0 +1,133 @@
+"""Faults in a run's life: SIGTERM mid-epoch and an exact resume, a process killed while writing a checkpoint,
+a corrupt checkpoint, non-finite losses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_resume import assert_same_run, fit, image_urls, single_config  # noqa: F401  (image_urls: a fixture)
+from toy import tiny_encoder_config
+
+from selfsup3d.checkpointing import AtomicCheckpointIO, checkpoint_readable
+from selfsup3d.cli import main
+
+TESTS = Path(__file__).parent
+SCRIPT = Path(sys.executable).parent / "selfsup3d"
+ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+
+
+def test_sigterm_mid_epoch_then_resume_is_the_uninterrupted_run(tmp_path, image_urls):  # noqa: F811
+    cfg = single_config(tmp_path, image_urls)
+    root, marker = tmp_path / "resumed", tmp_path / "at_step_4"
+    cmd = [str(SCRIPT), "fit", "--config", str(cfg), "--trainer.default_root_dir", str(root), "--trainer.max_steps",
+           "8", "--trainer.callbacks+=toy.RecordLosses", f"--trainer.callbacks.path={root / 'losses.json'}",
+           "--trainer.callbacks+=toy.MarkStep", f"--trainer.callbacks.path={marker}", "--trainer.callbacks.step=4",
+           "--trainer.callbacks.sleep=1.0"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate(timeout=5)[0][-3000:] if proc.poll() is not None else "no step 4"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    last = root / "lightning_logs/version_0/checkpoints/last.ckpt"
+    stopped = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    assert 4 <= stopped < 8  # mid-epoch (3 batches per epoch) for 4 and 5
+    fit(cfg, root, 8, resume=True)
+    fit(cfg, tmp_path / "whole", 8)
+    assert_same_run(tmp_path / "whole", root, 8)
+
+
+KILL_WHILE_SAVING = """
+import os, sys, torch
+from selfsup3d.checkpointing import AtomicCheckpointIO
+io, path = AtomicCheckpointIO(), sys.argv[1]
+io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+real_save = torch.save
+def save_then_die(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    f.truncate(f.tell() // 2)   # half the bytes are on disk when the process dies
+    f.flush()
+    os._exit(9)                 # no clean-up of any kind, as with SIGKILL
+torch.save = save_then_die
+io.save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "global_step": 2}, path)
+"""
+
+
+def test_a_process_killed_while_writing_leaves_the_previous_checkpoint_whole(tmp_path):
+    path = tmp_path / "last.ckpt"
+    result = subprocess.run([sys.executable, "-c", KILL_WHILE_SAVING, str(path)], env=ENV, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 9, result.stderr[-2000:]
+    assert checkpoint_readable(path)
+    assert AtomicCheckpointIO().load_checkpoint(path, weights_only=True)["global_step"] == 1
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.ckpt"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".last.ckpt.")  # the dead write's temporary file only
+
+
+def toy_config(tmp_path: Path, **model_args) -> Path:
+    cfg = {
+        "model": {"class_path": "toy.FlakyRotation", "init_args": {"encoder": tiny_encoder_config(), **model_args}},
+        "data": {"class_path": "toy.RandomImages", "init_args": {"num_samples": 8, "batch_size": 4}},
+        "trainer": {"accelerator": "cpu", "default_root_dir": str(tmp_path), "enable_progress_bar": False,
+                    "enable_model_summary": False, "limit_val_batches": 1, "log_every_n_steps": 1},
+    }  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_the_cli_writes_checkpoints_atomically_and_a_corrupt_one_is_one_line(tmp_path, capsys):
+    cfg = toy_config(tmp_path)
+    main(["fit", "--config", str(cfg), "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2"])
+    folder = tmp_path / "lightning_logs/version_0/checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step00000002.ckpt", "step00000004.ckpt"]
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # a copy cut short, a damaged disk
+    for ckpt_path in ("last", str(last)):
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", str(cfg), "--trainer.max_steps", "6", "--ckpt_path", ckpt_path])
+        assert exit_.value.code == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert f"checkpoint {last} cannot be read" in err
+        assert f"the previous good checkpoint is {folder / 'step00000004.ckpt'}" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step00000002.ckpt", "step00000004.ckpt"]
+
+
+def test_non_finite_losses_skip_their_steps_and_are_counted(tmp_path):
+    cfg = toy_config(tmp_path, nan_at=[1, 2], lr=1e-2)
+    main(["fit", "--config", str(cfg), "--trainer.max_steps", "3"])
+    ckpt = torch.load(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["selfsup3d_run_state"]["nonfinite_total"] == 2
+    assert ckpt["global_step"] == 3  # a skipped step counts, as Lightning counts it (the schedule follows batches)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "lightning_logs/version_0")).Reload()
+    assert [e.value for e in events.Scalars("train/skipped_nonfinite")][-1] == 2.0
+
+
+def test_a_run_of_only_non_finite_losses_stops_with_a_clear_message(tmp_path, capsys):
+    cfg = toy_config(tmp_path, nan_from=1, max_nonfinite_steps=3)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(cfg), "--trainer.max_steps", "100"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert "the loss was NaN or infinite in 3 steps in a row" in err and len(err.splitlines()) == 1, err
+    ckpt = torch.load(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3 and ckpt["selfsup3d_run_state"]["nonfinite_streak"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
