@@ -32,13 +32,14 @@ def scene_urls(tmp_path_factory) -> tuple[str, str]:
 
 
 def single_config(tmp_path: Path, urls: str) -> Path:
-    """The toy objective on shards: 2 workers, colour jitter, 3 batches per epoch, validation every epoch."""
+    """The toy objective on shards: 2 workers, colour jitter, 3 batches per epoch, validation every epoch, spike
+    skipping and a moving average of the encoder."""
     cfg = {
         "seed_everything": 7,
         "model": {
             "class_path": "toy.RotationPrediction",
             "init_args": {"encoder": tiny_encoder_config(), "lr": 1e-3, "warmup_steps": 2, "grad_spike_factor": 3.0,
-                          "grad_spike_warmup": 2},
+                          "grad_spike_warmup": 2, "ema_decay": 0.9},
         },
         "data": {
             "class_path": "selfsup3d.datamodules.SingleViewShards",
@@ -128,3 +129,33 @@ def test_the_loader_state_resumes_the_stream_and_warns_when_it_cannot(image_urls
     other = make(workers=2)
     with pytest.warns(ResumeMismatchWarning, match="num_workers 1 -> 2"):
         other.load_state_dict(state)
+
+
+def test_the_encoders_moving_average_is_validated_exported_and_saved(tmp_path, image_urls):
+    from selfsup3d.encoders.export import load_exported_encoder
+
+    cfg = yaml.safe_load(single_config(tmp_path, image_urls).read_text())
+    cfg["model"]["init_args"]["ema_decay"] = 0.5
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    root = tmp_path / "run"
+    fit(path, root, 3)
+    run = root / "lightning_logs/version_0"
+    state = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    raw = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    ema = {k.removeprefix("ema_encoder."): v for k, v in state.items() if k.startswith("ema_encoder.")}
+    assert raw.keys() == ema.keys()  # the encoder only: the heads stay out
+    moved = [k for k in raw if not torch.equal(raw[k], ema[k])]
+    assert moved  # the average lags the weights
+    exported = load_exported_encoder(run / "encoder.safetensors").vit.state_dict()
+    assert all(torch.equal(v, ema[f"vit.{k}"]) for k, v in exported.items())  # the export is the average
+    from toy import RotationPrediction
+
+    model = RotationPrediction.load_from_checkpoint(run / "checkpoints/last.ckpt")
+    assert model.encoder_for("val") is model.ema_encoder and model.encoder_for("train") is model.encoder
+    # one update by hand: ema <- 0.5 ema + 0.5 weights
+    before = {k: v.clone() for k, v in model.ema_encoder.state_dict().items()}
+    model.update_ema()
+    after, weights = model.ema_encoder.state_dict(), model.encoder.state_dict()
+    k = next(k for k in moved if after[k].is_floating_point())
+    assert torch.allclose(after[k], 0.5 * before[k] + 0.5 * weights[k])

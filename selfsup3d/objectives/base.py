@@ -22,6 +22,8 @@ only its heads, its losses and :meth:`~PretrainObjective.step`:
   through :func:`~selfsup3d.datamodules.views.views_as_images`;
 * frozen teachers (:class:`~selfsup3d.encoders.FrozenTeacher`) that can be rebuilt are left out of
   checkpoints and rebuilt on load; checkpoints are checked key by key before loading;
+* an optional moving average of the encoder (``ema_decay``; the heads and frozen teachers stay out of it),
+  saved in checkpoints, used for validation and testing and for the exported encoder;
 * fine-tuning: ``init_encoder_from`` loads the encoder strictly from a checkpoint of any objective or from an
   exported encoder, naming mismatched keys; :meth:`~PretrainObjective.encoder_state_dict` for export.
 
@@ -30,6 +32,7 @@ See ``README.md``, "Plugging in a new objective".
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -115,6 +118,9 @@ class PretrainObjective(LightningModule):
             the model is configured (state-dict keys unchanged; the first steps are slow).
         max_nonfinite_steps: a step whose loss is NaN or infinite (on any rank) is skipped, counted and logged
             (``train/skipped_nonfinite``); this many in a row stop the run with an error.
+        ema_decay: keep an exponential moving average of the encoder's weights (``ema_encoder``), updated after
+            every optimiser step with this decay (e.g. 0.999; ``null``: none). When on, validation, testing and
+            the exported encoder use the average; training uses the raw weights.
     """
 
     input_kind: ClassVar[InputKind] = "any"
@@ -136,6 +142,7 @@ class PretrainObjective(LightningModule):
         init_encoder_from: str | None = None,
         compile: bool = False,
         max_nonfinite_steps: int = 20,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         self.key_prefix = current_prefix("model")
@@ -155,6 +162,8 @@ class PretrainObjective(LightningModule):
             raise ConfigError(f"{self.key('grad_spike_factor')} must be > 1, got {grad_spike_factor}")
         if warmup_steps < 0:
             raise ConfigError(f"{self.key('warmup_steps')} must be >= 0, got {warmup_steps}")
+        if ema_decay is not None and not 0 <= ema_decay < 1:
+            raise ConfigError(f"{self.key('ema_decay')} must be in [0, 1) or null, got {ema_decay}")
         if max_nonfinite_steps < 1:
             raise ConfigError(f"{self.key('max_nonfinite_steps')} must be >= 1, got {max_nonfinite_steps}")
         self.encoder = encoder
@@ -180,6 +189,10 @@ class PretrainObjective(LightningModule):
         self._save_hparams()
         if init_encoder_from:
             self.load_encoder(init_encoder_from)
+        self.ema_decay = ema_decay
+        self.ema_encoder: Encoder | None = None
+        if ema_decay is not None:  # after init_encoder_from: the average starts at the weights training starts at
+            self.ema_encoder = copy.deepcopy(encoder).requires_grad_(False)
 
     def key(self, name: str) -> str:
         """The YAML key of this objective's argument ``name`` (``model.init_args.<name>`` when fitted alone)."""
@@ -301,8 +314,28 @@ class PretrainObjective(LightningModule):
         rank_zero_info(f"encoder initialised from {source}")
 
     def encoder_state_dict(self) -> dict[str, Tensor]:
-        """The encoder's weights for export (timm key schema for ViTEncoder)."""
-        return self.encoder.export_state_dict()
+        """The encoder's weights for export (timm key schema for ViTEncoder): the moving average when on."""
+        return (self.ema_encoder or self.encoder).export_state_dict()
+
+    def encoder_for(self, stage: str) -> Encoder:
+        """The encoder a ``stage`` runs: the raw one in training, the moving average (when on) otherwise."""
+        return self.encoder if stage == "train" or self.ema_encoder is None else self.ema_encoder
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One step of the moving average: ``ema = decay * ema + (1 - decay) * weights``; buffers are copied."""
+        if self.ema_encoder is None or self.ema_decay is None:
+            return
+        ema = [p for p in self.ema_encoder.parameters() if p.is_floating_point()]
+        raw = [p.detach() for p in self.encoder.parameters() if p.is_floating_point()]
+        torch._foreach_lerp_(ema, raw, 1.0 - self.ema_decay)
+        for mine, theirs in zip(self.ema_encoder.buffers(), self.encoder.buffers(), strict=True):
+            mine.copy_(theirs)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's step, then the moving average of the encoder follows (before any callback saves)."""
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
 
     def frozen_teacher(self) -> FrozenTeacher | None:
         """The first frozen teacher any component holds (probes report it beside the student), or ``None``."""
@@ -335,7 +368,7 @@ class PretrainObjective(LightningModule):
             )
 
     def _run(self, batch: Any, stage: str) -> dict[str, Any]:
-        out = self.step(self.adapt_batch(batch), stage, self.encoder)
+        out = self.step(self.adapt_batch(batch), stage, self.encoder_for(stage))
         self.log_scalars(stage, out, batch_size(batch))
         return out
 

@@ -180,7 +180,7 @@ class MultiTask(PretrainObjective):
         return out
 
     def _run(self, batch: Any, stage: str) -> dict[str, Any]:
-        out = self.step(batch, stage, self.encoder)
+        out = self.step(batch, stage, self.encoder_for(stage))
         routed = self._route(batch)
         for name, result in out.items():
             if isinstance(result, Mapping):
