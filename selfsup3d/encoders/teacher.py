@@ -94,8 +94,11 @@ def build_teacher(spec: str | None, encoder: Encoder, init_encoder_from: str | N
         if path.suffix == ".safetensors":
             from selfsup3d.encoders.export import load_exported_encoder, read_export_config
 
-            if read_export_config(path):
+            exported = read_export_config(path)
+            if exported:
                 keep = {k: config[k] for k in ("img_size", "num_out_layers") if k in config}
+                if "num_out_layers" in keep and "depth" in exported:  # a shallower teacher gives all its layers
+                    keep["num_out_layers"] = min(int(keep["num_out_layers"]), int(exported["depth"]))
                 return FrozenTeacher(load_exported_encoder(path, **keep), reproducible=True, source=spec)
         config.update(pretrained=False, checkpoint_path=str(path), grad_checkpointing=False, drop_path_rate=0.0)
         return FrozenTeacher(ViTEncoder(**config), reproducible=True, source=spec)
