@@ -146,6 +146,8 @@ class RecordLosses(Callback):
         import json
         from pathlib import Path
 
+        if trainer.global_rank != 0:  # one writer (rank 0's loss: its own batch)
+            return
         path = Path(self.path)
         seen = json.loads(path.read_text()) if path.exists() else {}
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
