@@ -65,3 +65,14 @@ def test_the_fsdp_config_stacks_on_the_gpu_configs(capsys):
     trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
     assert trainer["strategy"]["class_path"] == "selfsup3d.distributed.EncoderFSDP"
     assert trainer["precision"] == "bf16-mixed"
+
+
+def test_the_slurm_requeue_config_stacks_on_any_config(capsys):
+    import yaml
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(ROOT / "configs/demo/masked_view.yaml"), "--config",
+              str(ROOT / "configs/gpu/slurm.yaml"), "--print_config"])  # fmt: skip
+    assert exit_.value.code == 0
+    (plugin,) = yaml.safe_load(capsys.readouterr().out)["trainer"]["plugins"]
+    assert plugin["class_path"].endswith("SLURMEnvironment") and plugin["init_args"]["auto_requeue"] is True
