@@ -200,6 +200,10 @@ def test_demo_config_from_the_cli_and_the_export_loads_in_timm(tmp_path, urls):
         ),
         (["--model.init_args.weights", "{bogus: 1.0}"], ["model.init_args.weights names no objective: bogus"]),
         (
+            ["--model.init_args.objectives.triplane.init_args.ema_decay", "0.99"],
+            ["model.init_args.objectives.triplane.init_args.ema_decay", "set model.init_args.ema_decay instead"],
+        ),
+        (
             ["--model.init_args.objectives.masked_view.init_args.num_heads", "3"],
             ["model.init_args.objectives.masked_view.init_args.dim=32",
              "model.init_args.objectives.masked_view.init_args.num_heads=3"],

@@ -91,7 +91,7 @@ def test_n_plus_n_is_2n_for_the_multitask_demo_config_with_workers(tmp_path, sce
     cfg = demo_config(tmp_path, scene_urls)
     for source in cfg["data"]["init_args"]["sources"].values():
         source["init_args"].update(num_workers=1, batches_per_epoch=3)
-    cfg["model"]["init_args"].update(grad_spike_factor=3.0, grad_spike_warmup=2)
+    cfg["model"]["init_args"].update(grad_spike_factor=3.0, grad_spike_warmup=2, ema_decay=0.9)
     cfg["trainer"]["callbacks"] = []
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -99,6 +99,7 @@ def test_n_plus_n_is_2n_for_the_multitask_demo_config_with_workers(tmp_path, sce
     fit(path, tmp_path / "resumed", 6, stop_at=2)
     fit(path, tmp_path / "resumed", 6, resume=True)
     assert_same_run(tmp_path / "whole", tmp_path / "resumed", 6)
+    assert any(k.startswith("ema_encoder.") for k in outcome(tmp_path / "whole")[1])  # the average came back too
 
 
 def _keys(loader, n: int) -> list[str]:
