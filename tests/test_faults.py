@@ -79,6 +79,7 @@ def test_a_process_killed_while_writing_leaves_the_previous_checkpoint_whole(tmp
 
 
 def toy_config(tmp_path: Path, **model_args) -> Path:
+    tmp_path.mkdir(exist_ok=True)
     cfg = {
         "model": {"class_path": "toy.FlakyRotation", "init_args": {"encoder": tiny_encoder_config(), **model_args}},
         "data": {"class_path": "toy.RandomImages", "init_args": {"num_samples": 8, "batch_size": 4}},
@@ -119,6 +120,11 @@ def test_non_finite_losses_skip_their_steps_and_are_counted(tmp_path):
 
     events = EventAccumulator(str(tmp_path / "lightning_logs/version_0")).Reload()
     assert [e.value for e in events.Scalars("train/skipped_nonfinite")][-1] == 2.0
+    # nothing moved in the skipped steps: the weights are those of the one good step (a 1-step run; warm-up lr)
+    one = toy_config(tmp_path / "one", lr=1e-2)
+    main(["fit", "--config", str(one), "--trainer.max_steps", "1"])
+    good = torch.load(tmp_path / "one/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert all(torch.equal(v, good["state_dict"][k]) for k, v in ckpt["state_dict"].items())
 
 
 def test_a_run_of_only_non_finite_losses_stops_with_a_clear_message(tmp_path, capsys):
@@ -130,4 +136,19 @@ def test_a_run_of_only_non_finite_losses_stops_with_a_clear_message(tmp_path, ca
     assert "the loss was NaN or infinite in 3 steps in a row" in err and len(err.splitlines()) == 1, err
     ckpt = torch.load(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3 and ckpt["selfsup3d_run_state"]["nonfinite_streak"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+# about 20 s (two spawned processes): Lightning refuses a skipped training_step under DDP, so the skip must not be one
+def test_non_finite_losses_are_skipped_together_by_two_ddp_ranks(tmp_path):
+    cfg = yaml.safe_load(toy_config(tmp_path, nan_at=[1, 2], lr=1e-2).read_text())
+    cfg["trainer"].update(devices=2, strategy="ddp", max_steps=4)
+    cfg["data"]["init_args"]["num_samples"] = 16
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = subprocess.run([str(SCRIPT), "fit", "--config", str(path)], env=ENV, capture_output=True, text=True,
+                            timeout=240, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["selfsup3d_run_state"]["nonfinite_total"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())

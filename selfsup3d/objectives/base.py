@@ -185,6 +185,7 @@ class PretrainObjective(LightningModule):
         self.max_nonfinite_steps = max_nonfinite_steps
         # what a resumed run needs besides the weights (saved under RUN_STATE_KEY in checkpoints)
         self.run_state = {"seed": None, "nonfinite_total": 0, "nonfinite_streak": 0}
+        self._skip_step = False  # the current step's loss was not finite (its gradients are dropped)
         self.data_spec: DataSpec | None = None
         self._save_hparams()
         if init_encoder_from:
@@ -379,9 +380,14 @@ class PretrainObjective(LightningModule):
         seed = stream_seed("step", 0 if seed is None else seed, self.global_rank, self.current_epoch, batch_idx)
         torch.manual_seed(seed)
 
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any] | None:
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         out = _detach_outputs(self._run(batch, "train"))
-        return out if self._loss_is_finite(out["loss"]) else None
+        if not self._loss_is_finite(out["loss"]):
+            # a zero loss over every trainable parameter: the backward (and DDP's gradient reduction) runs as
+            # usual with zero gradients, which on_before_optimizer_step then drops, so nothing moves
+            self._skip_step = True
+            out["loss"] = sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+        return out
 
     def _loss_is_finite(self, loss: Any) -> bool:
         """Count a non-finite loss (on any rank: all ranks then skip the step together) and stop after
@@ -504,7 +510,12 @@ class PretrainObjective(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip the step when the (unclipped) gradient norm spikes; the spike does not move the mean."""
+        """Skip the step after a non-finite loss, or when the (unclipped) gradient norm spikes; neither moves the
+        running mean of the norm."""
+        if self._skip_step:
+            self._skip_step = False
+            _drop_gradients(optimizer)
+            return
         if self.grad_spike_factor is None:
             return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -515,14 +526,19 @@ class PretrainObjective(LightningModule):
         warm = self.global_step >= self.grad_spike_warmup and ema > 0
         spike = (not torch.isfinite(norm)) or bool(warm and norm > self.grad_spike_factor * ema)
         if spike:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None  # AdamW leaves parameters without gradient untouched
+            _drop_gradients(optimizer)
             self.skipped_steps += 1
         else:
             ema.copy_(norm if ema == 0 else 0.99 * ema + 0.01 * norm)
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+
+
+def _drop_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Skip an optimiser step: AdamW leaves parameters without gradient untouched (no decay, no momentum)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
 
 
 def load_objective(checkpoint: str | Path, map_location: str = "cpu") -> PretrainObjective:
