@@ -434,7 +434,7 @@ class ShardDataModule(LightningDataModule):
         )
         settings = {"seed": self._seed, "batch_size": self.batch_size, "world_size": self._world_size}
         self._train_loader = ResumableLoader(
-            pipeline, epoch, self.batches_per_epoch, self.num_workers, self.pin_memory, settings
+            pipeline, epoch, self.batches_per_epoch, self.num_workers, self.pin_memory, settings, self._batches_done
         )
         self._loaders.append(self._train_loader)
         return self._train_loader
@@ -485,6 +485,14 @@ class ShardDataModule(LightningDataModule):
         if "mask" in batch and batch["mask"].dtype != torch.float32:
             batch["mask"] = batch["mask"].float()
         return batch
+
+    def _batches_done(self) -> int | None:
+        """Batches of the current epoch the trainer counts as trained on (its restored progress on resume)."""
+        trainer = getattr(self, "trainer", None)
+        try:
+            return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)  # type: ignore[union-attr]
+        except (AttributeError, TypeError):
+            return None
 
     def _batch_seed(self) -> int | None:
         """A seed for the batch the training loader gave last (its epoch and index), or ``None`` outside one."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any
 
@@ -84,6 +84,10 @@ class ResumableLoader:
         pin_memory: pin host memory (when CUDA is available).
         settings: what the stream depends on besides the epoch (seed, batch size, rank's world size, ...);
             saved in the state and compared on resume.
+        batches_done: on resume, how many batches of the epoch the trainer counts as trained on (Lightning's
+            restored progress), read when the resumed epoch starts; ``None`` (or returning ``None``): the
+            batches the loader had given. They differ when a run was saved mid-step (a crash, Ctrl-C, a signal
+            handler): the batch it had fetched but not finished is trained on again, as the trainer redoes it.
     """
 
     def __init__(
@@ -94,7 +98,9 @@ class ResumableLoader:
         num_workers: int,
         pin_memory: bool,
         settings: dict[str, Any],
+        batches_done: Callable[[], int | None] | None = None,
     ) -> None:
+        self.batches_done = batches_done
         self.loader = DataLoader(
             pipeline,
             batch_size=None,
@@ -132,6 +138,9 @@ class ResumableLoader:
         if self._resume_at is not None:
             epoch, skip = self._resume_at
             self._resume_at = None
+            done = self.batches_done() if self.batches_done is not None else None
+            if done is not None and skip > 0:
+                skip = min(int(done), self.batches_per_epoch)
         else:
             epoch, skip = self.epoch + 1, 0
         self.epoch, self.given = epoch, skip

@@ -51,6 +51,30 @@ def test_sigterm_mid_epoch_then_resume_is_the_uninterrupted_run(tmp_path, image_
     assert_same_run(tmp_path / "whole", root, 8)
 
 
+def test_a_run_interrupted_mid_step_resumes_with_the_batch_it_had_not_trained_on(tmp_path, image_urls):  # noqa: F811
+    """Ctrl-C after the next batch was fetched (the loader has given 5 batches, 4 were trained on): the resume
+    trains on the 5th, as the uninterrupted run did."""
+    cfg = single_config(tmp_path, image_urls)
+    root = tmp_path / "resumed"
+    argv = ["fit", "--config", str(cfg), "--trainer.default_root_dir", str(root), "--trainer.max_steps", "8",
+            "--trainer.callbacks+=toy.RecordLosses", f"--trainer.callbacks.path={root / 'losses.json'}",
+            "--trainer.callbacks+=toy.InterruptAt", "--trainer.callbacks.step=4",
+            "--trainer.callbacks.mid_step=true"]  # fmt: skip
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            main(argv)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    state = torch.load(root / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert state["global_step"] == 4
+    (loader,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert (loader["epoch"], loader["batches"]) == (1, 2)  # epoch 1's second batch was fetched, not trained on
+    fit(cfg, root, 8, resume=True)
+    fit(cfg, tmp_path / "whole", 8)
+    assert_same_run(tmp_path / "whole", root, 8)
+
+
 KILL_WHILE_SAVING = """
 import os, sys, torch
 from selfsup3d.checkpointing import AtomicCheckpointIO

@@ -57,14 +57,23 @@ class RandomImages(LightningDataModule):
 
 
 class InterruptAt(Callback):
-    """Simulates Ctrl-C (or, with ``crash``, a failing step) after ``step`` optimiser steps."""
+    """Simulates Ctrl-C (or, with ``crash``, a failing step) after ``step`` optimiser steps: at the end of that
+    step, or (``mid_step``) once the next batch is fetched, before it is trained on."""
 
-    def __init__(self, step: int = 2, crash: bool = False) -> None:
-        self.step, self.crash = step, crash
+    def __init__(self, step: int = 2, crash: bool = False, mid_step: bool = False) -> None:
+        self.step, self.crash, self.mid_step = step, crash, mid_step
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def _interrupt(self, trainer) -> None:
         if trainer.global_step >= self.step:
             raise RuntimeError("simulated crash") if self.crash else KeyboardInterrupt
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.mid_step:
+            self._interrupt(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.mid_step:
+            self._interrupt(trainer)
 
 
 def tiny_encoder_config(num_out_layers: int = 2, **init_args) -> dict:
