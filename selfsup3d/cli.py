@@ -40,7 +40,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import selfsup3d.callbacks  # noqa: F401  (short class names in YAML resolve for imported classes)
 import selfsup3d.datamodules  # noqa: F401
 import selfsup3d.objectives  # noqa: F401
-from selfsup3d.callbacks import EncoderExport, LearningRates
+from selfsup3d.callbacks import EncoderExport, LearningRates, StepBoundaryRequeue
 from selfsup3d.callbacks.progress import default_progress_bar
 from selfsup3d.checkpointing import check_checkpoint, install_atomic_io
 from selfsup3d.datamodules import SkippedSamplesLogger
@@ -124,6 +124,7 @@ class SelfSup3DCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRates, "lr_monitor")
         parser.add_lightning_class_args(SkippedSamplesLogger, "skipped_samples")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(StepBoundaryRequeue, "requeue")  # inert without SLURM's auto-requeue
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,

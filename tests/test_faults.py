@@ -3,6 +3,7 @@ a corrupt checkpoint, non-finite losses."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -176,3 +177,69 @@ def test_non_finite_losses_are_skipped_together_by_two_ddp_ranks(tmp_path):
     ckpt = torch.load(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and ckpt["selfsup3d_run_state"]["nonfinite_total"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+SLURM = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "pretrain", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+         "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1"}  # fmt: skip
+
+
+def test_slurm_sigusr1_saves_at_a_step_boundary_requeues_and_the_requeued_job_continues_exactly(
+    tmp_path,
+    image_urls,  # noqa: F811
+    monkeypatch,
+):
+    """SLURM's pre-emption warning (SIGUSR1, configs/gpu/slurm.yaml): the run saves hpc_ckpt_1.ckpt at the end of
+    the step in progress and calls `scontrol requeue`; the requeued job (the same command, no --ckpt_path)
+    continues from it exactly as the run went on."""
+    cfg = single_config(tmp_path, image_urls)
+    bin_dir, root, marker = tmp_path / "bin", tmp_path / "run", tmp_path / "at_step_3"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**ENV, **SLURM, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    base = ["fit", "--config", str(cfg), "--config", str(TESTS.parent / "configs/gpu/slurm.yaml"),
+            "--trainer.default_root_dir", str(root), "--trainer.max_steps", "8"]  # fmt: skip
+    cmd = [str(SCRIPT), *base, "--trainer.callbacks+=toy.RecordLosses",
+           f"--trainer.callbacks.path={root / 'first.json'}", "--trainer.callbacks+=toy.MarkStep",
+           f"--trainer.callbacks.path={marker}", "--trainer.callbacks.step=3",
+           "--trainer.callbacks.sleep=0.5"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate(timeout=5)[0][-3000:] if proc.poll() is not None else "no step 3"
+        proc.send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]  # the job itself goes on; SLURM ends it and starts it again
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    hpc = torch.load(root / "hpc_ckpt_1.ckpt", weights_only=True)
+    saved_at = hpc["global_step"]
+    assert 3 <= saved_at < 8
+    for key, value in SLURM.items():
+        monkeypatch.setenv(key, value)
+    main([*base, "--trainer.callbacks+=toy.RecordLosses", f"--trainer.callbacks.path={root / 'requeued.json'}"])
+    first = json.loads((root / "first.json").read_text())
+    requeued = json.loads((root / "requeued.json").read_text())
+    assert list(requeued) == [str(s) for s in range(saved_at + 1, 9)]
+    assert requeued == {k: first[k] for k in requeued}
+
+
+def test_the_requeue_signal_waits_for_the_end_of_the_step():
+    from types import SimpleNamespace
+
+    from selfsup3d.callbacks import StepBoundaryRequeue
+
+    calls = []
+    requeue = StepBoundaryRequeue()
+    requeue._signal, requeue._lightning = int(signal.SIGUSR1), lambda signum, frame: calls.append(signum)
+    trainer = SimpleNamespace(world_size=1)
+    requeue.on_train_batch_end(trainer, None)
+    requeue._defer(signal.SIGUSR1, None)  # the signal arrives mid-step: nothing is saved yet
+    assert calls == []
+    requeue.on_train_batch_end(trainer, None)  # the step is over: Lightning's handler saves and requeues once
+    requeue.on_train_batch_end(trainer, None)
+    assert calls == [int(signal.SIGUSR1)]
