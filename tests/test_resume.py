@@ -160,3 +160,25 @@ def test_the_encoders_moving_average_is_validated_exported_and_saved(tmp_path, i
     after, weights = model.ema_encoder.state_dict(), model.encoder.state_dict()
     k = next(k for k in moved if after[k].is_floating_point())
     assert torch.allclose(after[k], 0.5 * before[k] + 0.5 * weights[k])
+
+
+def test_a_moving_average_teacher_follows_the_student_and_is_saved():
+    from conftest import tiny_encoder
+    from test_multitask import TRIPLANE
+
+    from selfsup3d.objectives import TriplaneReconstruction
+
+    torch.manual_seed(0)
+    model = TriplaneReconstruction(tiny_encoder(), teacher="ema:0.5", **TRIPLANE)
+    teacher = model.teacher.encoder
+    start = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)  # the student moved (an optimiser step)
+    model.update_ema()
+    after, student = teacher.state_dict(), model.encoder.state_dict()
+    name = next(k for k, v in after.items() if v.is_floating_point() and v.numel() > 1)
+    assert torch.allclose(after[name], 0.5 * start[name] + 0.5 * student[name])
+    assert any(k.startswith("teacher.") for k in model.state_dict())  # not rebuildable: saved in checkpoints
+    with pytest.raises(Exception, match="ema:DECAY"):
+        TriplaneReconstruction(tiny_encoder(), teacher="ema:1.5", **TRIPLANE)

@@ -324,14 +324,18 @@ class PretrainObjective(LightningModule):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """One step of the moving average: ``ema = decay * ema + (1 - decay) * weights``; buffers are copied."""
-        if self.ema_encoder is None or self.ema_decay is None:
-            return
-        ema = [p for p in self.ema_encoder.parameters() if p.is_floating_point()]
-        raw = [p.detach() for p in self.encoder.parameters() if p.is_floating_point()]
-        torch._foreach_lerp_(ema, raw, 1.0 - self.ema_decay)
-        for mine, theirs in zip(self.ema_encoder.buffers(), self.encoder.buffers(), strict=True):
-            mine.copy_(theirs)
+        """One step of the moving averages of the encoder: ``ema = decay * ema + (1 - decay) * weights`` (buffers
+        are copied), for ``ema_encoder`` and for every moving-average teacher (``teacher: ema``) of the components."""
+        averages = [] if self.ema_encoder is None or self.ema_decay is None else [(self.ema_encoder, self.ema_decay)]
+        averages += [
+            (m.encoder, m.momentum) for m in self.modules() if isinstance(m, FrozenTeacher) and m.momentum is not None
+        ]
+        for average, decay in averages:
+            ema = [p for p in average.parameters() if p.is_floating_point()]
+            raw = [p.detach() for p in self.encoder.parameters() if p.is_floating_point()]
+            torch._foreach_lerp_(ema, raw, 1.0 - decay)
+            for mine, theirs in zip(average.buffers(), self.encoder.buffers(), strict=True):
+                mine.copy_(theirs)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Lightning's step, then the moving average of the encoder follows (before any callback saves)."""
