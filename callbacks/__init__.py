@@ -11,6 +11,7 @@ from selfsup3d.callbacks.lr import LearningRates
 from selfsup3d.callbacks.masked_view import MaskedViewPictures
 from selfsup3d.callbacks.probe import ProbeCallback
 from selfsup3d.callbacks.progress import RichProgress, TQDMProgress, default_progress_bar
+from selfsup3d.callbacks.requeue import StepBoundaryRequeue
 from selfsup3d.callbacks.triplane import TriplaneImages
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ProbeCallback",
     "RichProgress",
     "SceneRetrieval",
+    "StepBoundaryRequeue",
     "TQDMProgress",
     "TriplaneImages",
     "default_progress_bar",

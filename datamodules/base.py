@@ -46,9 +46,11 @@ from selfsup3d.datamodules.pipeline import (
     first_sample,
     make_loader,
     rank_and_world_size,
+    shutdown_workers,
     train_pipeline,
     val_pipeline,
 )
+from selfsup3d.datamodules.resumable import ResumableLoader, StreamEpoch, stream_seed
 from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.errors import ConfigError, current_prefix
 
@@ -367,6 +369,8 @@ class ShardDataModule(LightningDataModule):
         self.inventories: dict[str, SplitInventory] = {}
         """What each split's shards hold, taken at set-up (see :mod:`~selfsup3d.datamodules.inventory`)."""
         self._rank, self._world_size, self._seed = 0, 1, 0
+        self._train_loader: ResumableLoader | None = None
+        self._loaders: list[Any] = []  # every loader made, so teardown can stop their workers
 
     def key(self, name: str) -> str:
         """The YAML key of this datamodule's argument ``name``."""
@@ -434,17 +438,24 @@ class ShardDataModule(LightningDataModule):
         if not self._counters:
             self.setup(stage)
 
-    def train_dataloader(self) -> Any:
-        """Infinite resampled stream, ``batches_per_epoch`` full batches per epoch on every rank."""
+    def train_dataloader(self) -> ResumableLoader:
+        """Infinite resampled stream, ``batches_per_epoch`` full batches per epoch on every rank; resumable
+        (its position is saved in checkpoints, see :mod:`~selfsup3d.datamodules.resumable`)."""
         self._ensure_setup("fit")
         if self._train_list is None:
             self._train_list = expand_urls(self.train_urls, self.key("train_urls"))
         handler = BadSampleHandler(self._counters["train"], self.strict, "training")
-        stage = TrainStage(self._decoder(train=True), handler, self._seed, self._rank, self.shuffle_buffer)
+        epoch = StreamEpoch()
+        stage = TrainStage(self._decoder(train=True), handler, self._seed, self._rank, self.shuffle_buffer, epoch)
         pipeline = train_pipeline(
             self._train_list, stage, self._collate_fn(), self.batch_size, handler, self._seed, self._rank
         )
-        return make_loader(pipeline, self.num_workers, self.pin_memory, self.batches_per_epoch)
+        settings = {"seed": self._seed, "batch_size": self.batch_size, "world_size": self._world_size}
+        self._train_loader = ResumableLoader(
+            pipeline, epoch, self.batches_per_epoch, self.num_workers, self.pin_memory, settings, self._batches_done
+        )
+        self._loaders.append(self._train_loader)
+        return self._train_loader
 
     def val_dataloader(self) -> Any:
         """Deterministic pass over ``val_urls`` (the same number of batches on every rank), or
@@ -459,7 +470,15 @@ class ShardDataModule(LightningDataModule):
         pipeline = val_pipeline(self._val_list, stage, self._collate_fn(), self.batch_size, handler)
         # more workers than shards would only idle
         workers = min(self.num_workers, len(self._val_list))
-        return make_loader(pipeline, workers, self.pin_memory, self.val_batches)
+        loader = make_loader(pipeline, workers, self.pin_memory, self.val_batches)
+        self._loaders.append(loader)
+        return loader
+
+    def teardown(self, stage: str) -> None:
+        """Stop the loaders' persistent workers (Lightning stops only plain DataLoaders' workers)."""
+        for loader in self._loaders:
+            shutdown_workers(loader)
+        self._loaders.clear()
 
     def prepare_batch(self, batch: dict[str, Any], train: bool) -> dict[str, Any]:
         """uint8 images -> float32 in [0, 1], masks -> float32; in training, the photometric jitter (one draw
@@ -470,11 +489,35 @@ class ShardDataModule(LightningDataModule):
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
         if train and self._jitter is not None:
-            images = self._jitter_images(images)
+            seed = self._batch_seed()
+            if seed is None:
+                images = self._jitter_images(images)
+            else:  # a function of the batch's place in the stream: a resumed run draws the same jitter
+                cuda = [images.device.index or 0] if images.is_cuda else []
+                with torch.random.fork_rng(devices=cuda, device_type="cuda" if cuda else "cpu"):
+                    torch.random.default_generator.manual_seed(seed)
+                    if cuda:
+                        torch.cuda.manual_seed(seed)  # the current device only, the one fork_rng restores
+                    images = self._jitter_images(images)
         batch[name] = images
         if "mask" in batch and batch["mask"].dtype != torch.float32:
             batch["mask"] = batch["mask"].float()
         return batch
+
+    def _batches_done(self) -> int | None:
+        """Batches of the current epoch the trainer counts as trained on (its restored progress on resume)."""
+        trainer = getattr(self, "trainer", None)
+        try:
+            return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)  # type: ignore[union-attr]
+        except (AttributeError, TypeError):
+            return None
+
+    def _batch_seed(self) -> int | None:
+        """A seed for the batch the training loader gave last (its epoch and index), or ``None`` outside one."""
+        loader = self._train_loader
+        if loader is None or loader.epoch < 0 or loader.given < 1:
+            return None
+        return stream_seed("jitter", self._seed, self._rank, *loader.position)
 
     def _jitter_images(self, images: torch.Tensor) -> torch.Tensor:
         assert self._jitter is not None

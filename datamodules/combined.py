@@ -79,6 +79,10 @@ class CombinedShards(LightningDataModule):
             source.trainer = self.trainer
             source.setup(stage)
 
+    def teardown(self, stage: str) -> None:
+        for source in self.sources.values():
+            source.teardown(stage)
+
     def train_dataloader(self) -> CombinedLoader:
         return CombinedLoader({name: s.train_dataloader() for name, s in self.sources.items()}, self.mode)
 

@@ -1,8 +1,10 @@
 """WebDataset plumbing shared by the datamodules: URLs, shard opening, equal epochs on every rank, bad samples.
 
-Training reads **resampled** shards (:class:`webdataset.ResampledShards`, seeded per rank and worker) and
-the loader counts ``batches_per_epoch`` batches (``WebLoader.with_epoch``), so every rank runs the same
-number of steps whatever the number and size of the shards: DDP never waits on a rank that ran dry.
+Training reads **resampled** shards (:class:`~selfsup3d.datamodules.resumable.ResampledUrls`, seeded per rank,
+worker and epoch) and the loader counts ``batches_per_epoch`` batches
+(:class:`~selfsup3d.datamodules.resumable.ResumableLoader`), so every rank runs the same number of steps
+whatever the number and size of the shards: DDP never waits on a rank that ran dry. The stream is a function
+of the seed, rank, worker, epoch and batches given, so a resumed run continues it exactly.
 
 Validation is deterministic: every rank reads every validation shard in order (workers split the shards)
 and keeps the samples whose index modulo the world size is its rank, then pads with its last sample up to
@@ -35,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from selfsup3d.datamodules.format import SampleError, sample_where
+from selfsup3d.datamodules.resumable import ResampledUrls, StreamEpoch, stream_seed
 from selfsup3d.errors import ConfigError
 
 MAX_CONSECUTIVE_BAD = 200
@@ -296,13 +299,21 @@ class _GuardedDecode:
 
 class TrainStage:
     """Training: shuffle raw samples (cheap: bytes), decode them with a random generator seeded by
-    ``(seed, rank, worker, epoch)``, and, for decoders that expand a sample into several (views of a scene
-    as single-view samples), shuffle the decoded samples too."""
+    ``(seed, rank, worker, epoch)`` (the epoch the loader set in ``epoch``), and, for decoders that expand a
+    sample into several (views of a scene as single-view samples), shuffle the decoded samples too."""
 
-    def __init__(self, decoder: Decoder, handler: BadSampleHandler, seed: int, rank: int, shuffle_buffer: int) -> None:
+    def __init__(
+        self,
+        decoder: Decoder,
+        handler: BadSampleHandler,
+        seed: int,
+        rank: int,
+        shuffle_buffer: int,
+        epoch: StreamEpoch | None = None,
+    ) -> None:
         self.decoder, self.handler = decoder, handler
         self.seed, self.rank, self.shuffle_buffer = seed, rank, shuffle_buffer
-        self.epoch = -1
+        self.epoch = epoch or StreamEpoch()
 
     def _decoded(self, src: Iterable[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         guard = _GuardedDecode("training")
@@ -312,9 +323,9 @@ class TrainStage:
             yield from items or ()
 
     def __call__(self, src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        self.epoch += 1
         worker, _ = _worker_id()
-        rngs = [random.Random(hash((self.seed, self.rank, worker, self.epoch, i))) for i in range(3)]
+        epoch = self.epoch.get()
+        rngs = [random.Random(stream_seed("samples", self.seed, self.rank, worker, epoch, i)) for i in range(3)]
         if self.shuffle_buffer > 1:
             src = wds.shuffle(self.shuffle_buffer, initial=max(1, self.shuffle_buffer // 4), rng=rngs[0])(src)
         stream = self._decoded(src, rngs[1])
@@ -363,17 +374,6 @@ class ValStage:
             yielded += 1
 
 
-class RankWorkerSeed:
-    """``worker_seed`` for :class:`webdataset.ResampledShards`: distinct per rank and worker, reproducible."""
-
-    def __init__(self, seed: int, rank: int) -> None:
-        self.seed, self.rank = seed, rank
-
-    def __call__(self) -> int:
-        worker, _ = _worker_id()
-        return hash((self.seed, self.rank, worker)) & 0x7FFFFFFF
-
-
 def train_pipeline(
     urls: list[str],
     stage: TrainStage,
@@ -383,9 +383,9 @@ def train_pipeline(
     seed: int,
     rank: int,
 ) -> wds.DataPipeline:
-    """Resampled shards -> samples -> ``stage`` -> full batches (infinite; the loader sets the epoch)."""
+    """Resampled shards -> samples -> ``stage`` -> full batches (infinite; the loader sets ``stage.epoch``)."""
     return wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, worker_seed=RankWorkerSeed(seed, rank), deterministic=True),
+        ResampledUrls(urls, seed, rank, stage.epoch),
         functools.partial(open_shards, handler=handler),
         functools.partial(expand_tars, handler=handler),
         functools.partial(group_by_keys, handler=handler),
@@ -416,7 +416,8 @@ def val_pipeline(
 def make_loader(
     pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool, epoch_batches: int | None
 ) -> wds.WebLoader:
-    """A WebLoader over a batching pipeline; ``epoch_batches`` batches per epoch when given (per rank).
+    """A WebLoader over a batching validation pipeline; ``epoch_batches`` batches per epoch when given (per rank);
+    training uses :class:`~selfsup3d.datamodules.resumable.ResumableLoader`.
 
     An epoch of ``epoch_batches`` is also the loader's ``len()``: exact, since ``with_epoch`` cycles the stream,
     and what Lightning counts with (progress bars, validation at the epoch's end). A full validation pass has
@@ -430,6 +431,17 @@ def make_loader(
         prefetch_factor=4 if num_workers > 0 else None,
     )
     return loader.with_epoch(epoch_batches).with_length(epoch_batches, silent=True) if epoch_batches else loader
+
+
+def shutdown_workers(loader: Any) -> None:
+    """Stop the persistent workers of a DataLoader (or of the DataLoader inside a WebLoader), if it has any
+    running: at the end of a fit, so no idle worker outlives it (and delays the interpreter's exit)."""
+    inner = loader.pipeline[0] if isinstance(loader, wds.WebLoader) else getattr(loader, "loader", loader)
+    iterator = getattr(inner, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if hasattr(inner, "_iterator"):
+        inner._iterator = None
 
 
 def rank_and_world_size(trainer: Trainer | None) -> tuple[int, int]:

@@ -40,10 +40,18 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import selfsup3d.callbacks  # noqa: F401  (short class names in YAML resolve for imported classes)
 import selfsup3d.datamodules  # noqa: F401
 import selfsup3d.objectives  # noqa: F401
-from selfsup3d.callbacks import EncoderExport, LearningRates
+from selfsup3d.callbacks import EncoderExport, LearningRates, StepBoundaryRequeue
 from selfsup3d.callbacks.progress import default_progress_bar
+from selfsup3d.checkpointing import check_checkpoint, install_atomic_io
 from selfsup3d.datamodules import SkippedSamplesLogger
-from selfsup3d.errors import CheckpointMismatchError, ConfigError, WeightsFileError, WeightsUnavailableError
+from selfsup3d.errors import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    ConfigError,
+    NonFiniteLossError,
+    WeightsFileError,
+    WeightsUnavailableError,
+)
 from selfsup3d.objectives.base import PretrainObjective
 from selfsup3d.overrides import route_callback_arguments
 from selfsup3d.usage import ConciseArgumentParser
@@ -66,7 +74,11 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     WeightsFileError,
     WeightsUnavailableError,
     FileNotFoundError,
+    CheckpointCorruptError,
 )
+
+# Errors of a run that went wrong (not of its configuration): one line, exit status 1.
+RUN_ERRORS: tuple[type[BaseException], ...] = (CheckpointCorruptError, NonFiniteLossError)
 
 DESCRIPTION = "selfsup3d: 3D-aware self-supervised pretraining of vision encoders.\n\nTool verbs: " + "; ".join(
     f"`selfsup3d {verb} --help` ({what})" for verb, (_, what) in TOOL_VERBS.items()
@@ -112,6 +124,7 @@ class SelfSup3DCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRates, "lr_monitor")
         parser.add_lightning_class_args(SkippedSamplesLogger, "skipped_samples")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(StepBoundaryRequeue, "requeue")  # inert without SLURM's auto-requeue
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
@@ -185,7 +198,21 @@ class SelfSup3DCLI(LightningCLI):
             given = given if isinstance(given, list) else [given]
             if not any(isinstance(c, ProgressBar) for c in [*given, *callbacks]):
                 callbacks = [*callbacks, default_progress_bar()]
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        install_atomic_io(trainer.strategy)  # a killed write never leaves a last.ckpt that cannot load
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's (it reads the checkpoint's hyper-parameters), after checking that the file is whole."""
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            path = self.config[subcommand].get("ckpt_path")
+            if path and Path(path).is_file():
+                try:
+                    check_checkpoint(path)
+                except CheckpointCorruptError as err:
+                    _run_error(subcommand, err)
+        super()._parse_ckpt_path()
 
     def _report_user_error(self, err: BaseException, kinds: tuple[type[BaseException], ...]) -> None:
         """Turn a user error raised while building or running the classes (jsonargparse wraps it) into a
@@ -209,6 +236,14 @@ class SelfSup3DCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except ConfigError as err:
             self._report_user_error(err, (ConfigError,))
+        except RUN_ERRORS as err:
+            _run_error(subcommand, err)
+
+
+def _run_error(subcommand: str, err: BaseException) -> None:
+    """Report a run's error in one line and exit with status 1 (the checkpoint written on the way out stays)."""
+    print(f"{_prog()} {subcommand}: error: {err}", file=sys.stderr)
+    raise SystemExit(1)
 
 
 def _prog() -> str:

@@ -43,6 +43,16 @@ class WeightsUnavailableError(OSError):
     says how to get them onto the machine and where to point the configuration."""
 
 
+class CheckpointCorruptError(OSError):
+    """A checkpoint file that cannot be read (truncated by a killed write, damaged on disk); the message names
+    the file and the newest other checkpoint beside it that reads."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced only non-finite losses for too many steps in a row; the message says how many and
+    what usually causes it."""
+
+
 def current_prefix(section: str = "model") -> str:
     """The key prefix that modules of ``section`` (``model`` or ``data``) built now are configured under."""
     return _PREFIXES[section].get()

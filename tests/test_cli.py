@@ -309,7 +309,7 @@ def test_one_callbacks_argument_is_overridden_by_name(tmp_path, capsys, key):
     )  # fmt: skip
     assert [c["class_path"].rsplit(".", 1)[-1] for c in callbacks] == ["ProbeCallback", "EncoderExport", "InterruptAt"]
     assert callbacks[0]["init_args"]["num_classes"] == 4
-    assert callbacks[-1]["init_args"] == {"step": 5, "crash": True}
+    assert callbacks[-1]["init_args"] == {"step": 5, "crash": True, "mid_step": False}
 
 
 def test_a_callback_argument_no_or_several_callbacks_take_is_a_usage_error(tmp_path, capsys):

@@ -4,6 +4,7 @@ in the checkpoint, logging per objective, sources, start-up errors that name the
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -199,6 +200,10 @@ def test_demo_config_from_the_cli_and_the_export_loads_in_timm(tmp_path, urls):
         ),
         (["--model.init_args.weights", "{bogus: 1.0}"], ["model.init_args.weights names no objective: bogus"]),
         (
+            ["--model.init_args.objectives.triplane.init_args.ema_decay", "0.99"],
+            ["model.init_args.objectives.triplane.init_args.ema_decay", "set model.init_args.ema_decay instead"],
+        ),
+        (
             ["--model.init_args.objectives.masked_view.init_args.num_heads", "3"],
             ["model.init_args.objectives.masked_view.init_args.dim=32",
              "model.init_args.objectives.masked_view.init_args.num_heads=3"],
@@ -223,18 +228,33 @@ def test_start_up_errors_name_the_keys(tmp_path, urls, capsys, override, needles
     assert "Traceback" not in err
 
 
-# about 20 s on two cores (two spawned processes importing torch and Lightning): real DDP in `make test`
-def test_two_process_ddp_fit_of_the_demo_config(tmp_path, urls):
+# about 30 s a run on two cores (two spawned processes importing torch and Lightning): real DDP in `make test`
+def test_two_process_ddp_fit_of_the_demo_config_resumed_mid_epoch_is_the_whole_run(tmp_path, urls):
+    """A 2-rank (gloo) fit of 4 steps that checkpoints at step 2 (mid-epoch), and a fit resumed from that
+    checkpoint: the same losses on rank 0 and the same final weights (so rank 1 resumed its own stream too)."""
     cfg = demo_config(tmp_path, urls)
-    cfg["trainer"].update(devices=2, strategy="ddp", max_steps=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cfg["trainer"].update(devices=2, strategy="ddp", max_steps=4, callbacks=[])
+    for source in cfg["data"]["init_args"]["sources"].values():
+        source["init_args"]["batches_per_epoch"] = 3
+    config = str(_write(tmp_path, cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     script = Path(sys.executable).parent / "selfsup3d"
-    result = subprocess.run([str(script), "fit", "--config", str(_write(tmp_path, cfg))], capture_output=True,
-                            text=True, timeout=240, env=env, cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert state["global_step"] == 2
+
+    def fit(root: Path, *extra: str) -> tuple[dict, dict]:
+        record = ["--trainer.callbacks+=toy.RecordLosses", f"--trainer.callbacks.path={root / 'losses.json'}"]
+        argv = [str(script), "fit", "--config", config, "--trainer.default_root_dir", str(root), *record, *extra]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        ckpt = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert state["global_step"] == 4
+        return json.loads((root / "losses.json").read_text()), state["state_dict"]
+
+    losses, weights = fit(tmp_path / "whole", "--checkpoint.every_n_train_steps", "2")
+    at_2 = tmp_path / "whole" / "lightning_logs" / "version_0" / "checkpoints" / "step00000002.ckpt"
+    resumed_losses, resumed_weights = fit(tmp_path / "resumed", "--ckpt_path", str(at_2))
+    assert list(losses) == ["1", "2", "3", "4"] and resumed_losses == {k: losses[k] for k in ("3", "4")}
+    assert all(torch.equal(v, resumed_weights[k]) for k, v in weights.items())
 
 
 @pytest.mark.parametrize("name", ["configs/multitask.yaml", "configs/demo/multitask.yaml"])

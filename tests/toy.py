@@ -57,14 +57,23 @@ class RandomImages(LightningDataModule):
 
 
 class InterruptAt(Callback):
-    """Simulates Ctrl-C (or, with ``crash``, a failing step) after ``step`` optimiser steps."""
+    """Simulates Ctrl-C (or, with ``crash``, a failing step) after ``step`` optimiser steps: at the end of that
+    step, or (``mid_step``) once the next batch is fetched, before it is trained on."""
 
-    def __init__(self, step: int = 2, crash: bool = False) -> None:
-        self.step, self.crash = step, crash
+    def __init__(self, step: int = 2, crash: bool = False, mid_step: bool = False) -> None:
+        self.step, self.crash, self.mid_step = step, crash, mid_step
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def _interrupt(self, trainer) -> None:
         if trainer.global_step >= self.step:
             raise RuntimeError("simulated crash") if self.crash else KeyboardInterrupt
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.mid_step:
+            self._interrupt(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.mid_step:
+            self._interrupt(trainer)
 
 
 def tiny_encoder_config(num_out_layers: int = 2, **init_args) -> dict:
@@ -133,3 +142,53 @@ class CrashAtSetup(Callback):
 
     def setup(self, trainer, pl_module, stage) -> None:
         raise RuntimeError("crash at setup")
+
+
+class RecordLosses(Callback):
+    """Appends every training step's loss to ``path`` (JSON ``{global step: loss}``), keeping what an earlier
+    run of the same file recorded: a resumed run adds its steps to the interrupted run's."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import json
+        from pathlib import Path
+
+        if trainer.global_rank != 0:  # one writer (rank 0's loss: its own batch)
+            return
+        path = Path(self.path)
+        seen = json.loads(path.read_text()) if path.exists() else {}
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        seen[str(trainer.global_step)] = None if loss is None else float(loss)
+        path.write_text(json.dumps(seen))
+
+
+class StopAt(Callback):
+    """Stops the fit gracefully after ``step`` optimiser steps (as Lightning does on ``should_stop``), at whatever
+    point of the epoch: the first half of a run that a resume completes."""
+
+    def __init__(self, step: int = 2) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+class FlakyRotation(RotationPrediction):
+    """:class:`RotationPrediction` whose loss is NaN at the training batches ``nan_at`` (counted over the run)
+    and at every batch from ``nan_from`` on: a run that meets non-finite losses."""
+
+    def __init__(self, encoder: Encoder, nan_at: list[int] | None = None, nan_from: int | None = None, **kwargs):
+        super().__init__(encoder, **kwargs)
+        self.nan_at, self.nan_from = list(nan_at or []), nan_from
+        self.batches = 0
+
+    def step(self, batch: dict, stage: str, encoder: Encoder) -> dict:
+        out = super().step(batch, stage, encoder)
+        if stage == "train":
+            if self.batches in self.nan_at or (self.nan_from is not None and self.batches >= self.nan_from):
+                out["loss"] = out["loss"] * float("nan")
+            self.batches += 1
+        return out

@@ -5,7 +5,9 @@
   ``init_encoder_from``): such a teacher is left out of checkpoints and rebuilt on load; one that cannot
   (the copy of a randomly initialised encoder) is saved once, under its module name. The objectives' base
   class applies that rule to every ``FrozenTeacher`` it holds (:meth:`PretrainObjective.state_dict`).
-* :func:`build_teacher` makes one from a spec: ``null`` (a frozen copy of the encoder as built), a weights
+* :func:`build_teacher` makes one from a spec: ``null`` (a frozen copy of the encoder as built), ``ema`` or
+  ``ema:0.996`` (a moving average of the student, which the objectives' base class updates after every optimiser
+  step with that decay; 0.999 by default), a weights
   file (an exported encoder, a timm state dict, a selfsup3d checkpoint), or a timm model id
   (``vit_large_patch14_dinov2.lvd142m``).
 * :func:`resample_patch_tokens` and :func:`distillation_loss`: the student's class + patch tokens against
@@ -48,13 +50,22 @@ class FrozenTeacher(nn.Module):
         module: the encoder (its parameters are frozen in place).
         reproducible: whether the teacher can be rebuilt from its source (then it is not checkpointed).
         source: where it came from, for messages (``copy of the encoder``, a path, a model id).
+        momentum: a moving-average teacher: the decay with which it follows the student after every optimiser
+            step (see :meth:`~selfsup3d.objectives.PretrainObjective.update_ema`); ``None``: fixed.
     """
 
-    def __init__(self, module: Encoder, reproducible: bool = False, source: str = "copy of the encoder") -> None:
+    def __init__(
+        self,
+        module: Encoder,
+        reproducible: bool = False,
+        source: str = "copy of the encoder",
+        momentum: float | None = None,
+    ) -> None:
         super().__init__()
         self.module = module.requires_grad_(False)
-        self.reproducible = reproducible
+        self.reproducible = reproducible and momentum is None
         self.source = source
+        self.momentum = momentum
 
     @property
     def encoder(self) -> Encoder:
@@ -84,6 +95,16 @@ def build_teacher(spec: str | None, encoder: Encoder, init_encoder_from: str | N
     """
     if spec is None or spec in ("", "encoder"):
         return make_teacher(encoder, reproducible=bool(init_encoder_from) or encoder.reproducible)
+    if spec == "ema" or spec.startswith("ema:"):
+        try:
+            decay = float(spec.partition(":")[2] or 0.999)
+        except ValueError:
+            decay = -1.0
+        if not 0 <= decay < 1:
+            raise ConfigError(
+                f"{config_key('teacher')}={spec!r}: a moving-average teacher is 'ema' or 'ema:DECAY', 0 <= DECAY < 1"
+            )
+        return FrozenTeacher(copy.deepcopy(encoder), source=f"moving average of the encoder ({decay})", momentum=decay)
     from selfsup3d.encoders.vit import ViTEncoder
 
     config = dict(encoder.config)
@@ -94,8 +115,11 @@ def build_teacher(spec: str | None, encoder: Encoder, init_encoder_from: str | N
         if path.suffix == ".safetensors":
             from selfsup3d.encoders.export import load_exported_encoder, read_export_config
 
-            if read_export_config(path):
+            exported = read_export_config(path)
+            if exported:
                 keep = {k: config[k] for k in ("img_size", "num_out_layers") if k in config}
+                if "num_out_layers" in keep and "depth" in exported:  # a shallower teacher gives all its layers
+                    keep["num_out_layers"] = min(int(keep["num_out_layers"]), int(exported["depth"]))
                 return FrozenTeacher(load_exported_encoder(path, **keep), reproducible=True, source=spec)
         config.update(pretrained=False, checkpoint_path=str(path), grad_checkpointing=False, drop_path_rate=0.0)
         return FrozenTeacher(ViTEncoder(**config), reproducible=True, source=spec)

@@ -9,7 +9,12 @@ only its heads, its losses and :meth:`~PretrainObjective.step`:
 * AdamW with parameter groups: no weight decay on norms, biases, embeddings and learnable tokens,
   optional layer-wise learning-rate decay over the encoder's blocks (the encoder builds its own groups);
 * a linear warm-up then cosine schedule, stepped every optimiser step;
-* skipping of optimiser steps whose gradient norm spikes far above its running mean (counted);
+* skipping of optimiser steps whose gradient norm spikes far above its running mean (counted), and of steps
+  whose loss is not finite (counted; too many in a row stop the run with :class:`NonFiniteLossError`);
+* exact resume: the random generator is seeded at every training batch from ``(run seed, rank, epoch,
+  batch)``, and the run seed and the skip counters are saved in the checkpoint, so a resumed run draws what
+  the uninterrupted run would have (the data streams resume on their own, see
+  :mod:`selfsup3d.datamodules.resumable`);
 * logging: every scalar a step returns is logged as ``train/<name>`` or ``val/<name>`` (in a multi-task run
   ``train/<objective>/<name>``);
 * the data check at start-up: the datamodule's :class:`~selfsup3d.datamodules.DataSpec` reaches
@@ -17,6 +22,8 @@ only its heads, its losses and :meth:`~PretrainObjective.step`:
   through :func:`~selfsup3d.datamodules.views.views_as_images`;
 * frozen teachers (:class:`~selfsup3d.encoders.FrozenTeacher`) that can be rebuilt are left out of
   checkpoints and rebuilt on load; checkpoints are checked key by key before loading;
+* an optional moving average of the encoder (``ema_decay``; the heads and frozen teachers stay out of it),
+  saved in checkpoints, used for validation and testing and for the exported encoder;
 * fine-tuning: ``init_encoder_from`` loads the encoder strictly from a checkpoint of any objective or from an
   exported encoder, naming mismatched keys; :meth:`~PretrainObjective.encoder_state_dict` for export.
 
@@ -25,7 +32,9 @@ See ``README.md``, "Plugging in a new objective".
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -37,13 +46,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from selfsup3d.datamodules.resumable import stream_seed
 from selfsup3d.datamodules.spec import DataSpec, data_specs
 from selfsup3d.datamodules.views import batch_size, views_as_images
 from selfsup3d.encoders.base import Encoder
 from selfsup3d.encoders.teacher import FrozenTeacher
-from selfsup3d.errors import CheckpointMismatchError, ConfigError, config_key, current_prefix
+from selfsup3d.errors import CheckpointMismatchError, ConfigError, NonFiniteLossError, config_key, current_prefix
 
 InputKind = Literal["multi_view", "single_view", "any"]
+RUN_STATE_KEY = "selfsup3d_run_state"
+"""Where checkpoints keep an objective's run state (:attr:`PretrainObjective.run_state`)."""
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -104,6 +116,11 @@ class PretrainObjective(LightningModule):
             the encoder is loaded strictly. (Resume a run with ``--ckpt_path last`` instead.)
         compile: ``torch.compile`` the encoder and the heads' blocks (:meth:`compile_targets`) in place when
             the model is configured (state-dict keys unchanged; the first steps are slow).
+        max_nonfinite_steps: a step whose loss is NaN or infinite (on any rank) is skipped, counted and logged
+            (``train/skipped_nonfinite``); this many in a row stop the run with an error.
+        ema_decay: keep an exponential moving average of the encoder's weights (``ema_encoder``), updated after
+            every optimiser step with this decay (e.g. 0.999; ``null``: none). When on, validation, testing and
+            the exported encoder use the average; training uses the raw weights.
     """
 
     input_kind: ClassVar[InputKind] = "any"
@@ -124,6 +141,8 @@ class PretrainObjective(LightningModule):
         grad_spike_warmup: int = 100,
         init_encoder_from: str | None = None,
         compile: bool = False,
+        max_nonfinite_steps: int = 20,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         self.key_prefix = current_prefix("model")
@@ -143,6 +162,10 @@ class PretrainObjective(LightningModule):
             raise ConfigError(f"{self.key('grad_spike_factor')} must be > 1, got {grad_spike_factor}")
         if warmup_steps < 0:
             raise ConfigError(f"{self.key('warmup_steps')} must be >= 0, got {warmup_steps}")
+        if ema_decay is not None and not 0 <= ema_decay < 1:
+            raise ConfigError(f"{self.key('ema_decay')} must be in [0, 1) or null, got {ema_decay}")
+        if max_nonfinite_steps < 1:
+            raise ConfigError(f"{self.key('max_nonfinite_steps')} must be >= 1, got {max_nonfinite_steps}")
         self.encoder = encoder
         self._encoder_key_prefix = encoder.key_prefix
         self.lr = lr
@@ -159,10 +182,18 @@ class PretrainObjective(LightningModule):
         # running mean of the gradient norm and the number of skipped steps survive resume
         self.register_buffer("_grad_norm_ema", torch.zeros(()), persistent=True)
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long), persistent=True)
+        self.max_nonfinite_steps = max_nonfinite_steps
+        # what a resumed run needs besides the weights (saved under RUN_STATE_KEY in checkpoints)
+        self.run_state = {"seed": None, "nonfinite_total": 0, "nonfinite_streak": 0}
+        self._skip_step = False  # the current step's loss was not finite (its gradients are dropped)
         self.data_spec: DataSpec | None = None
         self._save_hparams()
         if init_encoder_from:
             self.load_encoder(init_encoder_from)
+        self.ema_decay = ema_decay
+        self.ema_encoder: Encoder | None = None
+        if ema_decay is not None:  # after init_encoder_from: the average starts at the weights training starts at
+            self.ema_encoder = copy.deepcopy(encoder).requires_grad_(False)
 
     def key(self, name: str) -> str:
         """The YAML key of this objective's argument ``name`` (``model.init_args.<name>`` when fitted alone)."""
@@ -270,9 +301,12 @@ class PretrainObjective(LightningModule):
         self.check_data(self.data_spec)
 
     def setup(self, stage: str) -> None:
-        """Start-up checks of the data against the model (see :meth:`check_data`)."""
+        """Start-up checks of the data against the model (see :meth:`check_data`); the run's seed (the one
+        ``seed_everything`` set; a resumed run takes its checkpoint's)."""
         if self._trainer is not None:
             self.configure_data(data_specs(self.trainer.datamodule))
+        if self.run_state["seed"] is None:
+            self.run_state["seed"] = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed() % 2**31))
 
     # ------------------------------------------------------------------ encoder
     def load_encoder(self, source: str) -> None:
@@ -281,8 +315,32 @@ class PretrainObjective(LightningModule):
         rank_zero_info(f"encoder initialised from {source}")
 
     def encoder_state_dict(self) -> dict[str, Tensor]:
-        """The encoder's weights for export (timm key schema for ViTEncoder)."""
-        return self.encoder.export_state_dict()
+        """The encoder's weights for export (timm key schema for ViTEncoder): the moving average when on."""
+        return (self.ema_encoder or self.encoder).export_state_dict()
+
+    def encoder_for(self, stage: str) -> Encoder:
+        """The encoder a ``stage`` runs: the raw one in training, the moving average (when on) otherwise."""
+        return self.encoder if stage == "train" or self.ema_encoder is None else self.ema_encoder
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One step of the moving averages of the encoder: ``ema = decay * ema + (1 - decay) * weights`` (buffers
+        are copied), for ``ema_encoder`` and for every moving-average teacher (``teacher: ema``) of the components."""
+        averages = [] if self.ema_encoder is None or self.ema_decay is None else [(self.ema_encoder, self.ema_decay)]
+        averages += [
+            (m.encoder, m.momentum) for m in self.modules() if isinstance(m, FrozenTeacher) and m.momentum is not None
+        ]
+        for average, decay in averages:
+            ema = [p for p in average.parameters() if p.is_floating_point()]
+            raw = [p.detach() for p in self.encoder.parameters() if p.is_floating_point()]
+            torch._foreach_lerp_(ema, raw, 1.0 - decay)
+            for mine, theirs in zip(average.buffers(), self.encoder.buffers(), strict=True):
+                mine.copy_(theirs)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's step, then the moving average of the encoder follows (before any callback saves)."""
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
 
     def frozen_teacher(self) -> FrozenTeacher | None:
         """The first frozen teacher any component holds (probes report it beside the student), or ``None``."""
@@ -315,12 +373,48 @@ class PretrainObjective(LightningModule):
             )
 
     def _run(self, batch: Any, stage: str) -> dict[str, Any]:
-        out = self.step(self.adapt_batch(batch), stage, self.encoder)
+        out = self.step(self.adapt_batch(batch), stage, self.encoder_for(stage))
         self.log_scalars(stage, out, batch_size(batch))
         return out
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed the random generators (all devices) from the run seed, rank, epoch and batch: what a step draws
+        (masks, rays, dropout) is a function of where it is in the run, so a resumed run draws the same."""
+        seed = self.run_state["seed"]
+        seed = stream_seed("step", 0 if seed is None else seed, self.global_rank, self.current_epoch, batch_idx)
+        torch.manual_seed(seed)
+
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        return _detach_outputs(self._run(batch, "train"))
+        out = _detach_outputs(self._run(batch, "train"))
+        if not self._loss_is_finite(out["loss"]):
+            # a zero loss over every trainable parameter: the backward (and DDP's gradient reduction) runs as
+            # usual with zero gradients, which on_before_optimizer_step then drops, so nothing moves
+            self._skip_step = True
+            out["loss"] = sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+        return out
+
+    def _loss_is_finite(self, loss: Any) -> bool:
+        """Count a non-finite loss (on any rank: all ranks then skip the step together) and stop after
+        ``max_nonfinite_steps`` in a row."""
+        finite = bool(torch.isfinite(loss).all()) if isinstance(loss, Tensor) else math.isfinite(float(loss))
+        if self._trainer is not None:
+            finite = bool(self.trainer.strategy.reduce_boolean_decision(finite, all=True))
+        state = self.run_state
+        if finite:
+            state["nonfinite_streak"] = 0
+        else:
+            state["nonfinite_total"] += 1
+            state["nonfinite_streak"] += 1
+        if self._trainer is not None:
+            self.log("train/skipped_nonfinite", float(state["nonfinite_total"]), on_step=True, on_epoch=False)
+        if state["nonfinite_streak"] >= self.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"the loss was NaN or infinite in {state['nonfinite_streak']} steps in a row (global step "
+                f"{self.global_step}; {state['nonfinite_total']} in all): the run stopped instead of training on. "
+                "Usual causes: a learning rate too high (model.init_args.lr), bf16/fp16 overflow "
+                "(trainer.precision), broken data; the last good weights are in the checkpoint"
+            )
+        return finite
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         return self._run(batch, "val")
@@ -346,9 +440,14 @@ class PretrainObjective(LightningModule):
                 state_dict = {**state_dict, **{k: v for k, v in own.items() if k.startswith(prefix)}}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The run state (seed, non-finite counters) beside the weights."""
+        checkpoint[RUN_STATE_KEY] = dict(self.run_state)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint's keys before loading, naming what is missing or unexpected (teachers that are
-        rebuilt from their source may be absent)."""
+        rebuilt from their source may be absent); take the run state back."""
+        self.run_state.update(checkpoint.get(RUN_STATE_KEY, {}))
         saved = set(checkpoint.get("state_dict", {}))
         expected = set(self.state_dict())
         rebuilt = tuple(_teacher_prefixes(self, reproducible_only=True))
@@ -415,7 +514,12 @@ class PretrainObjective(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip the step when the (unclipped) gradient norm spikes; the spike does not move the mean."""
+        """Skip the step after a non-finite loss, or when the (unclipped) gradient norm spikes; neither moves the
+        running mean of the norm."""
+        if self._skip_step:
+            self._skip_step = False
+            _drop_gradients(optimizer)
+            return
         if self.grad_spike_factor is None:
             return
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -426,14 +530,19 @@ class PretrainObjective(LightningModule):
         warm = self.global_step >= self.grad_spike_warmup and ema > 0
         spike = (not torch.isfinite(norm)) or bool(warm and norm > self.grad_spike_factor * ema)
         if spike:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None  # AdamW leaves parameters without gradient untouched
+            _drop_gradients(optimizer)
             self.skipped_steps += 1
         else:
             ema.copy_(norm if ema == 0 else 0.99 * ema + 0.01 * norm)
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+
+
+def _drop_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Skip an optimiser step: AdamW leaves parameters without gradient untouched (no decay, no momentum)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
 
 
 def load_objective(checkpoint: str | Path, map_location: str = "cpu") -> PretrainObjective:

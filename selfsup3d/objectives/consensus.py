@@ -98,8 +98,9 @@ class FeatureConsensus(PretrainObjective):
             a scene (local maxima at most, after suppressing neighbours).
         descriptor_dim: key-point descriptor channels.
         keypoint_temperature: temperature of the descriptors' InfoNCE.
-        teacher: the fidelity term's frozen teacher: ``null`` (the encoder as built), a weights file or a timm
-            model id (see :func:`~selfsup3d.encoders.teacher.build_teacher`).
+        teacher: the fidelity term's frozen teacher: ``null`` (the encoder as built), ``ema``/``ema:DECAY`` (a
+            moving average of the encoder), a weights file or a timm model id (see
+            :func:`~selfsup3d.encoders.teacher.build_teacher`).
         cameras: ``data`` (the batch's cameras) or ``predicted`` (a masked-view objective's, in a multi-task run).
         camera_objective: with ``predicted``, the name of that objective in the multi-task run.
         num_classes: classes of the 3D backbone's online linear probe (``null``: no probe).

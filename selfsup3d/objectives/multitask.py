@@ -109,6 +109,11 @@ class MultiTask(PretrainObjective):
                 raise ConfigError(f"{self.key('objectives')}.{name} must be a PretrainObjective, got {type(component)}")
             if component.encoder is not encoder:
                 raise ConfigError(f"{self.key('objectives')}.{name} was built with another encoder than the shared one")
+            if component.ema_decay is not None:  # its average would never move: only this module steps
+                raise ConfigError(
+                    f"{self.key('objectives')}.{name}.init_args.ema_decay: the encoder is shared, so is its moving "
+                    f"average: set {self.key('ema_decay')} instead"
+                )
             del component.encoder  # the encoder is this module's: stored, moved and optimised once
             built[name] = component
         for component in built.values():
@@ -180,7 +185,7 @@ class MultiTask(PretrainObjective):
         return out
 
     def _run(self, batch: Any, stage: str) -> dict[str, Any]:
-        out = self.step(batch, stage, self.encoder)
+        out = self.step(batch, stage, self.encoder_for(stage))
         routed = self._route(batch)
         for name, result in out.items():
             if isinstance(result, Mapping):

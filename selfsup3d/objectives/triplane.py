@@ -100,7 +100,8 @@ class TriplaneReconstruction(PretrainObjective):
         lambda_depth: weight of the depth MSE (over pixels with known depth).
         lambda_dist: weight of the distillation MSE; 0 disables distillation and builds no teacher.
         lambda_norm: weight of the L1 norm of the densities.
-        teacher: ``null`` (a frozen copy of the encoder as built), a weights file, or a timm model id.
+        teacher: ``null`` (a frozen copy of the encoder as built), ``ema``/``ema:DECAY`` (a moving average of
+            the encoder), a weights file, or a timm model id.
         random_init: re-initialise the student encoder's weights after the teacher is taken (ablation).
         **kwargs: optimisation and fine-tuning arguments of :class:`~selfsup3d.objectives.base.PretrainObjective`.
     """
