@@ -37,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from selfsup3d.datamodules.format import SampleError, sample_where
-from selfsup3d.datamodules.resumable import ResampledUrls, StreamEpoch, stream_seed
+from selfsup3d.datamodules.resumable import ResampledUrls, StreamEpoch, loader_settings, stream_seed
 from selfsup3d.errors import ConfigError
 
 MAX_CONSECUTIVE_BAD = 200
@@ -422,14 +422,7 @@ def make_loader(
     An epoch of ``epoch_batches`` is also the loader's ``len()``: exact, since ``with_epoch`` cycles the stream,
     and what Lightning counts with (progress bars, validation at the epoch's end). A full validation pass has
     no length: its size depends on the shards' contents."""
-    loader = wds.WebLoader(
-        pipeline,
-        batch_size=None,
-        num_workers=num_workers,
-        pin_memory=pin_memory and torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
+    loader = wds.WebLoader(pipeline, **loader_settings(num_workers, pin_memory))
     return loader.with_epoch(epoch_batches).with_length(epoch_batches, silent=True) if epoch_batches else loader
 
 

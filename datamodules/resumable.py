@@ -29,6 +29,18 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 
+def loader_settings(num_workers: int, pin_memory: bool) -> dict[str, Any]:
+    """DataLoader arguments of every shard loader: batches come batched from the pipeline, workers persist,
+    host memory is pinned only when there is a GPU to copy to."""
+    return {
+        "batch_size": None,
+        "num_workers": num_workers,
+        "pin_memory": pin_memory and torch.cuda.is_available(),
+        "persistent_workers": num_workers > 0,
+        "prefetch_factor": 4 if num_workers > 0 else None,
+    }
+
+
 class ResumeMismatchWarning(UserWarning):
     """A resumed training stream cannot be the interrupted one (a setting it depends on changed)."""
 
@@ -101,14 +113,7 @@ class ResumableLoader:
         batches_done: Callable[[], int | None] | None = None,
     ) -> None:
         self.batches_done = batches_done
-        self.loader = DataLoader(
-            pipeline,
-            batch_size=None,
-            num_workers=num_workers,
-            pin_memory=pin_memory and torch.cuda.is_available(),
-            persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None,
-        )
+        self.loader = DataLoader(pipeline, **loader_settings(num_workers, pin_memory))
         self.epoch_slot = epoch
         self.batches_per_epoch = batches_per_epoch
         self.settings = {**settings, "num_workers": num_workers, "batches_per_epoch": batches_per_epoch}

@@ -7,12 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from processes import signal_at_marker
 from toy import tiny_encoder_config
 
 from selfsup3d.cli import main
@@ -250,18 +250,8 @@ def test_sigterm_saves_checkpoint_and_encoder_then_exits_143(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
     cmd = [str(Path(sys.executable).parent / "selfsup3d"), "fit", "--config", str(cfg)]
     cmd += ["--trainer.callbacks+=toy.MarkStep", f"--trainer.callbacks.path={marker}", "--trainer.callbacks.step=3"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert marker.exists(), proc.communicate(timeout=5)[0][-3000:] if proc.poll() is not None else "no step 3"
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    returncode, output = signal_at_marker(cmd, env, marker, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, output[-3000:]
     last = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert 3 <= ckpt["global_step"] < 100_000

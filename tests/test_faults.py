@@ -8,12 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from processes import signal_at_marker
 from test_resume import assert_same_run, fit, image_urls, single_config  # noqa: F401  (image_urls: a fixture)
 from toy import tiny_encoder_config
 
@@ -32,18 +32,8 @@ def test_sigterm_mid_epoch_then_resume_is_the_uninterrupted_run(tmp_path, image_
            "8", "--trainer.callbacks+=toy.RecordLosses", f"--trainer.callbacks.path={root / 'losses.json'}",
            "--trainer.callbacks+=toy.MarkStep", f"--trainer.callbacks.path={marker}", "--trainer.callbacks.step=4",
            "--trainer.callbacks.sleep=1.0"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), proc.communicate(timeout=5)[0][-3000:] if proc.poll() is not None else "no step 4"
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    returncode, output = signal_at_marker(cmd, ENV, marker, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, output[-3000:]
     last = root / "lightning_logs/version_0/checkpoints/last.ckpt"
     stopped = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert 4 <= stopped < 8  # mid-epoch (3 batches per epoch) for 4 and 5
@@ -203,18 +193,8 @@ def test_slurm_sigusr1_saves_at_a_step_boundary_requeues_and_the_requeued_job_co
            f"--trainer.callbacks.path={root / 'first.json'}", "--trainer.callbacks+=toy.MarkStep",
            f"--trainer.callbacks.path={marker}", "--trainer.callbacks.step=3",
            "--trainer.callbacks.sleep=0.5"]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), proc.communicate(timeout=5)[0][-3000:] if proc.poll() is not None else "no step 3"
-        proc.send_signal(signal.SIGUSR1)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, output[-3000:]  # the job itself goes on; SLURM ends it and starts it again
+    returncode, output = signal_at_marker(cmd, env, marker, signal.SIGUSR1)
+    assert returncode == 0, output[-3000:]  # the job itself goes on; SLURM ends it and starts it again
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     hpc = torch.load(root / "hpc_ckpt_1.ckpt", weights_only=True)
     saved_at = hpc["global_step"]
