@@ -106,6 +106,24 @@ def test_loss_never_reads_the_true_cameras():
     assert "psnr_mean_colour" in out and "rot_err" not in out and "psnr_nearest" not in out
 
 
+@pytest.mark.parametrize("aids", [False, True])
+def test_nan_cameras_leave_the_loss_and_its_gradients_unchanged(aids):
+    """Poisoned true cameras: any read of K or c2w on the loss path would turn the loss or a gradient into NaN."""
+    options = {"blend_context": aids, "render_context_tokens": aids, "ray_positions": aids}
+    batch = sphere_scenes(2, 5, 32, 3)
+    poisoned = dict(batch, K=torch.full_like(batch["K"], math.nan), c2w=torch.full_like(batch["c2w"], math.nan))
+    grads = []
+    for b in (batch, poisoned):
+        model = make_model(**options)
+        loss = model.step(b, "train", model.encoder)["loss"]
+        loss.backward()
+        assert torch.isfinite(loss)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name
+
+
 @pytest.mark.parametrize("blend", [False, True])
 def test_gradients_reach_the_encoder_and_every_head(blend):
     model = make_model(blend_context=blend, render_context_tokens=blend)

@@ -77,6 +77,12 @@ class CameraEstimator(nn.Module):
             ``c2w [B, V, 4, 4]`` (float32; view 0 is the identity) and the normalised focal ``[B]``
             (focal in pixels divided by the image width).
         """
+        return self.cameras(self.tokens(feats, grid))
+
+    def tokens(self, feats: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The camera tokens ``[B, V, dim]`` (after the transformer) of ``[B, V, N, in_dim]`` encoder tokens: what
+        the pose and focal heads read, and what RayZer's pose probe reads
+        (:mod:`selfsup3d.eval.camera_probe`)."""
         b, v, n, _ = feats.shape
         x = self.proj(feats) + sincos_positions(grid, self.dim, feats.device, feats.dtype)
         roles = torch.ones(v, dtype=torch.long, device=feats.device)
@@ -85,7 +91,11 @@ class CameraEstimator(nn.Module):
         cam = (self.camera_token + role)[None, :, None, :].expand(b, -1, -1, -1)  # [B, V, 1, D]
         x = torch.cat([cam, x + role[None, :, None, :]], dim=2).reshape(b, v * (n + 1), self.dim)
         x = self.transformer(x, frames=v).reshape(b, v, n + 1, self.dim)
-        tokens = x[:, :, 0]  # [B, V, D]
+        return x[:, :, 0]
+
+    def cameras(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``c2w [B, V, 4, 4]`` and the normalised focal ``[B]`` from the camera tokens ``[B, V, dim]``."""
+        b, v, _ = tokens.shape
         canonical = tokens[:, :1].expand(-1, v, -1)
         raw = self.pose_head(torch.cat([canonical, tokens], dim=-1)).float()  # [B, V, 9]
         # bounded: a collapsing or exploding field of view is a free latent the renderer exploits early on

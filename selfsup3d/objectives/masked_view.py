@@ -45,7 +45,7 @@ from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.encoders.base import Encoder
 from selfsup3d.errors import ConfigError
 from selfsup3d.eval.nvs import context_mean_baseline, mean_colour_baseline, nearest_view_baseline, psnr, ssim
-from selfsup3d.eval.pose import camera_metrics
+from selfsup3d.eval.pose import camera_metrics, relative_rotation_error
 from selfsup3d.geometry.cameras import fov_from_focal, intrinsics_from_focal
 from selfsup3d.geometry.rays import patchify, plucker_map
 from selfsup3d.heads.camera import CameraEstimator
@@ -65,8 +65,9 @@ class MaskedViewPrediction(PretrainObjective):
 
     Validation logs PSNR/SSIM of the renders beside the mean-colour, context-mean and nearest-view baselines
     (:mod:`selfsup3d.eval.nvs`), and, when the batch has true cameras, pose errors after similarity alignment
-    (``rot_err``, ``trans_err`` in degrees, ``auc5/15/30``, ``centre_err``; :mod:`selfsup3d.eval.pose`) and the
-    focal-length error.
+    (``rot_err``, ``trans_err`` in degrees, ``auc5/15/30``, ``centre_err``; :mod:`selfsup3d.eval.pose`) beside
+    ``rot_err_identity`` (the rotation error of cameras that all keep the canonical view's orientation: the
+    true views' mean relative angle) and the focal-length error.
 
     Args:
         encoder: the shared encoder (``selfsup3d.encoders.ViTEncoder``).
@@ -214,7 +215,8 @@ class MaskedViewPrediction(PretrainObjective):
 
         Returns:
             ``render [B, Vb, 3, H, W]``, ``c2w [B, V, 4, 4]`` (relative to view 0, the model's own scale),
-            ``K [B, V, 3, 3]`` (pixels) and ``focal [B]`` (focal length over image width).
+            ``K [B, V, 3, 3]`` (pixels), ``focal [B]`` (focal length over image width) and ``camera_tokens
+            [B, V, dim]`` (what the pose heads read; RayZer's pose probe reads them too).
         """
         if images.ndim != 5 or images.shape[2] != 3:
             raise ValueError(f"images must be [B, V, 3, H, W], got {tuple(images.shape)}")
@@ -225,7 +227,8 @@ class MaskedViewPrediction(PretrainObjective):
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
         enc = (encoder if encoder is not None else self.encoder)(images.flatten(0, 1))
         feats = enc.patches.unflatten(0, (b, v))  # [B, V, N, De]
-        c2w, focal = self.camera(feats, enc.grid)
+        camera_tokens = self.camera.tokens(feats, enc.grid)
+        c2w, focal = self.camera.cameras(camera_tokens)
         with torch.autocast(device_type=images.device.type, enabled=False):
             f = focal * w
             K = intrinsics_from_focal(f, f, h, w)[:, None].expand(b, v, 3, 3)
@@ -236,7 +239,7 @@ class MaskedViewPrediction(PretrainObjective):
         if self.blend is not None:
             base = self.blend(images[:, :num_context], c2w[:, :num_context], c2w[:, num_context:])
         render = self.renderer(rays[:, num_context:], scene, h, w, pos, base)
-        return {"render": render, "c2w": c2w, "K": K, "focal": focal}
+        return {"render": render, "c2w": c2w, "K": K, "focal": focal, "camera_tokens": camera_tokens}
 
     def photometric_loss(self, render: Tensor, target: Tensor) -> dict[str, Tensor]:
         """MSE (plus the weighted perceptual term when on) between renders and targets ``[B, Vb, 3, H, W]``."""
@@ -278,7 +281,7 @@ class MaskedViewPrediction(PretrainObjective):
         context_mean = context_mean_baseline(context, vb)
         out["psnr_context_mean"] = psnr(context_mean, target).mean()
         out["ssim_context_mean"] = ssim(context_mean, target).mean()
-        out.update(context=context, target=target, render=render)
+        out.update(context=context, target=target, render=render, camera_tokens=pred["camera_tokens"].detach())
         gt_c2w = batch.get("c2w")
         if gt_c2w is not None:
             gt_c2w = gt_c2w.float()
@@ -287,6 +290,9 @@ class MaskedViewPrediction(PretrainObjective):
             out["ssim_nearest"] = ssim(nearest, target).mean()
             metrics, aligned = camera_metrics(pred["c2w"], gt_c2w)
             out.update(metrics)
+            # the rotation error of cameras that never turn (all identity): what rot_err must beat
+            still = torch.eye(4, device=gt_c2w.device).expand_as(gt_c2w)
+            out["rot_err_identity"] = relative_rotation_error(still, gt_c2w).mean()
             out.update(pred_c2w=aligned, gt_c2w=gt_c2w)
         gt_K = batch.get("K")
         if gt_K is not None:
