@@ -48,10 +48,11 @@ from selfsup3d.eval.nvs import context_mean_baseline, mean_colour_baseline, near
 from selfsup3d.eval.pose import camera_metrics, relative_rotation_error
 from selfsup3d.geometry.cameras import fov_from_focal, intrinsics_from_focal
 from selfsup3d.geometry.rays import patchify, plucker_map
-from selfsup3d.heads.camera import CameraEstimator
+from selfsup3d.heads.camera import CameraEstimator, DepthHead
 from selfsup3d.heads.lvsm import ContextBlend, Renderer, SceneReconstructor
 from selfsup3d.layers.positions import sincos_positions
 from selfsup3d.losses.perceptual import PerceptualLoss
+from selfsup3d.losses.reprojection import min_reprojection_loss
 from selfsup3d.objectives.base import PretrainObjective
 
 
@@ -95,6 +96,12 @@ class MaskedViewPrediction(PretrainObjective):
             for small, short runs (the CPU demo); it gives the camera estimator a direct gradient too.
             RayZer: off.
         blend_sharpness: the blend's initial sharpness ``s`` (learned from there).
+        reprojection_weight: weight of the auto-masked minimum reprojection loss (monodepth2) between all views
+            of a scene: a depth head on the camera estimator's patch tokens predicts every view's depth, and
+            each view is warped into every other through that depth and the *predicted* cameras
+            (:mod:`selfsup3d.losses.reprojection`). Photometric like the render loss (no camera or depth
+            labels), but it can only be low when cameras and depth are geometrically right. 0: off (RayZer).
+        reprojection_auto_mask: drop pixels that the unwarped views already explain (monodepth2's auto-mask).
         grad_checkpointing: recompute the activations of every head block in the backward pass (the
             encoder's own ``grad_checkpointing`` does the same for the encoder).
         lr: peak learning rate (RayZer: 4e-4).
@@ -129,6 +136,9 @@ class MaskedViewPrediction(PretrainObjective):
         ray_positions: bool = False,
         blend_context: bool = False,
         blend_sharpness: float = 4.0,
+        # a photometric check of the cameras between the views themselves (off in RayZer)
+        reprojection_weight: float = 0.0,
+        reprojection_auto_mask: bool = True,
         # memory and optimisation (RayZer's)
         grad_checkpointing: bool = False,
         lr: float = 4e-4,
@@ -154,6 +164,7 @@ class MaskedViewPrediction(PretrainObjective):
             ("blend_sharpness", blend_sharpness, blend_sharpness > 0, "> 0"),
             ("focal_range", focal_range, focal_range > 1, "> 1"),
             ("perceptual_weight", perceptual_weight, perceptual_weight >= 0, ">= 0"),
+            ("reprojection_weight", reprojection_weight, reprojection_weight >= 0, ">= 0"),
         ):
             if not ok:
                 raise ConfigError(f"{self.key(key)} must be {rule}, got {value}")
@@ -166,6 +177,9 @@ class MaskedViewPrediction(PretrainObjective):
         )
         self.renderer = Renderer(ray_dim, dim, render_layers, num_heads, mlp_ratio, patch, refine_base=blend_context)
         self.blend = ContextBlend(blend_sharpness) if blend_context else None
+        self.reprojection_weight = reprojection_weight
+        self.reprojection_auto_mask = reprojection_auto_mask
+        self.depth = DepthHead(dim, patch) if reprojection_weight > 0 else None
         self.perceptual_weight = perceptual_weight
         self.perceptual: PerceptualLoss | None = None
         if perceptual_weight > 0:
@@ -227,7 +241,7 @@ class MaskedViewPrediction(PretrainObjective):
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
         enc = (encoder if encoder is not None else self.encoder)(images.flatten(0, 1))
         feats = enc.patches.unflatten(0, (b, v))  # [B, V, N, De]
-        camera_tokens = self.camera.tokens(feats, enc.grid)
+        camera_tokens, camera_patches = self.camera.encode(feats, enc.grid)
         c2w, focal = self.camera.cameras(camera_tokens)
         with torch.autocast(device_type=images.device.type, enabled=False):
             f = focal * w
@@ -239,7 +253,10 @@ class MaskedViewPrediction(PretrainObjective):
         if self.blend is not None:
             base = self.blend(images[:, :num_context], c2w[:, :num_context], c2w[:, num_context:])
         render = self.renderer(rays[:, num_context:], scene, h, w, pos, base)
-        return {"render": render, "c2w": c2w, "K": K, "focal": focal, "camera_tokens": camera_tokens}
+        out = {"render": render, "c2w": c2w, "K": K, "focal": focal, "camera_tokens": camera_tokens}
+        if self.depth is not None:
+            out["depth"] = self.depth(camera_patches, h, w)
+        return out
 
     def photometric_loss(self, render: Tensor, target: Tensor) -> dict[str, Tensor]:
         """MSE (plus the weighted perceptual term when on) between renders and targets ``[B, Vb, 3, H, W]``."""
@@ -257,6 +274,13 @@ class MaskedViewPrediction(PretrainObjective):
         pred = self(images, num_context, encoder)
         target = images[:, num_context:]
         out: dict[str, Any] = self.photometric_loss(pred["render"], target)
+        if "depth" in pred:
+            reprojection = min_reprojection_loss(
+                images, pred["depth"], pred["K"], pred["c2w"], auto_mask=self.reprojection_auto_mask
+            )
+            out["reprojection"] = reprojection["loss"]
+            out["reprojection_used"] = reprojection["used"]
+            out["loss"] = out["loss"] + self.reprojection_weight * reprojection["loss"]
         with torch.no_grad():
             out["psnr"] = psnr(pred["render"].detach(), target).mean()
             out["fov_deg"] = torch.rad2deg(fov_from_focal(pred["focal"].detach(), 1.0)).mean()
