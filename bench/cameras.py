@@ -29,6 +29,7 @@ CONFIG = ROOT / "configs" / "demo" / "masked_view.yaml"
 COLUMNS = (
     ("psnr", "PSNR"),
     ("psnr_mean_colour", "mean col."),
+    ("psnr_still_cameras", "still cams"),
     ("rot_err", "rot err"),
     ("rot_err_identity", "rot id."),
     ("trans_err", "t err"),

@@ -68,7 +68,9 @@ class MaskedViewPrediction(PretrainObjective):
     (:mod:`selfsup3d.eval.nvs`), and, when the batch has true cameras, pose errors after similarity alignment
     (``rot_err``, ``trans_err`` in degrees, ``auc5/15/30``, ``centre_err``; :mod:`selfsup3d.eval.pose`) beside
     ``rot_err_identity`` (the rotation error of cameras that all keep the canonical view's orientation: the
-    true views' mean relative angle) and the focal-length error.
+    true views' mean relative angle) and the focal-length error; and ``psnr_still_cameras``, the PSNR of the
+    same model rendering with every camera at the canonical pose: how much of the render rests on the
+    predicted cameras (equal to ``psnr`` when the renderer ignores them).
 
     Args:
         encoder: the shared encoder (``selfsup3d.encoders.ViTEncoder``).
@@ -246,17 +248,25 @@ class MaskedViewPrediction(PretrainObjective):
         with torch.autocast(device_type=images.device.type, enabled=False):
             f = focal * w
             K = intrinsics_from_focal(f, f, h, w)[:, None].expand(b, v, 3, 3)
+        render = self.render_from(images, feats, K, c2w, num_context)
+        out = {"render": render, "c2w": c2w, "K": K, "focal": focal, "camera_tokens": camera_tokens, "features": feats}
+        if self.depth is not None:
+            out["depth"] = self.depth(camera_patches, h, w)
+        return out
+
+    def render_from(self, images: Tensor, feats: Tensor, K: Tensor, c2w: Tensor, num_context: int) -> Tensor:
+        """Render set B from set A's views and encoder tokens ``feats [B, V, N, De]`` with the cameras ``K``,
+        ``c2w`` (``[B, V, ...]``, the predicted ones in training; others for the camera-dependence check)."""
+        h, w = images.shape[-2:]
+        grid = (h // self.patch_size, w // self.patch_size)
+        with torch.autocast(device_type=images.device.type, enabled=False):
             rays = patchify(plucker_map(K, c2w, h, w), self.patch_size)  # [B, V, N, 6 p²]
-        pos = sincos_positions(enc.grid, self.dim, images.device, torch.float32) if self.ray_positions else None
+        pos = sincos_positions(grid, self.dim, images.device, torch.float32) if self.ray_positions else None
         scene = self.reconstructor(feats[:, :num_context], rays[:, :num_context], pos, self.render_context_tokens)
         base = None
         if self.blend is not None:
             base = self.blend(images[:, :num_context], c2w[:, :num_context], c2w[:, num_context:])
-        render = self.renderer(rays[:, num_context:], scene, h, w, pos, base)
-        out = {"render": render, "c2w": c2w, "K": K, "focal": focal, "camera_tokens": camera_tokens}
-        if self.depth is not None:
-            out["depth"] = self.depth(camera_patches, h, w)
-        return out
+        return self.renderer(rays[:, num_context:], scene, h, w, pos, base)
 
     def photometric_loss(self, render: Tensor, target: Tensor) -> dict[str, Tensor]:
         """MSE (plus the weighted perceptual term when on) between renders and targets ``[B, Vb, 3, H, W]``."""
@@ -306,6 +316,10 @@ class MaskedViewPrediction(PretrainObjective):
         out["psnr_context_mean"] = psnr(context_mean, target).mean()
         out["ssim_context_mean"] = ssim(context_mean, target).mean()
         out.update(context=context, target=target, render=render, camera_tokens=pred["camera_tokens"].detach())
+        # does the render depend on the cameras? the same model with every camera at the canonical pose
+        still_c2w = torch.eye(4, device=images.device).expand_as(pred["c2w"])
+        still = self.render_from(images, pred["features"], pred["K"], still_c2w, num_context).float()
+        out["psnr_still_cameras"] = psnr(still, target).mean()
         gt_c2w = batch.get("c2w")
         if gt_c2w is not None:
             gt_c2w = gt_c2w.float()
