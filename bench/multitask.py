@@ -18,8 +18,8 @@ config's shapes (the data loader is not timed).
 from __future__ import annotations
 
 import argparse
-import math
 import copy
+import math
 import statistics
 import sys
 import time
