@@ -71,3 +71,12 @@ def test_probe_refuses_mismatched_tokens():
     c2w = orbit_cameras(2, 3, 0)
     with pytest.raises(ValueError, match="tokens"):
         fit_camera_probe(torch.zeros(2, 4, 5), c2w, torch.zeros(2, 3, 5), c2w)
+
+
+def test_probe_trains_inside_inference_mode():
+    """`selfsup3d validate` runs the validation loop under inference mode."""
+    c2w = orbit_cameras(8, 4, 0)
+    with torch.inference_mode():
+        tokens = pose_tokens(c2w)
+        result = fit_camera_probe(tokens, c2w, tokens, c2w, steps=3)
+    assert 0.0 <= result.probe["r10"] <= 1.0

@@ -144,6 +144,10 @@ def test_pose_probe_and_view_window_through_the_cli(tmp_path, shard_urls, capsys
         assert f"val/{name}" in events.Tags()["scalars"], name
     r10 = events.Scalars("val/probe_r10")[-1].value
     assert 0.0 <= r10 <= 1.0
+    capsys.readouterr()
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    main(["validate", "--config", str(cfg), "--ckpt_path", str(ckpt), "--trainer.callbacks+", yaml.safe_dump(probe)])
+    assert "RayZer pose probe on the camera tokens: R@10" in capsys.readouterr().out
 
 
 class PoisonedCameras(MultiViewShards):

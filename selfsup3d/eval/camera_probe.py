@@ -123,24 +123,28 @@ def fit_camera_probe(
         raise ValueError(f"tokens [N, V, D] and cameras [N, V, 4, 4] must match: {tuple(train_tokens.shape)}")
     if test_tokens.shape[:2] != test_c2w.shape[:2] or test_tokens.shape[-1] != train_tokens.shape[-1]:
         raise ValueError(f"test tokens {tuple(test_tokens.shape)} do not match the probe split's")
-    gen = torch.Generator().manual_seed(seed)
-    a, b, rot, direction = (x.detach().float().cpu() for x in token_pairs(train_tokens, train_c2w))
-    ta, tb, trot, tdir = (x.detach().float().cpu() for x in token_pairs(test_tokens, test_c2w))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = CameraTokenHead(Standardize.fit(train_tokens.detach().float().cpu().flatten(0, 1)), a.shape[-1], hidden)
-    optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(steps, 1))
-    with torch.enable_grad():
-        for _ in range(steps):
-            idx = torch.randint(a.shape[0], (min(batch_pairs, a.shape[0]),), generator=gen)
-            loss = pose_loss(*head(a[idx], b[idx]), rot[idx], direction[idx])
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-    with torch.no_grad():
-        probe = probe_figures(*head(ta, tb), trot, tdir)
-    prior_rot, prior_dir = prior_pose(rot, direction)
-    chance = probe_figures(prior_rot.expand_as(trot), prior_dir.expand_as(tdir), trot, tdir)
-    return CameraProbeResult(probe, chance, int(a.shape[0]), int(ta.shape[0]))
+    # a validation loop may run under inference mode, which enable_grad alone does not lift
+    with torch.inference_mode(False):
+        gen = torch.Generator().manual_seed(seed)
+        a, b, rot, direction = (x.detach().float().cpu().clone() for x in token_pairs(train_tokens, train_c2w))
+        ta, tb, trot, tdir = (x.detach().float().cpu().clone() for x in token_pairs(test_tokens, test_c2w))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head = CameraTokenHead(
+                Standardize.fit(train_tokens.detach().float().cpu().clone().flatten(0, 1)), a.shape[-1], hidden
+            )
+        optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(steps, 1))
+        with torch.enable_grad():
+            for _ in range(steps):
+                idx = torch.randint(a.shape[0], (min(batch_pairs, a.shape[0]),), generator=gen)
+                loss = pose_loss(*head(a[idx], b[idx]), rot[idx], direction[idx])
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+        with torch.no_grad():
+            probe = probe_figures(*head(ta, tb), trot, tdir)
+        prior_rot, prior_dir = prior_pose(rot, direction)
+        chance = probe_figures(prior_rot.expand_as(trot), prior_dir.expand_as(tdir), trot, tdir)
+        return CameraProbeResult(probe, chance, int(a.shape[0]), int(ta.shape[0]))
