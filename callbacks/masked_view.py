@@ -104,6 +104,14 @@ def summary_text(metrics: Mapping[str, float]) -> str:
             f"translation direction error {m['trans_err']:.1f} deg, AUC@5/15/30 "
             f"{m.get('auc5', float('nan')):.3f}/{m.get('auc15', float('nan')):.3f}/{m.get('auc30', float('nan')):.3f}"
         )
+    if "rot_err_identity" in m:
+        lines.append(f"  (cameras that never turn: rotation error {m['rot_err_identity']:.1f} deg)")
+    if "probe_r10" in m:
+        lines.append(
+            f"RayZer pose probe on the camera tokens: R@10 {m['probe_r10']:.3f} (chance "
+            f"{m.get('probe_r10_chance', float('nan')):.3f}), t@0.3 {m['probe_t03']:.3f} (chance "
+            f"{m.get('probe_t03_chance', float('nan')):.3f})"
+        )
     if "focal_err" in m:
         lines.append(f"Focal length: relative error {100 * m['focal_err']:.1f}% (predicted FOV {m['fov_deg']:.1f} deg)")
     return "\n".join(lines)

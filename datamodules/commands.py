@@ -3,6 +3,7 @@
 ::
 
     selfsup3d data render --out DIR [--train-scenes N --val-scenes N --views V --size S --seed S]
+                                    [--trajectory sphere|orbit --arc DEG]
     selfsup3d data convert blender SRC --out DIR     NeRF/Blender transforms*.json scenes
     selfsup3d data convert colmap SRC --out DIR      COLMAP text models with their images
     selfsup3d data convert images SRC --out DIR      an image folder (class = sub-folder), single-view
@@ -38,7 +39,9 @@ def _add_output_arguments(parser: argparse.ArgumentParser, shard_size: int, imag
 def _render(args: argparse.Namespace) -> int:
     from selfsup3d.datamodules.render import RenderSettings, render_dataset
 
-    settings = RenderSettings(num_views=args.views, size=args.size, seed=args.seed)
+    settings = RenderSettings(
+        num_views=args.views, size=args.size, seed=args.seed, trajectory=args.trajectory, arc_deg=args.arc
+    )
     info = render_dataset(
         args.out,
         train_scenes=args.train_scenes,
@@ -157,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--views", type=int, default=8, help="views per scene (default %(default)s)")
     render.add_argument("--size", type=int, default=64, help="image width and height (default %(default)s)")
     render.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    render.add_argument(
+        "--trajectory",
+        choices=["sphere", "orbit"],
+        default="sphere",
+        help="sphere: views spread over the full circle; orbit: views in order along an arc (default %(default)s)",
+    )
+    render.add_argument(
+        "--arc", type=float, default=360.0, help="the orbit's arc in degrees, 360 = closed loop (default %(default)s)"
+    )
     _add_output_arguments(render, shard_size=128, image_format="png")
     render.set_defaults(func=_render)
 

@@ -13,6 +13,11 @@
 * **Image folder** (single-view): class = first-level sub-folder name (like torchvision's ImageFolder),
   sorted names give the indices; images directly in a folder without sub-folders get label -1.
 
+Views keep their capture order, so that a video's frames stay neighbours (the view-overlap curriculum of
+:class:`~selfsup3d.datamodules.MultiViewShards` picks windows of consecutive views): Blender frames in the
+order of their ``frames`` lists, COLMAP images by file name in natural order (``frame_2`` before
+``frame_10``, :func:`capture_order_key`); ``max_views`` subsampling keeps every ``n / max_views``-th view.
+
 Each converter takes one scene or a folder of scenes, shows a progress bar, and returns a
 :class:`ConvertReport` whose :meth:`~ConvertReport.summary` says what was written and what was skipped
 and why. Encoded images are copied unchanged when they need no change (JPEG/PNG/WebP, RGB, not resized).
@@ -26,6 +31,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -183,6 +189,13 @@ def _orthonormal(c2w: np.ndarray, tol: float = 1e-3) -> np.ndarray | None:
     out[:3, :3] = u @ vt
     out[3] = [0, 0, 0, 1]
     return out
+
+
+def capture_order_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key of an image file name in natural order: digit runs compare as numbers (``frame_2`` before
+    ``frame_10``), the rest as lower-case text, so that numbered video frames sort in capture order."""
+    parts = re.split(r"(\d+)", name)
+    return tuple((0, int(p)) if p.isdigit() else (1, p.lower()) for p in parts if p)
 
 
 def _subsample(n: int, max_views: int | None) -> list[int]:
@@ -453,7 +466,7 @@ def _colmap_unit(args: tuple[Path, str, dict[str, Any]]) -> _Unit:
         return unit
     frames: list[tuple[str, Path, np.ndarray, np.ndarray]] = []
     distorted = 0
-    for _, qvec, tvec, camera_id, image_name in sorted(records, key=lambda r: r[4]):
+    for _, qvec, tvec, camera_id, image_name in sorted(records, key=lambda r: capture_order_key(r[4])):
         what = f"{name}/{image_name}"
         if camera_id not in cameras:
             unit.skipped.append((what, f"camera {camera_id} is not in cameras.txt"))

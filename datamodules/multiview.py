@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from selfsup3d.datamodules.base import (
     Collate,
@@ -31,6 +32,78 @@ def eval_view_order(num_available: int, num_views: int, num_context: int) -> lis
     return [chosen[p] for p in context_pos + targets]
 
 
+CANONICAL_CHOICES = ("random", "middle")
+
+
+class TrainingStep:
+    """The trainer's global step, shared with DataLoader workers (a one-element shared-memory tensor), so that a
+    decoder in a worker can follow a schedule in steps. The datamodule writes it before every training batch
+    is transferred; workers read it (their prefetched batches lag by a few steps)."""
+
+    def __init__(self) -> None:
+        self.value = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def set(self, step: int) -> None:
+        self.value[0] = int(step)
+
+    def get(self) -> int:
+        return int(self.value[0])
+
+
+def window_width(start: int, end: int, steps: int, step: int) -> int:
+    """Width of the view window at ``step``: ``start`` growing linearly to ``end`` over ``steps`` steps, in whole
+    views (rounded down), ``end`` from then on (at once when ``steps`` is 0)."""
+    if steps <= 0 or step >= steps:
+        return end
+    return start + ((end - start) * max(step, 0)) // steps
+
+
+def put_canonical_first(context: list[int], canonical: str) -> list[int]:
+    """Order the context views (scene indices, in trajectory order) so that the model's canonical reference
+    (the first view) is the one in the middle of them (``middle``, as RayZer's middle frame) or leave them."""
+    if canonical != "middle" or len(context) < 2:
+        return list(context)
+    ordered = sorted(context)
+    mid = ordered[(len(ordered) - 1) // 2]
+    return [mid] + [v for v in ordered if v != mid]
+
+
+def window_view_order(
+    num_available: int,
+    num_views: int,
+    num_context: int,
+    width: int,
+    rng: random.Random | None,
+    canonical: str = "random",
+) -> list[int]:
+    """Views of one sample from a window of ``width`` consecutive views of the scene (its capture order),
+    context first.
+
+    In training (``rng`` given) the window starts anywhere, ``num_views`` views are drawn from it and
+    ``num_context`` of them are the context, at random; in validation (``rng=None``) the window is centred in
+    the scene, its views evenly spread, the context evenly spaced among them (:func:`eval_view_order`).
+    With ``canonical="middle"`` the first view is the context view in the middle of the context views
+    (:func:`put_canonical_first`), otherwise the context is in random order (training) or evenly spaced order
+    (validation). The targets follow in trajectory order."""
+    width = max(num_views, min(width, num_available))
+    if rng is None:
+        start = (num_available - width) // 2
+        order = [start + v for v in eval_view_order(width, num_views, num_context)]
+        context, targets = order[:num_context], order[num_context:]
+        if canonical == "middle":
+            context = put_canonical_first(context, canonical)
+        return context + targets
+    start = rng.randrange(num_available - width + 1)
+    chosen = sorted(rng.sample(range(start, start + width), num_views))
+    context = sorted(rng.sample(chosen, num_context))
+    targets = [v for v in chosen if v not in context]
+    if canonical == "middle":
+        context = put_canonical_first(context, canonical)
+    else:
+        rng.shuffle(context)
+    return context + targets
+
+
 class MultiViewDecoder:
     """Raw scene -> numpy ``images`` uint8 ``[V, 3, H, W]``, ``K``, ``c2w``, optional ``depth``/``mask``, label, key.
 
@@ -41,6 +114,11 @@ class MultiViewDecoder:
         with_depth: decode ``NNN.depth.png`` (metres; a scene without depth is a bad sample).
         with_masks: decode ``NNN.mask.png``.
         max_zoom: training crops zoom in by a random factor in ``[1, max_zoom]`` at a random position.
+        view_window: ``(start, end)`` widths of the window of consecutive views the views come from
+            (:func:`window_view_order`); ``None``: any views of the scene.
+        window_steps: steps over which the width grows from ``start`` to ``end`` (:func:`window_width`).
+        step: the shared training step the schedule reads (validation uses the final width).
+        canonical: ``random`` or ``middle``: which context view comes first (the model's reference).
     """
 
     def __init__(
@@ -51,9 +129,30 @@ class MultiViewDecoder:
         with_depth: bool,
         with_masks: bool,
         max_zoom: float = 1.0,
+        view_window: tuple[int, int] | None = None,
+        window_steps: int = 0,
+        step: TrainingStep | None = None,
+        canonical: str = "random",
     ) -> None:
         self.num_views, self.num_context, self.out_hw = num_views, num_context, out_hw
         self.with_depth, self.with_masks, self.max_zoom = with_depth, with_masks, max_zoom
+        self.view_window, self.window_steps, self.step, self.canonical = view_window, window_steps, step, canonical
+
+    def view_order(self, n: int, rng: random.Random | None) -> list[int]:
+        """The scene's views (indices into its ``n`` views) in the sample's order, context first."""
+        if self.view_window is not None:
+            if rng is None:
+                width = self.view_window[1]
+            else:
+                step = self.step.get() if self.step is not None else 0
+                width = window_width(*self.view_window, self.window_steps, step)
+            return window_view_order(n, self.num_views, self.num_context, width, rng, self.canonical)
+        if rng is None:
+            order = eval_view_order(n, self.num_views, self.num_context)
+        else:
+            order = rng.sample(range(n), self.num_views)
+        context = put_canonical_first(order[: self.num_context], self.canonical)
+        return context + order[self.num_context :]
 
     def count(self, raw: dict[str, Any]) -> int:
         return 1
@@ -67,10 +166,7 @@ class MultiViewDecoder:
             raise SampleError(url, key, None, f"too few views: the scene has {n}, data.num_views is {self.num_views}")
         depth_scale = require_depth_scale(raw, cameras.depth_scale) if self.with_depth else None
         meta = parse_meta(raw)
-        if rng is None:
-            order = eval_view_order(n, self.num_views, self.num_context)
-        else:
-            order = rng.sample(range(n), self.num_views)
+        order = self.view_order(n, rng)
         size = (cameras.width, cameras.height)
         views, Ks = [], []
         for view in order:
@@ -111,10 +207,15 @@ class MultiViewShards(ShardDataModule):
 
     In training the ``V`` views are a random subset of the scene's views in random order (so the context
     set is random); in validation they are evenly spread over the scene's views, the context evenly spaced
-    among them (:func:`eval_view_order`). Training streams resampled shards and every rank gets
-    ``batches_per_epoch`` batches per epoch; validation is one deterministic pass with equal batch counts
-    on all ranks (or ``val_batches`` batches). Bad samples are skipped with a warning naming shard and key
-    and counted in :attr:`skipped` (``strict=True`` raises instead); see ``SkippedSamplesLogger``.
+    among them (:func:`eval_view_order`). With ``view_window`` (the view-overlap curriculum RayZer trains
+    with) the views come from a window of consecutive views in the scene's capture order (an orbit or a
+    video: ``selfsup3d data render --trajectory orbit``, converted COLMAP/Blender scenes keep their order),
+    whose width grows over training; validation uses a centred window of the final width.
+
+    Training streams resampled shards and every rank gets ``batches_per_epoch`` batches per epoch; validation is one
+    deterministic pass with equal batch counts on all ranks (or ``val_batches`` batches). Bad samples are
+    skipped with a warning naming shard and key and counted in :attr:`skipped` (``strict=True`` raises instead);
+    see ``SkippedSamplesLogger``.
 
     Args:
         train_urls: training shards (see :class:`~selfsup3d.datamodules.base.ShardDataModule` for the forms).
@@ -123,6 +224,13 @@ class MultiViewShards(ShardDataModule):
         num_context_views: context views; default ``num_views // 2``; needs ``1 <= it < num_views``.
         max_zoom: training crops zoom in by a random factor in ``[1, max_zoom]`` at a random position
             (1 = no zoom; validation always uses 1 and centre crops).
+        view_window: ``[start, end]``: the views of a training sample come from a window of this many
+            consecutive views of the scene, ``start`` at step 0 growing to ``end`` (both ``>= num_views``);
+            ``null``: any views of the scene (no curriculum).
+        window_steps: training steps over which the window grows from ``start`` to ``end`` (0: ``end`` at once).
+        canonical_view: which context view comes first, the model's canonical reference: ``random`` or
+            ``middle`` (the context view in the middle of the context views in capture order, as RayZer's
+            middle frame).
         **kwargs: the loader, size, depth/mask, jitter and epoch arguments of
             :class:`~selfsup3d.datamodules.base.ShardDataModule` (``batch_size`` is scenes per batch here).
     """
@@ -134,6 +242,9 @@ class MultiViewShards(ShardDataModule):
         num_views: int = 4,
         num_context_views: int | None = None,
         max_zoom: float = 1.0,
+        view_window: tuple[int, int] | None = None,
+        window_steps: int = 0,
+        canonical_view: Literal["random", "middle"] = "random",
         **kwargs: Any,
     ) -> None:
         super().__init__(train_urls, val_urls, **kwargs)
@@ -147,9 +258,27 @@ class MultiViewShards(ShardDataModule):
             )
         if max_zoom < 1:
             raise ConfigError(f"{self.key('max_zoom')} must be >= 1, got {max_zoom}")
+        if view_window is not None:
+            start, end = (int(w) for w in view_window)
+            if not num_views <= start <= end:
+                raise ConfigError(
+                    f"{self.key('view_window')} must be [start, end] with {self.key('num_views')} <= start <= end, "
+                    f"got {list(view_window)} with num_views={num_views}"
+                )
+            view_window = (start, end)
+        if window_steps < 0:
+            raise ConfigError(f"{self.key('window_steps')} must be >= 0, got {window_steps}")
+        if canonical_view not in CANONICAL_CHOICES:
+            raise ConfigError(
+                f"{self.key('canonical_view')} must be one of {CANONICAL_CHOICES}, got {canonical_view!r}"
+            )
         self.num_views = num_views
         self.num_context_views = num_context
         self.max_zoom = max_zoom
+        self.view_window = view_window
+        self.window_steps = window_steps
+        self.canonical_view = canonical_view
+        self.training_step = TrainingStep()
 
     def _check_summary(self, summary: ShardSummary, split: str) -> None:
         urls = self.key(f"{split}_urls")
@@ -157,6 +286,11 @@ class MultiViewShards(ShardDataModule):
             raise ConfigError(
                 f"{urls} holds single-view samples ({summary.where}): MultiViewShards reads multi-view scenes; "
                 "use selfsup3d.datamodules.SingleViewShards for images"
+            )
+        if self.view_window is not None and summary.num_views < self.view_window[1]:
+            raise ConfigError(
+                f"{self.key('view_window')} ends at {self.view_window[1]} views but the scenes of {urls} have "
+                f"{summary.num_views} ({summary.where}): render or convert more views per scene, or narrow it"
             )
         if summary.num_views < self.num_views:
             raise ConfigError(
@@ -190,7 +324,22 @@ class MultiViewShards(ShardDataModule):
             bool(self.with_depth),
             bool(self.with_masks),
             self.max_zoom if train else 1.0,
+            self.view_window,
+            self.window_steps,
+            self.training_step,
+            self.canonical_view,
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Tell the workers the trainer's step (the view window's schedule reads it)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            self.training_step.set(trainer.global_step)
+        return batch
+
+    def window_width(self, step: int) -> int | None:
+        """The view window's width at ``step`` (``None`` without a window)."""
+        return None if self.view_window is None else window_width(*self.view_window, self.window_steps, step)
 
     def _collate_fn(self) -> Collate:
         return Collate(("images", "K", "c2w", "depth", "mask"), {"num_context": self.num_context_views})

@@ -5,12 +5,17 @@
 downloaded: the meshes come with the ``pybullet`` wheel (``pybullet_data``).
 
 Each scene is one asset (a random URDF blob, a duck, a teddy, a mug, a robot, ...) seen from ``V``
-cameras on a sphere around its bounding box (random azimuth, elevation and distance, looking at the box
-centre, framed so the object fills a good part of the image). Per scene: a random field of view, a random
-light direction and colour, and a background that is the same in every view: either a solid random colour
-or a ground plane under the object with a random colour (and a random sky colour beyond it). Depth is
-pybullet's depth buffer converted to metric z-depth (0 where there is no geometry); the mask is the
-object's segmentation.
+cameras around its bounding box, looking at the box centre, framed so the object fills a good part of the
+image. Two trajectories (``RenderSettings.trajectory``): ``sphere`` (the default) spreads the cameras over
+the full circle of azimuths with a random elevation and distance each; ``orbit`` moves them in order along
+an arc of ``arc_deg`` degrees at one elevation and distance per scene (small jitter), as a video circling
+the object would, so that consecutive views overlap and a data loader can pick windows of neighbouring
+views (the view-overlap curriculum of :class:`~selfsup3d.datamodules.MultiViewShards`).
+
+Per scene: a random field of view, a random light direction and colour, and a background that is the same in
+every view: either a solid random colour or a ground plane under the object with a random colour (and a random
+sky colour beyond it). Depth is pybullet's depth buffer converted to metric z-depth (0 where there is no
+geometry); the mask is the object's segmentation.
 
 Splits are by asset and independent of the seed: validation assets never appear in training (random
 URDFs 900-999 and one member of each family that has several, see :data:`ASSET_FAMILIES`). A scene is a
@@ -63,6 +68,11 @@ BLOB_PROBABILITY = 0.5
 """Share of scenes showing a random URDF blob; the other families share the rest equally."""
 
 SPLITS = ("train", "val")
+TRAJECTORIES = ("sphere", "orbit")
+ORBIT_JITTER_DEG = 2.0
+"""On an orbit, each view's azimuth and elevation move by up to this many degrees around the trajectory."""
+ORBIT_DISTANCE_JITTER = 0.03
+"""On an orbit, each view's distance moves by up to this share around the scene's distance."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,12 @@ class RenderSettings:
         seed: global seed; scene ``i`` of split ``s`` depends only on ``(seed, s, i)``.
         fov_range: vertical field of view range in degrees, drawn per scene.
         plane_probability: share of scenes with a ground plane (the others have a solid background).
-        distance_range: camera distance as a multiple of the tightest framing distance, drawn per view.
+        distance_range: camera distance as a multiple of the tightest framing distance (per view on the
+            sphere, per scene on an orbit).
+        trajectory: ``sphere`` (stratified azimuths over the full circle, random elevation per view) or
+            ``orbit`` (views in trajectory order along an arc of ``arc_deg``).
+        arc_deg: the orbit's arc in degrees (360: a closed loop, views ``360 / V`` apart); ignored on the
+            sphere.
     """
 
     num_views: int = 8
@@ -84,6 +99,14 @@ class RenderSettings:
     fov_range: tuple[float, float] = (30.0, 50.0)
     plane_probability: float = 0.5
     distance_range: tuple[float, float] = (0.85, 1.2)
+    trajectory: str = "sphere"
+    arc_deg: float = 360.0
+
+    def __post_init__(self) -> None:
+        if self.trajectory not in TRAJECTORIES:
+            raise ValueError(f"trajectory must be one of {TRAJECTORIES}, got {self.trajectory!r}")
+        if not 0.0 < self.arc_deg <= 360.0:
+            raise ValueError(f"arc_deg must be in (0, 360], got {self.arc_deg}")
 
 
 def assets_for(split: str) -> dict[str, list[str]]:
@@ -188,6 +211,43 @@ def _framing_distance(corners: np.ndarray, direction: np.ndarray, fov: float, ma
 
 
 # ============================================================================ one scene
+def camera_path(
+    rng: np.random.Generator, settings: RenderSettings, elevation_range: tuple[float, float], azimuth0: float
+) -> list[tuple[float, float, float]]:
+    """``(azimuth, elevation, distance factor)`` of every view (radians; the factor multiplies the framing
+    distance), in the order the views are written.
+
+    On the sphere, azimuths are stratified over the full circle (``2π (v + U(-0.35, 0.35)) / V``), elevation
+    and distance free per view. On an orbit, azimuths advance evenly over ``arc_deg`` from ``azimuth0`` (the
+    last view ends the arc; on a closed 360° loop the views are ``360 / V`` apart) at one elevation and
+    distance per scene, each view jittered by :data:`ORBIT_JITTER_DEG` and :data:`ORBIT_DISTANCE_JITTER`.
+    """
+    n = settings.num_views
+    if settings.trajectory == "sphere":
+        return [
+            (
+                azimuth0 + 2 * math.pi * (v + rng.uniform(-0.35, 0.35)) / n,
+                math.radians(rng.uniform(*elevation_range)),
+                float(rng.uniform(*settings.distance_range)),
+            )
+            for v in range(n)
+        ]
+    arc = math.radians(settings.arc_deg)
+    step = arc / n if settings.arc_deg >= 360.0 else arc / max(n - 1, 1)
+    lo, hi = elevation_range
+    elevation = rng.uniform(lo + ORBIT_JITTER_DEG, hi - ORBIT_JITTER_DEG)
+    scale = float(rng.uniform(*settings.distance_range))
+    jitter = math.radians(ORBIT_JITTER_DEG)
+    return [
+        (
+            azimuth0 + v * step + rng.uniform(-jitter, jitter),
+            math.radians(elevation) + rng.uniform(-jitter, jitter),
+            scale * (1.0 + rng.uniform(-ORBIT_DISTANCE_JITTER, ORBIT_DISTANCE_JITTER)),
+        )
+        for v in range(n)
+    ]
+
+
 _LIBC = ctypes.CDLL(None)
 
 
@@ -277,14 +337,11 @@ def render_scene(client: int, split: str, index: int, settings: RenderSettings) 
     elevation_range = (10.0, 60.0) if use_plane else (-25.0, 65.0)
     azimuth0 = rng.uniform(0, 2 * math.pi)
     images, depths, masks, c2ws = [], [], [], []
-    for v in range(settings.num_views):
-        # stratified azimuths cover the object; elevation and distance are free
-        azimuth = azimuth0 + 2 * math.pi * (v + rng.uniform(-0.35, 0.35)) / settings.num_views
-        elevation = math.radians(rng.uniform(*elevation_range))
+    for azimuth, elevation, scale in camera_path(rng, settings, elevation_range, azimuth0):
         direction = np.array(
             [math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth), math.sin(elevation)]
         )
-        distance = _framing_distance(corners, direction, fov) * rng.uniform(*settings.distance_range)
+        distance = _framing_distance(corners, direction, fov) * scale
         c2w = look_at_c2w(centre + distance * direction, centre)
         near = max(distance - 1.5 * radius, distance * 0.05)
         far = distance + (8.0 if use_plane else 1.5) * radius

@@ -33,3 +33,23 @@ def test_multitask_bench_prints_the_ratio_to_the_objectives_alone(capsys):
     out = capsys.readouterr().out
     for needle in ("multi-task", "masked_view alone", "triplane alone", "ratio multi-task / sum alone"):
         assert needle in out, out
+
+
+def test_cameras_bench_prints_the_validation_curve_of_a_run(tmp_path, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    bench = load_script("cameras")
+    writer = SummaryWriter(str(tmp_path / "lightning_logs" / "version_0"))
+    for step, (psnr, auc) in enumerate([(20.0, 0.0), (23.5, 0.31)]):
+        writer.add_scalar("val/psnr", psnr, 500 * (step + 1))
+        writer.add_scalar("val/auc30", auc, 500 * (step + 1))
+        writer.add_scalar("train/loss", 1.0, 500 * (step + 1))
+    writer.close()
+    assert bench.main(["--run", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert "PSNR" in lines[1] and "AUC@30" in lines[1] and "loss" not in out
+    assert lines[2].split() == ["500", "20.0", "0.000"] and lines[3].split() == ["1000", "23.5", "0.310"]
+    command = bench.fit_command(4000, 250, tmp_path, "cpu", ["--x", "1"])
+    assert command[command.index("--trainer.max_steps") + 1] == "4000" and command[-2:] == ["--x", "1"]
+    assert command[command.index("--data.init_args.window_steps") + 1] == "3000"

@@ -17,6 +17,7 @@ from shards import render_scenes, reprojection_error
 from selfsup3d.cli import main
 from selfsup3d.datamodules import BadSampleWarning, MultiViewShards, SingleViewShards
 from selfsup3d.datamodules.convert import (
+    capture_order_key,
     convert_blender,
     convert_colmap,
     convert_images,
@@ -158,7 +159,9 @@ def test_blender_skips_and_reports_bad_frames(tmp_path):
 
 
 # ---------------------------------------------------------------------------- COLMAP
-def _write_colmap(folder: Path, scene: Scene, model: str = "PINHOLE", extra: str = "") -> None:
+def _write_colmap(
+    folder: Path, scene: Scene, model: str = "PINHOLE", extra: str = "", name: str = "view_{:02d}.png"
+) -> None:
     (folder / "sparse" / "0").mkdir(parents=True)
     (folder / "images").mkdir()
     K = scene.K[0]
@@ -182,11 +185,11 @@ def _write_colmap(folder: Path, scene: Scene, model: str = "PINHOLE", extra: str
         q = _rotation_to_quaternion(w2c[:3, :3])
         t = w2c[:3, 3]
         numbers = " ".join(repr(float(x)) for x in [*q, *t])
-        lines.append(f"{n + 1} {numbers} 1 view_{v:02d}.png")
+        lines.append(f"{n + 1} {numbers} 1 {name.format(v)}")
         lines.append("" if n % 2 else "10.5 12.25 -1 3.0 4.0 7")  # the points line may be empty
     (folder / "sparse" / "0" / "images.txt").write_text("\n".join(lines) + "\n" + extra)
     for v, image in enumerate(scene.images):
-        Image.fromarray(image).save(folder / "images" / f"view_{v:02d}.png")
+        Image.fromarray(image).save(folder / "images" / name.format(v))
 
 
 @pytest.mark.parametrize("model", ["PINHOLE", "SIMPLE_PINHOLE", "OPENCV"])
@@ -197,6 +200,22 @@ def test_colmap_model_converts_to_the_same_cameras(tmp_path, model):
     assert report.written == 1 and report.views == 5 and not report.skipped, report.summary()
     (got,) = _read_scenes(report.url, 5).values()
     _check_against(scene, got, 5)
+
+
+def test_converters_keep_capture_order():
+    names = ["frame_10.png", "Frame_2.png", "frame_1.png", "frame_100.png", "frame_9b.png", "frame_9.png"]
+    assert sorted(names, key=capture_order_key) == [
+        "frame_1.png", "Frame_2.png", "frame_9.png", "frame_9b.png", "frame_10.png", "frame_100.png"
+    ]  # fmt: skip
+
+
+def test_colmap_video_frames_keep_their_order(tmp_path):
+    (scene,) = render_scenes(num_scenes=1, num_views=11, size=32, start=3)
+    _write_colmap(tmp_path / "scene", scene, name="frame_{}.png")  # frame_10 sorts before frame_2 as text
+    report = convert_colmap(tmp_path / "scene", tmp_path / "out", workers=1, progress=False)
+    (got,) = _read_scenes(report.url, 11).values()
+    order = eval_view_order(11, 11, 1)  # all views: the shard's view v is frame_v
+    assert torch.allclose(got["c2w"], torch.from_numpy(scene.c2w[order]).float(), atol=1e-5)
 
 
 def test_colmap_distortion_is_ignored_with_a_note_or_refused(tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,7 @@ from shards import render_scenes, write_multiview_shards
 
 from selfsup3d.datamodules import MultiViewShards
 from selfsup3d.datamodules.format import ShardSink
-from selfsup3d.datamodules.multiview import eval_view_order
+from selfsup3d.datamodules.multiview import eval_view_order, put_canonical_first, window_view_order, window_width
 from selfsup3d.errors import ConfigError
 
 
@@ -190,3 +193,96 @@ def test_pipe_urls_are_read(tmp_path):
                          num_views=2)  # fmt: skip
     (batch,) = _val_batches(dm)
     assert len(batch["key"]) == 2
+
+
+# ---------------------------------------------------------------- view-overlap curriculum (windows of views)
+def test_window_width_follows_its_schedule_in_whole_views():
+    assert [window_width(4, 12, 8, s) for s in (0, 1, 4, 7, 8, 100)] == [4, 5, 8, 11, 12, 12]
+    assert window_width(4, 12, 0, 0) == 12  # no schedule: the end width at once
+    assert window_width(6, 6, 10, 3) == 6
+
+
+def test_window_view_order_stays_in_a_window_of_consecutive_views():
+    rng = random.Random(0)
+    starts = set()
+    for _ in range(200):
+        order = window_view_order(24, 6, 4, 8, rng)
+        assert len(set(order)) == 6 and max(order) - min(order) < 8
+        assert order[4:] == sorted(order[4:])  # targets in trajectory order
+        starts.update((min(order), max(order)))
+    assert min(starts) == 0 and max(starts) == 23  # the window moves over the whole trajectory
+    # validation: a centred window, views evenly spread in it, the context evenly spaced among them
+    assert window_view_order(24, 4, 2, 8, None) == [8, 12, 10, 14]
+    assert window_view_order(24, 4, 2, 100, None) == window_view_order(24, 4, 2, 24, None) == [0, 12, 6, 18]
+
+
+def test_canonical_middle_puts_the_middle_context_view_first():
+    assert put_canonical_first([3, 9, 5, 7, 1], "middle") == [5, 1, 3, 7, 9]
+    assert put_canonical_first([3, 9, 5], "random") == [3, 9, 5]
+    rng = random.Random(1)
+    for _ in range(50):
+        order = window_view_order(16, 6, 3, 10, rng, canonical="middle")
+        context = sorted(order[:3])
+        assert order[0] == context[1]
+
+
+def _view_indices(batch, scenes_by_key, num_views):
+    out = []
+    for i, key in enumerate(batch["key"]):
+        scene = scenes_by_key[key]
+        views = []
+        for slot in range(batch["images"].shape[1]):
+            image = batch["images"][i, slot].permute(1, 2, 0).numpy()
+            views.append(next(v for v in range(num_views) if np.array_equal(image, scene.images[v])))
+        out.append(views)
+    return out
+
+
+def test_training_windows_widen_with_the_trainer_step(tmp_path):
+    scenes = render_scenes(num_scenes=2, num_views=10, size=16)
+    with ShardSink(tmp_path, "train") as sink:
+        for scene in scenes:
+            sink.write(scene)
+    by_key = {s.key: s for s in scenes}
+    dm = MultiViewShards(sink.url, sink.url, batch_size=2, num_workers=0, image_size=16, num_views=3,
+                         num_context_views=2, view_window=[3, 9], window_steps=6, batches_per_epoch=20,
+                         shuffle_buffer=0, seed=0)  # fmt: skip
+    dm.setup("fit")
+    assert [dm.window_width(s) for s in (0, 3, 6)] == [3, 6, 9]
+    for step, width in ((0, 3), (6, 9)):
+        dm.training_step.set(step)
+        spans = [max(v) - min(v) + 1 for b in dm.train_dataloader() for v in _view_indices(b, by_key, 10)]
+        assert max(spans) <= width and (width == 3 or max(spans) > 6), (step, spans)
+    (val,) = list(dm.val_dataloader())
+    assert _view_indices(val, by_key, 10)[0] == window_view_order(10, 3, 2, 9, None)
+
+
+def test_the_datamodule_tells_workers_the_trainer_step(tmp_path):
+    dm = MultiViewShards("x.tar", num_views=3, view_window=[3, 6], window_steps=10)
+    dm.trainer = SimpleNamespace(training=True, global_step=7)
+    dm.on_before_batch_transfer({}, 0)
+    assert dm.training_step.get() == 7
+    dm.trainer = SimpleNamespace(training=False, global_step=9)  # validation leaves it alone
+    dm.on_before_batch_transfer({}, 0)
+    assert dm.training_step.get() == 7
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_views=4, view_window=[3, 8]), "data.init_args.view_window"),
+        (dict(num_views=4, view_window=[8, 6]), "data.init_args.view_window"),
+        (dict(num_views=4, view_window=[4, 8], window_steps=-1), "data.init_args.window_steps"),
+        (dict(num_views=4, canonical_view="last"), "data.init_args.canonical_view"),
+    ],
+)
+def test_bad_windows_raise_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        MultiViewShards("x.tar", **kwargs)
+
+
+def test_a_window_wider_than_the_scenes_is_refused_at_setup(tmp_path):
+    url = write_multiview_shards(tmp_path, num_scenes=1, num_views=4, size=16, num_shards=1)
+    dm = MultiViewShards(url, None, batch_size=1, num_workers=0, image_size=16, num_views=3, view_window=[3, 6])
+    with pytest.raises(ConfigError, match="view_window"):
+        dm.setup("fit")

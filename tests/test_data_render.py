@@ -17,13 +17,16 @@ from selfsup3d.datamodules.multiview import eval_view_order
 from selfsup3d.datamodules.render import (
     ASSET_FAMILIES,
     CLASS_NAMES,
+    ORBIT_JITTER_DEG,
     RenderSettings,
     assets_for,
     buffer_to_depth,
+    camera_path,
     connect,
     gl_view_matrix,
     look_at_c2w,
     render_dataset,
+    render_scene,
     renderer_projection,
 )
 
@@ -183,3 +186,31 @@ def test_numpy_look_at_matches_the_geometry_module():
         ours = look_at_c2w(eye, target)
         theirs = look_at(torch.from_numpy(eye)[None], torch.from_numpy(target)[None])[0].numpy()
         np.testing.assert_allclose(ours, theirs, atol=1e-12)
+
+
+@pytest.mark.parametrize("arc", [120.0, 360.0])
+def test_orbit_writes_views_in_trajectory_order(arc):
+    views = 9
+    settings = RenderSettings(num_views=views, size=16, trajectory="orbit", arc_deg=arc)
+    rng = np.random.default_rng(0)
+    path = camera_path(rng, settings, (10.0, 60.0), 0.3)
+    azimuth, elevation, scale = (np.array(x) for x in zip(*path))
+    step = np.degrees(np.diff(azimuth))
+    expected = arc / views if arc == 360.0 else arc / (views - 1)
+    assert np.all(step > 0) and np.allclose(step, expected, atol=2 * ORBIT_JITTER_DEG + 1e-9)
+    assert np.ptp(np.degrees(elevation)) <= 2 * ORBIT_JITTER_DEG and np.ptp(scale) < 0.1
+    # the rendered cameras follow it: each looks at the object and neighbours are closest to each other
+    client = connect()
+    scene = render_scene(client, "train", 1, settings)
+    centres = scene.c2w[:, :3, 3]
+    gaps = np.linalg.norm(np.diff(centres, axis=0), axis=-1)
+    spread = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    assert gaps.max() < np.sort(spread[0])[2] * 1.8 and np.all(gaps > 0)
+
+
+def test_sphere_is_the_default_and_bad_trajectories_are_refused():
+    assert RenderSettings().trajectory == "sphere"
+    with pytest.raises(ValueError, match="trajectory"):
+        RenderSettings(trajectory="spiral")
+    with pytest.raises(ValueError, match="arc_deg"):
+        RenderSettings(trajectory="orbit", arc_deg=0.0)

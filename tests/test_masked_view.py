@@ -90,8 +90,9 @@ def test_cameras_start_at_identity_pose_and_the_initial_field_of_view():
     assert torch.allclose(fov, torch.full_like(fov, math.radians(60.0)), atol=math.radians(1.0))
 
 
-def test_loss_never_reads_the_true_cameras():
-    model = make_model()
+@pytest.mark.parametrize("options", [{}, {"reprojection_weight": 1.0, "blend_context": True}])
+def test_loss_never_reads_the_true_cameras(options):
+    model = make_model(**options)
     batch = sphere_scenes(3, 4, 32, 2)
     gen = torch.Generator().manual_seed(1)
     shuffled = dict(batch, K=batch["K"][torch.randperm(3, generator=gen)] * 1.7, c2w=batch["c2w"].flip(1))
@@ -106,9 +107,28 @@ def test_loss_never_reads_the_true_cameras():
     assert "psnr_mean_colour" in out and "rot_err" not in out and "psnr_nearest" not in out
 
 
+@pytest.mark.parametrize("aids", [False, True])
+def test_nan_cameras_leave_the_loss_and_its_gradients_unchanged(aids):
+    """Poisoned true cameras: any read of K or c2w on the loss path would turn the loss or a gradient into NaN."""
+    options = {"blend_context": aids, "render_context_tokens": aids, "ray_positions": aids}
+    options["reprojection_weight"] = 0.0 if aids else 1.0
+    batch = sphere_scenes(2, 5, 32, 3)
+    poisoned = dict(batch, K=torch.full_like(batch["K"], math.nan), c2w=torch.full_like(batch["c2w"], math.nan))
+    grads = []
+    for b in (batch, poisoned):
+        model = make_model(**options)
+        loss = model.step(b, "train", model.encoder)["loss"]
+        loss.backward()
+        assert torch.isfinite(loss)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name
+
+
 @pytest.mark.parametrize("blend", [False, True])
 def test_gradients_reach_the_encoder_and_every_head(blend):
-    model = make_model(blend_context=blend, render_context_tokens=blend)
+    model = make_model(blend_context=blend, render_context_tokens=blend, reprojection_weight=float(blend))
     model.step(sphere_scenes(2, 4, 32, 2), "train", model.encoder)["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     # the encoder's class token feeds nothing (only patch tokens are used)

@@ -3,15 +3,21 @@ the pictures in TensorBoard, the shipped configs, and start-up errors that name 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from conftest import tiny_encoder
+from lightning.pytorch import Trainer
 from shards import write_multiview_shards
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from toy import tiny_encoder_config
 
 from selfsup3d.cli import main
+from selfsup3d.datamodules import MultiViewShards
+from selfsup3d.objectives.masked_view import MaskedViewPrediction
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = tiny_encoder_config(num_out_layers=0)
@@ -125,3 +131,47 @@ def test_shipped_configs_parse(name, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] == "selfsup3d.objectives.masked_view.MaskedViewPrediction"
     assert printed["data"]["class_path"] == "selfsup3d.datamodules.MultiViewShards"
+
+
+def test_pose_probe_and_view_window_through_the_cli(tmp_path, shard_urls, capsys):
+    cfg = write_config(tmp_path, shard_urls, view_window=[4, 5], window_steps=2, canonical_view="middle")
+    probe = {"class_path": "selfsup3d.callbacks.CameraTokenProbe",
+             "init_args": {"probe_urls": shard_urls[0], "num_scenes": 4, "steps": 5}}  # fmt: skip
+    main(["fit", "--config", str(cfg), "--trainer.callbacks+", yaml.safe_dump(probe)])
+    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"scalars": 0})
+    events.Reload()
+    for name in ("probe_r10", "probe_t03", "probe_r10_chance", "probe_t03_chance", "rot_err_identity"):
+        assert f"val/{name}" in events.Tags()["scalars"], name
+    r10 = events.Scalars("val/probe_r10")[-1].value
+    assert 0.0 <= r10 <= 1.0
+    capsys.readouterr()
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    main(["validate", "--config", str(cfg), "--ckpt_path", str(ckpt), "--trainer.callbacks+", yaml.safe_dump(probe)])
+    assert "RayZer pose probe on the camera tokens: R@10" in capsys.readouterr().out
+
+
+class PoisonedCameras(MultiViewShards):
+    """Training batches whose true cameras are NaN (validation keeps them for the pose figures)."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        batch = super().on_after_batch_transfer(batch, dataloader_idx)
+        if self.trainer.training:
+            batch["K"] = torch.full_like(batch["K"], math.nan)
+            batch["c2w"] = torch.full_like(batch["c2w"], math.nan)
+        return batch
+
+
+def test_training_steps_run_on_nan_cameras(tmp_path, shard_urls):
+    cfg = yaml.safe_load(write_config(tmp_path, shard_urls).read_text())
+    data = PoisonedCameras(**dict(cfg["data"]["init_args"], val_urls=None))
+    torch.manual_seed(0)
+    model = MaskedViewPrediction(tiny_encoder(num_out_layers=0), **{
+        k: v for k, v in cfg["model"]["init_args"].items() if k != "encoder"})  # fmt: skip
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    assert trainer.global_step == 3
+    after = list(model.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before)), "training did not move the weights"

@@ -1,5 +1,6 @@
 """The camera estimator of masked-view prediction (RayZer): poses relative to a canonical view and one shared
-focal length, predicted from the encoder tokens of all views, with no camera labels."""
+focal length, predicted from the encoder tokens of all views, with no camera labels; and a depth head on its
+patch tokens for the reprojection loss (:mod:`selfsup3d.losses.reprojection`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,37 @@ from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
 
 from selfsup3d.geometry.cameras import make_se3, rotation_6d_to_matrix
+from selfsup3d.geometry.rays import unpatchify
 from selfsup3d.layers.positions import sincos_positions
 from selfsup3d.layers.transformer import Transformer, init_linear
 
 IDENTITY_6D = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+class DepthHead(nn.Module):
+    """Per-pixel z-depth of every view from the camera estimator's patch tokens: a linear layer to ``p²`` values
+    per patch, ``depth = d0 · exp(r · tanh(x))``; the layer starts near zero, so every view starts as a plane at
+    ``d0`` in front of its camera (the model's unit of length, as the canonical camera sits at the origin).
+
+    Args:
+        dim: token width.
+        patch_size: pixels per patch side.
+        init_depth: ``d0``.
+        log_range: ``r``: depth stays within ``exp(±r)`` of ``d0``.
+    """
+
+    def __init__(self, dim: int, patch_size: int, init_depth: float = 1.0, log_range: float = 2.0) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.init_depth, self.log_range = init_depth, log_range
+        self.proj = nn.Linear(dim, patch_size * patch_size)
+        nn.init.normal_(self.proj.weight, std=1e-3)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, patches: Tensor, height: int, width: int) -> Tensor:
+        """``[B, V, N, dim]`` patch tokens -> ``[B, V, 1, H, W]`` depth (float32)."""
+        x = self.log_range * torch.tanh(self.proj(patches).float())  # [B, V, N, p²]
+        return unpatchify(self.init_depth * torch.exp(x), self.patch_size, height, width)
 
 
 class CameraEstimator(nn.Module):
@@ -77,6 +105,17 @@ class CameraEstimator(nn.Module):
             ``c2w [B, V, 4, 4]`` (float32; view 0 is the identity) and the normalised focal ``[B]``
             (focal in pixels divided by the image width).
         """
+        return self.cameras(self.tokens(feats, grid))
+
+    def tokens(self, feats: Tensor, grid: tuple[int, int]) -> Tensor:
+        """The camera tokens ``[B, V, dim]`` (after the transformer) of ``[B, V, N, in_dim]`` encoder tokens: what
+        the pose and focal heads read, and what RayZer's pose probe reads
+        (:mod:`selfsup3d.eval.camera_probe`)."""
+        return self.encode(feats, grid)[0]
+
+    def encode(self, feats: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The transformer's outputs: camera tokens ``[B, V, dim]`` and patch tokens ``[B, V, N, dim]`` (which
+        have attended across views; a depth head can read them)."""
         b, v, n, _ = feats.shape
         x = self.proj(feats) + sincos_positions(grid, self.dim, feats.device, feats.dtype)
         roles = torch.ones(v, dtype=torch.long, device=feats.device)
@@ -85,7 +124,11 @@ class CameraEstimator(nn.Module):
         cam = (self.camera_token + role)[None, :, None, :].expand(b, -1, -1, -1)  # [B, V, 1, D]
         x = torch.cat([cam, x + role[None, :, None, :]], dim=2).reshape(b, v * (n + 1), self.dim)
         x = self.transformer(x, frames=v).reshape(b, v, n + 1, self.dim)
-        tokens = x[:, :, 0]  # [B, V, D]
+        return x[:, :, 0], x[:, :, 1:]
+
+    def cameras(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """``c2w [B, V, 4, 4]`` and the normalised focal ``[B]`` from the camera tokens ``[B, V, dim]``."""
+        b, v, _ = tokens.shape
         canonical = tokens[:, :1].expand(-1, v, -1)
         raw = self.pose_head(torch.cat([canonical, tokens], dim=-1)).float()  # [B, V, 9]
         # bounded: a collapsing or exploding field of view is a free latent the renderer exploits early on

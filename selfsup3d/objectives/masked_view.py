@@ -45,13 +45,14 @@ from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.encoders.base import Encoder
 from selfsup3d.errors import ConfigError
 from selfsup3d.eval.nvs import context_mean_baseline, mean_colour_baseline, nearest_view_baseline, psnr, ssim
-from selfsup3d.eval.pose import camera_metrics
+from selfsup3d.eval.pose import camera_metrics, relative_rotation_error
 from selfsup3d.geometry.cameras import fov_from_focal, intrinsics_from_focal
 from selfsup3d.geometry.rays import patchify, plucker_map
-from selfsup3d.heads.camera import CameraEstimator
+from selfsup3d.heads.camera import CameraEstimator, DepthHead
 from selfsup3d.heads.lvsm import ContextBlend, Renderer, SceneReconstructor
 from selfsup3d.layers.positions import sincos_positions
 from selfsup3d.losses.perceptual import PerceptualLoss
+from selfsup3d.losses.reprojection import min_reprojection_loss
 from selfsup3d.objectives.base import PretrainObjective
 
 
@@ -65,8 +66,11 @@ class MaskedViewPrediction(PretrainObjective):
 
     Validation logs PSNR/SSIM of the renders beside the mean-colour, context-mean and nearest-view baselines
     (:mod:`selfsup3d.eval.nvs`), and, when the batch has true cameras, pose errors after similarity alignment
-    (``rot_err``, ``trans_err`` in degrees, ``auc5/15/30``, ``centre_err``; :mod:`selfsup3d.eval.pose`) and the
-    focal-length error.
+    (``rot_err``, ``trans_err`` in degrees, ``auc5/15/30``, ``centre_err``; :mod:`selfsup3d.eval.pose`) beside
+    ``rot_err_identity`` (the rotation error of cameras that all keep the canonical view's orientation: the
+    true views' mean relative angle) and the focal-length error; and ``psnr_still_cameras``, the PSNR of the
+    same model rendering with every camera at the canonical pose: how much of the render rests on the
+    predicted cameras (equal to ``psnr`` when the renderer ignores them).
 
     Args:
         encoder: the shared encoder (``selfsup3d.encoders.ViTEncoder``).
@@ -94,6 +98,12 @@ class MaskedViewPrediction(PretrainObjective):
             for small, short runs (the CPU demo); it gives the camera estimator a direct gradient too.
             RayZer: off.
         blend_sharpness: the blend's initial sharpness ``s`` (learned from there).
+        reprojection_weight: weight of the auto-masked minimum reprojection loss (monodepth2) between all views
+            of a scene: a depth head on the camera estimator's patch tokens predicts every view's depth, and
+            each view is warped into every other through that depth and the *predicted* cameras
+            (:mod:`selfsup3d.losses.reprojection`). Photometric like the render loss (no camera or depth
+            labels), but it can only be low when cameras and depth are geometrically right. 0: off (RayZer).
+        reprojection_auto_mask: drop pixels that the unwarped views already explain (monodepth2's auto-mask).
         grad_checkpointing: recompute the activations of every head block in the backward pass (the
             encoder's own ``grad_checkpointing`` does the same for the encoder).
         lr: peak learning rate (RayZer: 4e-4).
@@ -128,6 +138,9 @@ class MaskedViewPrediction(PretrainObjective):
         ray_positions: bool = False,
         blend_context: bool = False,
         blend_sharpness: float = 4.0,
+        # a photometric check of the cameras between the views themselves (off in RayZer)
+        reprojection_weight: float = 0.0,
+        reprojection_auto_mask: bool = True,
         # memory and optimisation (RayZer's)
         grad_checkpointing: bool = False,
         lr: float = 4e-4,
@@ -153,6 +166,7 @@ class MaskedViewPrediction(PretrainObjective):
             ("blend_sharpness", blend_sharpness, blend_sharpness > 0, "> 0"),
             ("focal_range", focal_range, focal_range > 1, "> 1"),
             ("perceptual_weight", perceptual_weight, perceptual_weight >= 0, ">= 0"),
+            ("reprojection_weight", reprojection_weight, reprojection_weight >= 0, ">= 0"),
         ):
             if not ok:
                 raise ConfigError(f"{self.key(key)} must be {rule}, got {value}")
@@ -165,6 +179,9 @@ class MaskedViewPrediction(PretrainObjective):
         )
         self.renderer = Renderer(ray_dim, dim, render_layers, num_heads, mlp_ratio, patch, refine_base=blend_context)
         self.blend = ContextBlend(blend_sharpness) if blend_context else None
+        self.reprojection_weight = reprojection_weight
+        self.reprojection_auto_mask = reprojection_auto_mask
+        self.depth = DepthHead(dim, patch) if reprojection_weight > 0 else None
         self.perceptual_weight = perceptual_weight
         self.perceptual: PerceptualLoss | None = None
         if perceptual_weight > 0:
@@ -214,7 +231,8 @@ class MaskedViewPrediction(PretrainObjective):
 
         Returns:
             ``render [B, Vb, 3, H, W]``, ``c2w [B, V, 4, 4]`` (relative to view 0, the model's own scale),
-            ``K [B, V, 3, 3]`` (pixels) and ``focal [B]`` (focal length over image width).
+            ``K [B, V, 3, 3]`` (pixels), ``focal [B]`` (focal length over image width) and ``camera_tokens
+            [B, V, dim]`` (what the pose heads read; RayZer's pose probe reads them too).
         """
         if images.ndim != 5 or images.shape[2] != 3:
             raise ValueError(f"images must be [B, V, 3, H, W], got {tuple(images.shape)}")
@@ -225,18 +243,30 @@ class MaskedViewPrediction(PretrainObjective):
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
         enc = (encoder if encoder is not None else self.encoder)(images.flatten(0, 1))
         feats = enc.patches.unflatten(0, (b, v))  # [B, V, N, De]
-        c2w, focal = self.camera(feats, enc.grid)
+        camera_tokens, camera_patches = self.camera.encode(feats, enc.grid)
+        c2w, focal = self.camera.cameras(camera_tokens)
         with torch.autocast(device_type=images.device.type, enabled=False):
             f = focal * w
             K = intrinsics_from_focal(f, f, h, w)[:, None].expand(b, v, 3, 3)
+        render = self.render_from(images, feats, K, c2w, num_context)
+        out = {"render": render, "c2w": c2w, "K": K, "focal": focal, "camera_tokens": camera_tokens, "features": feats}
+        if self.depth is not None:
+            out["depth"] = self.depth(camera_patches, h, w)
+        return out
+
+    def render_from(self, images: Tensor, feats: Tensor, K: Tensor, c2w: Tensor, num_context: int) -> Tensor:
+        """Render set B from set A's views and encoder tokens ``feats [B, V, N, De]`` with the cameras ``K``,
+        ``c2w`` (``[B, V, ...]``, the predicted ones in training; others for the camera-dependence check)."""
+        h, w = images.shape[-2:]
+        grid = (h // self.patch_size, w // self.patch_size)
+        with torch.autocast(device_type=images.device.type, enabled=False):
             rays = patchify(plucker_map(K, c2w, h, w), self.patch_size)  # [B, V, N, 6 p²]
-        pos = sincos_positions(enc.grid, self.dim, images.device, torch.float32) if self.ray_positions else None
+        pos = sincos_positions(grid, self.dim, images.device, torch.float32) if self.ray_positions else None
         scene = self.reconstructor(feats[:, :num_context], rays[:, :num_context], pos, self.render_context_tokens)
         base = None
         if self.blend is not None:
             base = self.blend(images[:, :num_context], c2w[:, :num_context], c2w[:, num_context:])
-        render = self.renderer(rays[:, num_context:], scene, h, w, pos, base)
-        return {"render": render, "c2w": c2w, "K": K, "focal": focal}
+        return self.renderer(rays[:, num_context:], scene, h, w, pos, base)
 
     def photometric_loss(self, render: Tensor, target: Tensor) -> dict[str, Tensor]:
         """MSE (plus the weighted perceptual term when on) between renders and targets ``[B, Vb, 3, H, W]``."""
@@ -254,6 +284,13 @@ class MaskedViewPrediction(PretrainObjective):
         pred = self(images, num_context, encoder)
         target = images[:, num_context:]
         out: dict[str, Any] = self.photometric_loss(pred["render"], target)
+        if "depth" in pred:
+            reprojection = min_reprojection_loss(
+                images, pred["depth"], pred["K"], pred["c2w"], auto_mask=self.reprojection_auto_mask
+            )
+            out["reprojection"] = reprojection["loss"]
+            out["reprojection_used"] = reprojection["used"]
+            out["loss"] = out["loss"] + self.reprojection_weight * reprojection["loss"]
         with torch.no_grad():
             out["psnr"] = psnr(pred["render"].detach(), target).mean()
             out["fov_deg"] = torch.rad2deg(fov_from_focal(pred["focal"].detach(), 1.0)).mean()
@@ -278,7 +315,11 @@ class MaskedViewPrediction(PretrainObjective):
         context_mean = context_mean_baseline(context, vb)
         out["psnr_context_mean"] = psnr(context_mean, target).mean()
         out["ssim_context_mean"] = ssim(context_mean, target).mean()
-        out.update(context=context, target=target, render=render)
+        out.update(context=context, target=target, render=render, camera_tokens=pred["camera_tokens"].detach())
+        # does the render depend on the cameras? the same model with every camera at the canonical pose
+        still_c2w = torch.eye(4, device=images.device).expand_as(pred["c2w"])
+        still = self.render_from(images, pred["features"], pred["K"], still_c2w, num_context).float()
+        out["psnr_still_cameras"] = psnr(still, target).mean()
         gt_c2w = batch.get("c2w")
         if gt_c2w is not None:
             gt_c2w = gt_c2w.float()
@@ -287,6 +328,9 @@ class MaskedViewPrediction(PretrainObjective):
             out["ssim_nearest"] = ssim(nearest, target).mean()
             metrics, aligned = camera_metrics(pred["c2w"], gt_c2w)
             out.update(metrics)
+            # the rotation error of cameras that never turn (all identity): what rot_err must beat
+            still = torch.eye(4, device=gt_c2w.device).expand_as(gt_c2w)
+            out["rot_err_identity"] = relative_rotation_error(still, gt_c2w).mean()
             out.update(pred_c2w=aligned, gt_c2w=gt_c2w)
         gt_K = batch.get("K")
         if gt_K is not None:
