@@ -1,4 +1,4 @@
-# selfsup3d: every target sets itself up; a fresh machine needs only python3 (>= 3.10) and make.
+# selfsup3d: every target sets itself up; a fresh machine needs only python3 (>= 3.11) and make.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin

@@ -67,3 +67,75 @@ def test_plug_in_example_learns_visibly(tmp_path, monkeypatch):
     loss = [e.value for e in events.Scalars("train/loss")[-3:]]
     guess = [e.value for e in events.Scalars("train/mse_of_the_batch_mean")[-3:]]
     assert sum(loss) < 0.6 * sum(guess), (loss, guess)
+
+
+# ---------------------------------------------------------------- the README's claims and commands, checked
+ROOT = README.parent
+
+
+def _bash_lines() -> list[str]:
+    """Every command line of the README's bash blocks (comments and blank lines dropped, continuations joined)."""
+    lines: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def test_readme_python_version_matches_the_package_and_the_makefile():
+    import tomllib
+
+    (readme,) = set(re.findall(r"Python ≥ (3\.\d+)", README.read_text()))
+    required = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert required == f">={readme}"
+    assert f"python3 (>= {readme})" in (ROOT / "Makefile").read_text()
+
+
+def test_readme_links_configs_and_logdirs_exist():
+    text = README.read_text()
+    links = re.findall(r"\]\(((?:docs|configs|bench)/[^)#]+)\)", text)
+    assert links and all((ROOT / link).exists() for link in links), [x for x in links if not (ROOT / x).exists()]
+    configs = set(re.findall(r"configs/(?:demo/)?\w+\.yaml", text))
+    assert configs and all((ROOT / c).is_file() for c in configs), configs
+    roots = {yaml.safe_load((ROOT / c).read_text())["trainer"].get("default_root_dir") for c in configs}
+    for logdir in re.findall(r"tensorboard --logdir (\S+?)[`)]", text):
+        assert any(r and (r == logdir or r.startswith(logdir.rstrip("/") + "/")) for r in roots), (logdir, roots)
+
+
+def test_readme_timm_line_is_the_one_the_plain_timm_test_runs():
+    from test_cli import README_TIMM
+
+    assert README_TIMM in "\n".join(line.removeprefix("  ") for line in README.read_text().splitlines()) + "\n"
+
+
+def test_readme_demo_output_is_what_validation_prints():
+    text = README.read_text()
+    block = text[text.index("<!-- demo-output -->") : text.index("<!-- /demo-output -->")]
+    header = re.search(r"```\n(.*?)\n", block).group(1)
+    assert header in (ROOT / "callbacks" / "masked_view.py").read_text()
+
+
+def test_readme_gpu_and_network_needs_are_said_where_the_paper_configs_are_run():
+    text = README.read_text()
+    section = text[text.index("## Using it") :]
+    first = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    assert "GPU" in first and "weights" in first
+    for cfg in ("masked_view", "triplane", "consensus", "multitask"):
+        assert "pretrained: true" in (ROOT / "configs" / f"{cfg}.yaml").read_text()
+
+
+def test_readme_commands_parse(capsys):
+    """Every `selfsup3d ...` verb the README runs exists, and every config it fits parses completely."""
+    verbs = {"fit", "validate", "test", "predict", "data", "export", "probe", "retrieve"}
+    commands = [line for line in _bash_lines() if line.split()[0] in ("selfsup3d", "lightning")]
+    assert commands
+    for line in commands:
+        assert line.split()[1] in verbs, line
+    configs = sorted({m for line in commands for m in re.findall(r"fit --config (configs/\S+\.yaml)", line)})
+    assert len(configs) >= 4
+    for cfg in configs:
+        with pytest.raises(SystemExit) as exit_:
+            main(["fit", "--config", str(ROOT / cfg), "--print_config"])
+        assert exit_.value.code == 0, (cfg, capsys.readouterr().err[-2000:])
