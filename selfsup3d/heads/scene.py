@@ -58,6 +58,11 @@ class SceneGrid:
     scores: Tensor | None = None
     descriptors: Tensor | None = None
 
+    def pooled_features(self) -> Tensor:
+        """``[B, C]``: the feature grid averaged over the occupied voxels (a global descriptor of the scene)."""
+        occ = self.occupancy
+        return (self.features * occ).sum((2, 3, 4)) / occ.sum((2, 3, 4)).clamp(min=1)
+
 
 class SceneBranch(nn.Module):
     """J3D + H3D + rendering (see the module docstring).

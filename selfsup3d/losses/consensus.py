@@ -318,3 +318,13 @@ def keypoint_reliability_loss(score_logits: Tensor, match_prob: Tensor, weight: 
     logits = torch.where(torch.isfinite(score_logits), score_logits, torch.zeros_like(score_logits))
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     return masked_mean(bce, None if weight is None else weight.to(bce.dtype))
+
+
+def linear_probe_loss(logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """Cross-entropy of a probe's ``logits [B, K]`` on the labelled samples (``labels >= 0``), and its accuracy;
+    a zero loss that keeps the probe in the graph when no sample is labelled."""
+    keep = labels >= 0
+    if not keep.any():
+        return {"probe3d_loss": logits.sum() * 0.0}
+    right = (logits[keep].argmax(-1) == labels[keep]).float().mean()
+    return {"probe3d_loss": F.cross_entropy(logits[keep], labels[keep]), "probe3d_acc": right}

@@ -66,6 +66,7 @@ from selfsup3d.losses.consensus import (
     keypoint_detection_loss,
     keypoint_heatmap,
     keypoint_reliability_loss,
+    linear_probe_loss,
 )
 from selfsup3d.objectives.base import PretrainObjective
 
@@ -93,9 +94,8 @@ class FeatureConsensus(PretrainObjective):
         lambda_depth: weight of the depth term.
         lambda_keypoints: weight of the key-point terms (detection + descriptors + reliability; 0: no heads).
         num_keypoints: 3D key points per scene (and 2D ones per image) in training.
-        summary_keypoints: key points per scene and per image in the sparse summaries of retrieval
-            (:meth:`scene_keypoints`, :meth:`image_keypoints`); ``null``: ``num_keypoints``. More cover more of
-            a scene (local maxima at most, after suppressing neighbours).
+        summary_keypoints: key points per scene and per image in the retrieval summaries (:meth:`scene_keypoints`,
+            :meth:`image_keypoints`; local maxima at most); ``null``: ``num_keypoints``.
         descriptor_dim: key-point descriptor channels.
         keypoint_temperature: temperature of the descriptors' InfoNCE.
         teacher: the fidelity term's frozen teacher: ``null`` (the encoder as built), ``ema``/``ema:DECAY`` (a
@@ -275,7 +275,7 @@ class FeatureConsensus(PretrainObjective):
         scene = self.build_scene(batch, f2d, K, c2w)
         target_depth, surface = pooled_depth(batch["depth"].float().flatten(0, 1), (h, w))
         mask = batch.get("mask")
-        known = surface  # where the dense terms apply: the foreground where masks are given
+        known = surface  # the dense terms: the foreground where masks are given; key points: every surface
         if isinstance(mask, Tensor):
             known = surface & (F.adaptive_avg_pool2d(mask.float().flatten(0, 1), (h, w)) >= 0.5)
         target_depth = scene.cube.depth_to_unit(target_depth.unflatten(0, (b, v))).flatten(0, 1)
@@ -309,7 +309,6 @@ class FeatureConsensus(PretrainObjective):
             out["fidelity"] = fidelity_loss(f2d, teacher_grid)
             loss = loss + self.lambda_fidelity * out["fidelity"]
         if self.keypoints2d is not None:
-            # key points are seen wherever the scene has a surface (the grid holds the background too)
             terms = self.keypoint_losses(scene, f2d, K, c2w, target_depth, surface, (h, w), (height, width))
             out.update(terms)
             loss = loss + self.lambda_keypoints * (
@@ -365,14 +364,7 @@ class FeatureConsensus(PretrainObjective):
     def probe_3d(self, scene: SceneGrid, labels: Tensor) -> dict[str, Tensor]:
         """The 3D backbone's online linear probe: class from the occupancy-pooled grid features (detached)."""
         assert self.grid_probe is not None
-        occ = scene.occupancy
-        pooled = (scene.features.detach() * occ).sum((2, 3, 4)) / occ.sum((2, 3, 4)).clamp(min=1)
-        logits = self.grid_probe(pooled)
-        keep = labels >= 0
-        if not keep.any():
-            return {"probe3d_loss": logits.sum() * 0.0}
-        loss = F.cross_entropy(logits[keep], labels[keep])
-        return {"probe3d_loss": loss, "probe3d_acc": (logits[keep].argmax(-1) == labels[keep]).float().mean()}
+        return linear_probe_loss(self.grid_probe(scene.pooled_features().detach()), labels)
 
     # ------------------------------------------------------------------ sparse summaries (retrieval)
     @torch.no_grad()
