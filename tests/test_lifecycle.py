@@ -23,11 +23,13 @@ def recipe() -> list[list[str]]:
 
 
 def test_the_fine_tune_recipe_runs_as_written(tmp_path, monkeypatch):
-    data = tmp_path / "data" / "embedded"
-    write_multiview_shards(data, num_scenes=4, num_views=8, size=64, num_shards=4)  # the demos name 4
-    write_multiview_shards(data, num_scenes=1, num_views=8, size=64, num_shards=1, split="val", seed=1)
+    # the triplane demo reads data/embedded (8 views), the masked-view demo data/orbit (windows of up to 16 views)
+    for name, views in (("embedded", 8), ("orbit", 16)):
+        data = tmp_path / "data" / name
+        write_multiview_shards(data, num_scenes=4, num_views=views, size=64, num_shards=4)  # the demos name 4
+        write_multiview_shards(data, num_scenes=1, num_views=views, size=64, num_shards=1, split="val", seed=1)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
-    monkeypatch.chdir(tmp_path)  # the recipe's relative paths: configs/, data/embedded/, runs/
+    monkeypatch.chdir(tmp_path)  # the recipe's relative paths: configs/, data/, runs/
     small = ["--trainer.max_steps", "2", "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
              "--data.init_args.batches_per_epoch", "2", "--data.init_args.val_batches", "1",
              "--trainer.enable_progress_bar", "false", "--trainer.max_time", "null",
