@@ -6,7 +6,6 @@ import random
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
 from selfsup3d.datamodules.base import (
     Collate,
@@ -35,19 +34,20 @@ def eval_view_order(num_available: int, num_views: int, num_context: int) -> lis
 CANONICAL_CHOICES = ("random", "middle")
 
 
-class TrainingStep:
-    """The trainer's global step, shared with DataLoader workers (a one-element shared-memory tensor), so that a
-    decoder in a worker can follow a schedule in steps. The datamodule writes it before every training batch
-    is transferred; workers read it (their prefetched batches lag by a few steps)."""
+class StreamClock:
+    """The training step a decoded sample will be trained at, from where it is in its stream (deterministic, so
+    a resumed or repeated run draws the same windows): a worker's ``i``-th sample of an epoch goes into its
+    ``i // batch_size``-th batch, which the loader gives as batch ``(i // batch_size) * workers + worker``
+    of the epoch (DataLoader takes the workers' batches in turn). The training stage sets the position
+    (:attr:`position`) before every decode."""
 
-    def __init__(self) -> None:
-        self.value = torch.zeros(1, dtype=torch.int64).share_memory_()
+    def __init__(self, batch_size: int, batches_per_epoch: int) -> None:
+        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
+        self.position = (0, 0, 0, 1)  # epoch, samples decoded in it by this worker, worker, workers
 
-    def set(self, step: int) -> None:
-        self.value[0] = int(step)
-
-    def get(self) -> int:
-        return int(self.value[0])
+    def step(self) -> int:
+        epoch, decoded, worker, workers = self.position
+        return epoch * self.batches_per_epoch + (decoded // self.batch_size) * workers + worker
 
 
 def window_width(start: int, end: int, steps: int, step: int) -> int:
@@ -117,7 +117,8 @@ class MultiViewDecoder:
         view_window: ``(start, end)`` widths of the window of consecutive views the views come from
             (:func:`window_view_order`); ``None``: any views of the scene.
         window_steps: steps over which the width grows from ``start`` to ``end`` (:func:`window_width`).
-        step: the shared training step the schedule reads (validation uses the final width).
+        clock: the training step of the sample being decoded (:class:`StreamClock`; validation uses the final
+            width).
         canonical: ``random`` or ``middle``: which context view comes first (the model's reference).
     """
 
@@ -131,12 +132,12 @@ class MultiViewDecoder:
         max_zoom: float = 1.0,
         view_window: tuple[int, int] | None = None,
         window_steps: int = 0,
-        step: TrainingStep | None = None,
+        clock: StreamClock | None = None,
         canonical: str = "random",
     ) -> None:
         self.num_views, self.num_context, self.out_hw = num_views, num_context, out_hw
         self.with_depth, self.with_masks, self.max_zoom = with_depth, with_masks, max_zoom
-        self.view_window, self.window_steps, self.step, self.canonical = view_window, window_steps, step, canonical
+        self.view_window, self.window_steps, self.clock, self.canonical = view_window, window_steps, clock, canonical
 
     def view_order(self, n: int, rng: random.Random | None) -> list[int]:
         """The scene's views (indices into its ``n`` views) in the sample's order, context first."""
@@ -144,7 +145,7 @@ class MultiViewDecoder:
             if rng is None:
                 width = self.view_window[1]
             else:
-                step = self.step.get() if self.step is not None else 0
+                step = self.clock.step() if self.clock is not None else 0
                 width = window_width(*self.view_window, self.window_steps, step)
             return window_view_order(n, self.num_views, self.num_context, width, rng, self.canonical)
         if rng is None:
@@ -278,7 +279,6 @@ class MultiViewShards(ShardDataModule):
         self.view_window = view_window
         self.window_steps = window_steps
         self.canonical_view = canonical_view
-        self.training_step = TrainingStep()
 
     def _check_summary(self, summary: ShardSummary, split: str) -> None:
         urls = self.key(f"{split}_urls")
@@ -326,16 +326,9 @@ class MultiViewShards(ShardDataModule):
             self.max_zoom if train else 1.0,
             self.view_window,
             self.window_steps,
-            self.training_step,
+            StreamClock(self.batch_size, self.batches_per_epoch) if train else None,
             self.canonical_view,
         )
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Tell the workers the trainer's step (the view window's schedule reads it)."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.training:
-            self.training_step.set(trainer.global_step)
-        return batch
 
     def window_width(self, step: int) -> int | None:
         """The view window's width at ``step`` (``None`` without a window)."""

@@ -315,10 +315,16 @@ class TrainStage:
         self.seed, self.rank, self.shuffle_buffer = seed, rank, shuffle_buffer
         self.epoch = epoch or StreamEpoch()
 
-    def _decoded(self, src: Iterable[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _decoded(self, src: Iterable[dict[str, Any]], rng: random.Random, epoch: int) -> Iterator[dict[str, Any]]:
         guard = _GuardedDecode("training")
+        clock = getattr(self.decoder, "clock", None)  # a decoder that follows a schedule in steps
+        worker, workers = _worker_id()
+        decoded = 0
         for raw in src:
+            if clock is not None:
+                clock.position = (epoch, decoded, worker, workers)
             items = _decode_or_skip(self.decoder, raw, rng, self.handler)
+            decoded += len(items or ())
             guard.update(bool(items), raw)
             yield from items or ()
 
@@ -328,7 +334,7 @@ class TrainStage:
         rngs = [random.Random(stream_seed("samples", self.seed, self.rank, worker, epoch, i)) for i in range(3)]
         if self.shuffle_buffer > 1:
             src = wds.shuffle(self.shuffle_buffer, initial=max(1, self.shuffle_buffer // 4), rng=rngs[0])(src)
-        stream = self._decoded(src, rngs[1])
+        stream = self._decoded(src, rngs[1], epoch)
         if self.shuffle_buffer > 1 and getattr(self.decoder, "expands", False):
             stream = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 64), rng=rngs[2])(stream)
         yield from stream

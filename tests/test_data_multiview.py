@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +11,13 @@ from shards import render_scenes, write_multiview_shards
 
 from selfsup3d.datamodules import MultiViewShards
 from selfsup3d.datamodules.format import ShardSink
-from selfsup3d.datamodules.multiview import eval_view_order, put_canonical_first, window_view_order, window_width
+from selfsup3d.datamodules.multiview import (
+    StreamClock,
+    eval_view_order,
+    put_canonical_first,
+    window_view_order,
+    window_width,
+)
 from selfsup3d.errors import ConfigError
 
 
@@ -238,33 +243,36 @@ def _view_indices(batch, scenes_by_key, num_views):
     return out
 
 
-def test_training_windows_widen_with_the_trainer_step(tmp_path):
+def test_training_windows_widen_with_the_step_the_batch_is_trained_at(tmp_path):
     scenes = render_scenes(num_scenes=2, num_views=10, size=16)
     with ShardSink(tmp_path, "train") as sink:
         for scene in scenes:
             sink.write(scene)
     by_key = {s.key: s for s in scenes}
     dm = MultiViewShards(sink.url, sink.url, batch_size=2, num_workers=0, image_size=16, num_views=3,
-                         num_context_views=2, view_window=[3, 9], window_steps=6, batches_per_epoch=20,
+                         num_context_views=2, view_window=[3, 9], window_steps=6, batches_per_epoch=12,
                          shuffle_buffer=0, seed=0)  # fmt: skip
     dm.setup("fit")
     assert [dm.window_width(s) for s in (0, 3, 6)] == [3, 6, 9]
-    for step, width in ((0, 3), (6, 9)):
-        dm.training_step.set(step)
-        spans = [max(v) - min(v) + 1 for b in dm.train_dataloader() for v in _view_indices(b, by_key, 10)]
-        assert max(spans) <= width and (width == 3 or max(spans) > 6), (step, spans)
+    epochs = [[[max(v) - min(v) + 1 for v in _view_indices(b, by_key, 10)] for b in dm.train_dataloader()]]
+    epochs.append([[max(v) - min(v) + 1 for v in _view_indices(b, by_key, 10)] for b in dm.train_dataloader()])
+    first = epochs[0]
+    assert all(max(spans) <= dm.window_width(step) for step, spans in enumerate(first)), first
+    assert max(first[0]) <= 3 and max(max(spans) for spans in first[6:]) > 6, first
+    assert max(max(spans) for spans in epochs[1]) > 6  # the second epoch's steps are past the schedule
     (val,) = list(dm.val_dataloader())
     assert _view_indices(val, by_key, 10)[0] == window_view_order(10, 3, 2, 9, None)
 
 
-def test_the_datamodule_tells_workers_the_trainer_step(tmp_path):
-    dm = MultiViewShards("x.tar", num_views=3, view_window=[3, 6], window_steps=10)
-    dm.trainer = SimpleNamespace(training=True, global_step=7)
-    dm.on_before_batch_transfer({}, 0)
-    assert dm.training_step.get() == 7
-    dm.trainer = SimpleNamespace(training=False, global_step=9)  # validation leaves it alone
-    dm.on_before_batch_transfer({}, 0)
-    assert dm.training_step.get() == 7
+def test_the_stream_clock_counts_batches_as_the_loader_gives_them():
+    """With W workers the loader takes their batches in turn, so worker w's i-th batch is batch i·W + w."""
+    clock = StreamClock(batch_size=4, batches_per_epoch=100)
+    clock.position = (0, 0, 0, 1)
+    assert clock.step() == 0
+    clock.position = (0, 9, 0, 1)  # the 10th sample: the third batch
+    assert clock.step() == 2
+    clock.position = (2, 9, 1, 3)  # epoch 2, worker 1 of 3, its third batch
+    assert clock.step() == 200 + 2 * 3 + 1
 
 
 @pytest.mark.parametrize(

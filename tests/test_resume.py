@@ -91,6 +91,9 @@ def test_n_plus_n_is_2n_for_the_multitask_demo_config_with_workers(tmp_path, sce
     cfg = demo_config(tmp_path, scene_urls)
     for source in cfg["data"]["init_args"]["sources"].values():
         source["init_args"].update(num_workers=1, batches_per_epoch=3)
+    # the view-overlap curriculum: windows of 3 -> 4 consecutive views over the run's steps
+    scenes = cfg["data"]["init_args"]["sources"]["scenes"]["init_args"]
+    scenes.update(num_views=3, num_context_views=2, view_window=[3, 4], window_steps=4)
     cfg["model"]["init_args"].update(grad_spike_factor=3.0, grad_spike_warmup=2, ema_decay=0.9)
     cfg["trainer"]["callbacks"] = []
     path = tmp_path / "config.yaml"

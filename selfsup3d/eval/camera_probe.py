@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup3d.eval.dense import Standardize
+from selfsup3d.eval.fitting import fit_head
 from selfsup3d.eval.pose import pair_indices
 from selfsup3d.eval.pose_probe import pose_errors, pose_loss, prior_pose, relative_pose_targets
 from selfsup3d.geometry.cameras import rotation_6d_to_matrix
@@ -113,7 +114,7 @@ def fit_camera_probe(
         train_c2w: ``[N, V, 4, 4]`` their true cameras (the probe's labels; never seen by the model).
         test_tokens: ``[M, V', D]`` camera tokens of held-out scenes.
         test_c2w: ``[M, V', 4, 4]`` their true cameras.
-        steps: AdamW steps (cosine-decayed learning rate).
+        steps: AdamW steps (:func:`~selfsup3d.eval.fitting.fit_head`: cosine-decayed learning rate).
         lr: peak learning rate.
         hidden: the MLP's hidden width.
         batch_pairs: pairs per step.
@@ -125,7 +126,6 @@ def fit_camera_probe(
         raise ValueError(f"test tokens {tuple(test_tokens.shape)} do not match the probe split's")
     # a validation loop may run under inference mode, which enable_grad alone does not lift
     with torch.inference_mode(False):
-        gen = torch.Generator().manual_seed(seed)
         a, b, rot, direction = (x.detach().float().cpu().clone() for x in token_pairs(train_tokens, train_c2w))
         ta, tb, trot, tdir = (x.detach().float().cpu().clone() for x in token_pairs(test_tokens, test_c2w))
         with torch.random.fork_rng(devices=[]):
@@ -133,16 +133,11 @@ def fit_camera_probe(
             head = CameraTokenHead(
                 Standardize.fit(train_tokens.detach().float().cpu().clone().flatten(0, 1)), a.shape[-1], hidden
             )
-        optimiser = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(steps, 1))
-        with torch.enable_grad():
-            for _ in range(steps):
-                idx = torch.randint(a.shape[0], (min(batch_pairs, a.shape[0]),), generator=gen)
-                loss = pose_loss(*head(a[idx], b[idx]), rot[idx], direction[idx])
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                schedule.step()
+
+        def loss_fn(model: CameraTokenHead, first: Tensor, second: Tensor, r: Tensor, d: Tensor) -> Tensor:
+            return pose_loss(*model(first, second), r, d)
+
+        fit_head(head, loss_fn, [a, b, rot, direction], steps, batch_pairs, lr=lr, seed=seed)
         with torch.no_grad():
             probe = probe_figures(*head(ta, tb), trot, tdir)
         prior_rot, prior_dir = prior_pose(rot, direction)
