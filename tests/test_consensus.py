@@ -19,9 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from toy import tiny_encoder_config
 
 from selfsup3d.cli import main
+from selfsup3d.cli.retrieve import retrieve
 from selfsup3d.datamodules import MultiViewShards
 from selfsup3d.errors import ConfigError
-from selfsup3d.eval.retrieve import retrieve
 from selfsup3d.heads.scene import SceneBranch, SceneGrid, pooled_depth
 from selfsup3d.losses.consensus import consensus_loss
 from selfsup3d.objectives import FeatureConsensus, MaskedViewPrediction, MultiTask

@@ -8,8 +8,8 @@ import types
 
 import pytest
 
+from selfsup3d.cli import data as commands
 from selfsup3d.cli import main
-from selfsup3d.datamodules import commands
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["render", "--help"], ["convert", "--help"],
