@@ -35,7 +35,7 @@ from typing import Any
 from selfsup3d.datamodules import MultiViewShards
 from selfsup3d.datamodules.multiview import MultiViewDecoder, _CollateMultiView
 from selfsup3d.datamodules.pipeline import expand_urls
-from selfsup3d.datamodules.render import RenderSettings, render_dataset
+from selfsup3d.datamodules.prepare.render import RenderSettings, render_dataset
 
 
 def plain_samples(paths: list[str]) -> Iterator[dict[str, Any]]:

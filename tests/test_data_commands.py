@@ -36,7 +36,7 @@ def test_unknown_and_missing_arguments_are_usage_errors(capsys):
 
 def test_pseudo_depth_is_dispatched_to_its_module(monkeypatch):
     seen = {}
-    fake = types.ModuleType("selfsup3d.datamodules.pseudo_depth")
+    fake = types.ModuleType("selfsup3d.datamodules.prepare.pseudo_depth")
     fake.__doc__ = "Fake pseudo depth."
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def test_pseudo_depth_is_dispatched_to_its_module(monkeypatch):
         return 3
 
     fake.add_arguments, fake.run = add_arguments, run
-    monkeypatch.setitem(sys.modules, "selfsup3d.datamodules.pseudo_depth", fake)
+    monkeypatch.setitem(sys.modules, "selfsup3d.datamodules.prepare.pseudo_depth", fake)
     assert main(["data", "pseudo-depth", "shards.tar", "--out", "o"]) == 3
     assert seen == {"src": "shards.tar", "out": "o"}
 
@@ -57,7 +57,7 @@ def test_pseudo_depth_missing_module_fails_clearly(monkeypatch, capsys):
     real = commands.importlib.import_module
 
     def import_module(name: str, *args, **kwargs):
-        if name == "selfsup3d.datamodules.pseudo_depth":
+        if name == "selfsup3d.datamodules.prepare.pseudo_depth":
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return real(name, *args, **kwargs)
 

@@ -37,7 +37,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser, shard_size: int, imag
 
 
 def _render(args: argparse.Namespace) -> int:
-    from selfsup3d.datamodules.render import RenderSettings, render_dataset
+    from selfsup3d.datamodules.prepare.render import RenderSettings, render_dataset
 
     settings = RenderSettings(
         num_views=args.views, size=args.size, seed=args.seed, trajectory=args.trajectory, arc_deg=args.arc
@@ -76,7 +76,7 @@ def _parse_background(text: str) -> tuple[int, int, int]:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from selfsup3d.datamodules import convert
+    from selfsup3d.datamodules.prepare import blender, colmap, images
 
     common = dict(
         split=args.split,
@@ -87,7 +87,7 @@ def _convert(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if args.source == "blender":
-        report = convert.convert_blender(
+        report = blender.convert_blender(
             args.src,
             args.out,
             scenes_per_shard=args.shard_size,
@@ -97,7 +97,7 @@ def _convert(args: argparse.Namespace) -> int:
             **common,
         )
     elif args.source == "colmap":
-        report = convert.convert_colmap(
+        report = colmap.convert_colmap(
             args.src,
             args.out,
             images=args.images,
@@ -108,7 +108,7 @@ def _convert(args: argparse.Namespace) -> int:
             **common,
         )
     else:
-        report = convert.convert_images(
+        report = images.convert_images(
             args.src,
             args.out,
             samples_per_shard=args.shard_size,
@@ -122,15 +122,15 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _pseudo_depth(argv: Sequence[str]) -> int:
-    """``pseudo-depth`` lives in ``selfsup3d.datamodules.pseudo_depth`` (``add_arguments``, ``run``)."""
+    """``pseudo-depth`` lives in ``selfsup3d.datamodules.prepare.pseudo_depth`` (``add_arguments``, ``run``)."""
     try:
-        module = importlib.import_module("selfsup3d.datamodules.pseudo_depth")
+        module = importlib.import_module("selfsup3d.datamodules.prepare.pseudo_depth")
     except ModuleNotFoundError as err:
-        if err.name != "selfsup3d.datamodules.pseudo_depth":
+        if err.name != "selfsup3d.datamodules.prepare.pseudo_depth":
             raise
         print(
             "selfsup3d data pseudo-depth: not available in this installation "
-            "(selfsup3d.datamodules.pseudo_depth is missing)",
+            "(selfsup3d.datamodules.prepare.pseudo_depth is missing)",
             file=sys.stderr,
         )
         return 2

@@ -388,7 +388,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m selfsup3d.datamodules.pseudo_depth``)."""
+    """Stand-alone entry point (``python -m selfsup3d.datamodules.prepare.pseudo_depth``)."""
     parser = argparse.ArgumentParser(prog="selfsup3d data pseudo-depth", description=__doc__.strip().split("\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
