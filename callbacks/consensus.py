@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from selfsup3d.callbacks.images import feature_pca, image_grid, tensorboard
-from selfsup3d.eval.scene_retrieval import RetrievalProtocol, SetSimilarity
+from selfsup3d.metrics.keypoint_retrieval import RetrievalProtocol, SetSimilarity
 from selfsup3d.objectives.base import PretrainObjective, component_outputs
 from selfsup3d.objectives.consensus import FeatureConsensus
 from selfsup3d.objectives.multitask import MultiTask
@@ -108,11 +108,12 @@ class ConsensusPictures(Callback):
 
 class SceneRetrieval(Callback):
     """2D->3D scene retrieval and duplicate detection on the validation scenes of each rank (see the module
-    docstring and :class:`~selfsup3d.eval.scene_retrieval.RetrievalProtocol`; ``selfsup3d retrieve`` computes the
+    docstring and :class:`~selfsup3d.metrics.keypoint_retrieval.RetrievalProtocol`; ``selfsup3d retrieve`` computes the
     same over a whole held-out set).
 
     Args:
-        mode: how a key-point set is compared with another (:func:`~selfsup3d.eval.scene_retrieval.set_similarity`).
+        mode: how a key-point set is compared with another
+            (:func:`~selfsup3d.metrics.keypoint_retrieval.set_similarity`).
     """
 
     def __init__(self, mode: SetSimilarity = "best_match") -> None:

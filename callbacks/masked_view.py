@@ -34,7 +34,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from selfsup3d.callbacks.images import image_grid, tensorboard  # noqa: E402
-from selfsup3d.eval.nvs import nearest_view_baseline  # noqa: E402
+from selfsup3d.metrics.nvs import nearest_view_baseline  # noqa: E402
 from selfsup3d.objectives.base import PretrainObjective, component_outputs  # noqa: E402
 from selfsup3d.objectives.masked_view import MaskedViewPrediction  # noqa: E402
 

@@ -6,7 +6,7 @@
         --data 'data/embedded/val-*.tar' [--views 8] [--out retrieval.json]
 
 Every held-out scene (all of ``--data``, read once in order) is summarised as in
-:class:`~selfsup3d.eval.scene_retrieval.RetrievalProtocol`: view 0's 2D key points are the query, the 3D key
+:class:`~selfsup3d.metrics.keypoint_retrieval.RetrievalProtocol`: view 0's 2D key points are the query, the 3D key
 points of its other views the scene's entry in the database; two disjoint halves of those views give the
 duplicate pairs. Printed: top-1 and top-5 retrieval over all scenes beside chance (1 / scenes), and the ROC
 AUC of duplicate detection (0.5 is chance). The checkpoint is a ``FeatureConsensus`` run or a multi-task run
@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from selfsup3d.datamodules import MultiViewShards
-from selfsup3d.eval.scene_retrieval import RetrievalProtocol, SetSimilarity
+from selfsup3d.metrics.keypoint_retrieval import RetrievalProtocol, SetSimilarity
 from selfsup3d.objectives import FeatureConsensus
 from selfsup3d.objectives.base import load_objective
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "--mode",
         choices=list(get_args(SetSimilarity)),
         default="best_match",
-        help="how key-point sets compare (selfsup3d.eval.scene_retrieval.set_similarity; default %(default)s)",
+        help="how key-point sets compare (selfsup3d.metrics.keypoint_retrieval.set_similarity; default %(default)s)",
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args(argv)

@@ -28,9 +28,9 @@ from torch import Tensor, nn
 
 from selfsup3d.eval.dense import Standardize
 from selfsup3d.eval.fitting import fit_head
-from selfsup3d.eval.pose import pair_indices
 from selfsup3d.eval.pose_probe import pose_errors, pose_loss, prior_pose, relative_pose_targets
 from selfsup3d.geometry.cameras import rotation_6d_to_matrix
+from selfsup3d.metrics.pose import pair_indices
 
 ROT_THRESHOLD_DEG = 10.0
 TRANS_THRESHOLD = 0.3

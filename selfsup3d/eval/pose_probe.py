@@ -9,7 +9,7 @@ its unit translation (the direction from camera ``i`` to camera ``j``, scale-fre
 * rotation error: the angle of ``R̂^T R`` in degrees;
 * translation-direction error: the angle between the predicted and true directions in degrees;
 * AUC@τ: the mean over ``k = 1..τ`` degrees of the fraction of pairs with an error below ``k`` (the
-  histogram definition of :func:`selfsup3d.eval.pose.pose_auc`), for rotation alone, translation alone
+  histogram definition of :func:`selfsup3d.metrics.pose.pose_auc`), for rotation alone, translation alone
   and their maximum (the figure pose papers report).
 
 The head sees both maps on one common ``g × g`` grid (:func:`~selfsup3d.eval.features.resample_grid`),

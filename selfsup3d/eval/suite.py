@@ -56,8 +56,8 @@ from selfsup3d.eval.features import (
 from selfsup3d.eval.fitting import fit_head
 from selfsup3d.eval.pose_probe import PoseAUC, PoseHead, pose_errors, pose_loss, prior_pose, relative_pose_targets
 from selfsup3d.eval.probes import knn_predict
-from selfsup3d.eval.retrieval import retrieval_chance, retrieval_hits
 from selfsup3d.eval.scenes import SceneSet
+from selfsup3d.metrics.view_retrieval import retrieval_chance, retrieval_hits
 
 PROBES: tuple[str, ...] = ("correspondence", "depth", "normals", "pose", "classification", "retrieval")
 """Every probe; :class:`ProbeSettings` ``probes`` picks a subset."""

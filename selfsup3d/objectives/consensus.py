@@ -45,11 +45,11 @@ from selfsup3d.datamodules.views import select_views
 from selfsup3d.encoders.base import Encoder, EncoderOutput
 from selfsup3d.encoders.teacher import FrozenTeacher, build_teacher
 from selfsup3d.errors import ConfigError
-from selfsup3d.eval.scene_retrieval import KeypointSet
 from selfsup3d.geometry.cameras import intrinsics_from_focal, scale_intrinsics
 from selfsup3d.geometry.points import sample_pixels, scale_to_common_centre
 from selfsup3d.heads.keypoints import (
     KeypointHead2D,
+    KeypointSet,
     project_keypoints,
     sample_descriptors_2d,
     select_keypoints_2d,

@@ -44,8 +44,6 @@ from torch import Tensor, nn
 from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.encoders.base import Encoder
 from selfsup3d.errors import ConfigError
-from selfsup3d.eval.nvs import context_mean_baseline, mean_colour_baseline, nearest_view_baseline, psnr, ssim
-from selfsup3d.eval.pose import camera_metrics, relative_rotation_error
 from selfsup3d.geometry.cameras import fov_from_focal, intrinsics_from_focal
 from selfsup3d.geometry.rays import patchify, plucker_map
 from selfsup3d.heads.camera import CameraEstimator, DepthHead
@@ -53,6 +51,8 @@ from selfsup3d.heads.lvsm import ContextBlend, Renderer, SceneReconstructor
 from selfsup3d.layers.positions import sincos_positions
 from selfsup3d.losses.perceptual import PerceptualLoss
 from selfsup3d.losses.reprojection import min_reprojection_loss
+from selfsup3d.metrics.nvs import context_mean_baseline, mean_colour_baseline, nearest_view_baseline, psnr, ssim
+from selfsup3d.metrics.pose import camera_metrics, relative_rotation_error
 from selfsup3d.objectives.base import PretrainObjective
 
 
@@ -65,8 +65,8 @@ class MaskedViewPrediction(PretrainObjective):
     the patch divides work, at training and at inference.
 
     Validation logs PSNR/SSIM of the renders beside the mean-colour, context-mean and nearest-view baselines
-    (:mod:`selfsup3d.eval.nvs`), and, when the batch has true cameras, pose errors after similarity alignment
-    (``rot_err``, ``trans_err`` in degrees, ``auc5/15/30``, ``centre_err``; :mod:`selfsup3d.eval.pose`) beside
+    (:mod:`selfsup3d.metrics.nvs`), and, when the batch has true cameras, pose errors after similarity alignment
+    (``rot_err``, ``trans_err`` in degrees, ``auc5/15/30``, ``centre_err``; :mod:`selfsup3d.metrics.pose`) beside
     ``rot_err_identity`` (the rotation error of cameras that all keep the canonical view's orientation: the
     true views' mean relative angle) and the focal-length error; and ``psnr_still_cameras``, the PSNR of the
     same model rendering with every camera at the canonical pose: how much of the render rests on the
