@@ -28,7 +28,7 @@ import selfsup3d.datamodules  # noqa: F401
 import selfsup3d.objectives  # noqa: F401
 from selfsup3d.callbacks import EncoderExport, LearningRates, StepBoundaryRequeue
 from selfsup3d.callbacks.progress import default_progress_bar
-from selfsup3d.checkpointing import check_checkpoint, install_atomic_io
+from selfsup3d.checkpoint_io import check_checkpoint, install_atomic_io
 from selfsup3d.cli.overrides import route_callback_arguments
 from selfsup3d.cli.usage import ConciseArgumentParser
 from selfsup3d.datamodules import SkippedSamplesLogger

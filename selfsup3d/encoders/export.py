@@ -35,8 +35,8 @@ from selfsup3d.encoders.architecture import (
     TIMM_NAME_KEY,
     vit_architecture,
 )
-from selfsup3d.encoders.checkpoint import encoder_tensors, load_encoder_weights
 from selfsup3d.encoders.vit import ViTEncoder
+from selfsup3d.encoders.weights import encoder_tensors, load_encoder_weights
 from selfsup3d.errors import CheckpointMismatchError
 
 METADATA_KEY = CONFIG_KEY

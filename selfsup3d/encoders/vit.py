@@ -8,7 +8,7 @@ returns an :class:`EncoderOutput` with what the objectives need: the class token
 Sizes: ``tiny`` (ours, for tests and CPU demos), ``small``, ``base``, ``large`` or any timm ViT name.
 Weights: ``pretrained`` (timm's default weights for the name, or a Hugging Face hub id holding timm
 weights) when the network allows, or ``checkpoint_path`` (a local file, see
-:mod:`selfsup3d.encoders.checkpoint`) which works offline.
+:mod:`selfsup3d.encoders.weights`) which works offline.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from selfsup3d.encoders.architecture import vit_architecture
 from selfsup3d.encoders.base import Encoder, EncoderOutput
-from selfsup3d.encoders.checkpoint import load_encoder_weights
+from selfsup3d.encoders.weights import load_encoder_weights
 from selfsup3d.errors import ConfigError, WeightsUnavailableError
 from selfsup3d.hub import fetch_pretrained
 

@@ -42,6 +42,14 @@ from selfsup3d.eval.dense import (
     normal_loss,
     normals_from_depth,
 )
+from selfsup3d.eval.feature_pose_probe import (
+    PoseAUC,
+    PoseHead,
+    pose_errors,
+    pose_loss,
+    prior_pose,
+    relative_pose_targets,
+)
 from selfsup3d.eval.features import (
     ConstantFeatures,
     Features,
@@ -54,7 +62,6 @@ from selfsup3d.eval.features import (
     sample_at,
 )
 from selfsup3d.eval.fitting import fit_head
-from selfsup3d.eval.pose_probe import PoseAUC, PoseHead, pose_errors, pose_loss, prior_pose, relative_pose_targets
 from selfsup3d.eval.probes import knn_predict
 from selfsup3d.eval.scenes import SceneSet
 from selfsup3d.metrics.view_retrieval import retrieval_chance, retrieval_hits

@@ -110,7 +110,7 @@ class CameraEstimator(nn.Module):
     def tokens(self, feats: Tensor, grid: tuple[int, int]) -> Tensor:
         """The camera tokens ``[B, V, dim]`` (after the transformer) of ``[B, V, N, in_dim]`` encoder tokens: what
         the pose and focal heads read, and what RayZer's pose probe reads
-        (:mod:`selfsup3d.eval.camera_probe`)."""
+        (:mod:`selfsup3d.eval.camera_token_probe`)."""
         return self.encode(feats, grid)[0]
 
     def encode(self, feats: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:

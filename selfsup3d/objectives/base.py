@@ -310,7 +310,7 @@ class PretrainObjective(LightningModule):
 
     # ------------------------------------------------------------------ encoder
     def load_encoder(self, source: str) -> None:
-        """Load encoder weights strictly from ``source`` (see :mod:`selfsup3d.encoders.checkpoint`)."""
+        """Load encoder weights strictly from ``source`` (see :mod:`selfsup3d.encoders.weights`)."""
         self.encoder.load_weights(source)
         rank_zero_info(f"encoder initialised from {source}")
 

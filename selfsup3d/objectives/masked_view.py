@@ -28,9 +28,9 @@ and across views (as VGGT does), so any number of views and any A/B split work a
 
 Small, short runs (the CPU demo) need more help than RayZer's recipe gives; three options, off by default,
 provide it: ``blend_context`` (the renderer refines a blend of the context views weighted by predicted-camera
-distance, :class:`~selfsup3d.heads.lvsm.ContextBlend`), ``render_context_tokens`` (the renderer also attends
+distance, :class:`~selfsup3d.heads.latent_renderer.ContextBlend`), ``render_context_tokens`` (the renderer also attends
 to set A's tokens, as LVSM's decoder-only model does) and ``ray_positions`` (2D patch positions on the ray
-tokens). The heads live in :mod:`selfsup3d.heads.camera` and :mod:`selfsup3d.heads.lvsm`.
+tokens). The heads live in :mod:`selfsup3d.heads.camera` and :mod:`selfsup3d.heads.latent_renderer`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from selfsup3d.errors import ConfigError
 from selfsup3d.geometry.cameras import fov_from_focal, intrinsics_from_focal
 from selfsup3d.geometry.rays import patchify, plucker_map
 from selfsup3d.heads.camera import CameraEstimator, DepthHead
-from selfsup3d.heads.lvsm import ContextBlend, Renderer, SceneReconstructor
+from selfsup3d.heads.latent_renderer import ContextBlend, Renderer, SceneReconstructor
 from selfsup3d.layers.positions import sincos_positions
 from selfsup3d.losses.perceptual import PerceptualLoss
 from selfsup3d.losses.reprojection import min_reprojection_loss

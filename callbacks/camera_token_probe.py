@@ -5,7 +5,7 @@ The probe's labels are the probe split's true cameras; the model never sees them
 the validation pass, under ``no_grad``, and trains only its own head). Logs ``val/probe_r10``,
 ``val/probe_t03``, ``val/probe_rot_err``, ``val/probe_trans_err`` and the same with ``_chance`` (the best
 constant answer), under ``val/<name>/`` for a masked-view component of a multi-task run; see
-:mod:`selfsup3d.eval.camera_probe` for the protocol.
+:mod:`selfsup3d.eval.camera_token_probe` for the protocol.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
 from selfsup3d.datamodules.multiview import MultiViewShards
-from selfsup3d.eval.camera_probe import fit_camera_probe
+from selfsup3d.eval.camera_token_probe import fit_camera_probe
 from selfsup3d.objectives.base import PretrainObjective, component_outputs
 from selfsup3d.objectives.masked_view import MaskedViewPrediction
 
