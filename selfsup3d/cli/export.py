@@ -19,11 +19,12 @@ from torch import Tensor
 from selfsup3d.encoders.architecture import TIMM_NAME_KEY
 from selfsup3d.encoders.export import (
     export_checkpoint,
-    export_teacher,
+    export_encoder,
     read_export_config,
     read_metadata,
     timm_create_model_line,
 )
+from selfsup3d.objectives.base import load_objective
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     if TIMM_NAME_KEY in read_metadata(path):
         print(f"load it in plain timm:\n  import timm\n  model = {timm_create_model_line(path)}")
     return 0
+
+
+def export_teacher(ckpt: str | Path, out: str | Path) -> Path:
+    """Export the frozen teacher of a selfsup3d checkpoint (see :func:`~selfsup3d.encoders.export.export_encoder`)."""
+    teacher = load_objective(ckpt).frozen_teacher()
+    if teacher is None:
+        raise ValueError(f"{ckpt} has no frozen teacher")
+    return export_encoder(teacher.encoder, out)
 
 
 def _tensors(path: Path) -> list[Tensor]:

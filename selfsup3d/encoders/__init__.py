@@ -2,7 +2,8 @@
 
 from selfsup3d.encoders.base import Encoder, EncoderOutput
 from selfsup3d.encoders.teacher import FrozenTeacher, build_teacher, make_teacher
-from selfsup3d.encoders.vit import SIZES, ViTEncoder, create_vit
+from selfsup3d.encoders.timm_factory import SIZES, create_vit
+from selfsup3d.encoders.vit import ViTEncoder
 from selfsup3d.encoders.weights import load_encoder_weights, read_encoder_state_dict
 
 __all__ = [

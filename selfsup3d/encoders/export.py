@@ -35,6 +35,7 @@ from selfsup3d.encoders.architecture import (
     TIMM_NAME_KEY,
     vit_architecture,
 )
+from selfsup3d.encoders.base import Encoder
 from selfsup3d.encoders.vit import ViTEncoder
 from selfsup3d.encoders.weights import encoder_tensors, load_encoder_weights
 from selfsup3d.errors import CheckpointMismatchError
@@ -147,15 +148,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     return save_encoder(sd, config, out)
 
 
-def export_teacher(ckpt: str | Path, out: str | Path) -> Path:
-    """Export the frozen teacher of a selfsup3d checkpoint (the reference its student is measured against):
-    saved in the checkpoint when it could not be rebuilt (a copy of a randomly initialised encoder), rebuilt
-    from its source otherwise."""
-    from selfsup3d.objectives.base import load_objective
-
-    teacher = load_objective(ckpt).frozen_teacher()
-    if teacher is None:
-        raise ValueError(f"{ckpt} has no frozen teacher")
-    encoder = teacher.encoder
+def export_encoder(encoder: Encoder, out: str | Path) -> Path:
+    """Write a built encoder (e.g. a checkpoint's frozen teacher, the reference its student is measured against:
+    saved in the checkpoint when it could not be rebuilt, rebuilt from its source otherwise) with a config that
+    rebuilds it from the file alone."""
     config = {**encoder.config, "checkpoint_path": None, "pretrained": False}
     return save_encoder(encoder.export_state_dict(), config, out, **timm_metadata(encoder))

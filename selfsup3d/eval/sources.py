@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from selfsup3d.encoders.export import load_exported_encoder, read_export_config
-from selfsup3d.encoders.vit import SIZES, ViTEncoder
+from selfsup3d.encoders.timm_factory import SIZES
+from selfsup3d.encoders.vit import ViTEncoder
 from selfsup3d.errors import ConfigError
 from selfsup3d.eval.features import (
     ColourFeatures,
