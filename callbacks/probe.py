@@ -56,6 +56,7 @@ from selfsup3d.eval.dense import (
 )
 from selfsup3d.eval.features import Features, Views, encoder_features, pixel_uv, sample_at
 from selfsup3d.eval.probes import FeatureBank, LinearProbe, knn_predict
+from selfsup3d.eval.report import bar_chart
 from selfsup3d.eval.suite import named_metrics
 from selfsup3d.objectives.base import PretrainObjective
 
@@ -455,8 +456,6 @@ class ProbeCallback(Callback):
 
     def figure(self, metrics: Mapping[str, float]) -> Any:
         """Bar chart of the encoder beside the reference for the headline metrics (one panel per metric)."""
-        from selfsup3d.eval.report import bar_chart
-
         rows: dict[str, dict[str, float]] = {}
         for name, value in metrics.items():
             if "/rot" in name:

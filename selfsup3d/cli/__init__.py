@@ -18,7 +18,6 @@ One module per verb holds its argument parser (:mod:`selfsup3d.cli.data`, :mod:`
 
 from __future__ import annotations
 
-import importlib
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -26,20 +25,17 @@ from collections.abc import Callable, Sequence
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from selfsup3d.cli import data, export, probe, retrieve
 from selfsup3d.cli.lightning_cli import DESCRIPTION as CLI_DESCRIPTION
 from selfsup3d.cli.lightning_cli import SelfSup3DCLI, prog
 
-# verb -> "module:function(argv) -> int | None"; imported only when used.
-TOOL_VERBS: dict[str, tuple[str, str]] = {
-    "data": ("selfsup3d.cli.data:main", "build WebDataset shards: render, convert, pseudo-depth"),
-    "export": ("selfsup3d.cli.export:main", "write the encoder of a checkpoint as timm weights"),
-    "probe": ("selfsup3d.cli.probe:main", "compare how 3D-aware encoders are (correspondence, depth, pose, ...)"),
-    "retrieve": (
-        "selfsup3d.cli.retrieve:main",
-        "2D->3D scene retrieval and duplicate detection with a consensus model",
-    ),
+TOOL_VERBS: dict[str, tuple[Callable[[list[str]], int | None], str]] = {
+    "data": (data.main, "build WebDataset shards: render, convert, pseudo-depth"),
+    "export": (export.main, "write the encoder of a checkpoint as timm weights"),
+    "probe": (probe.main, "compare how 3D-aware encoders are (correspondence, depth, pose, ...)"),
+    "retrieve": (retrieve.main, "2D->3D scene retrieval and duplicate detection with a consensus model"),
 }
-
+"""verb -> (its ``main(argv) -> exit status``, what it does)."""
 
 DESCRIPTION = (
     CLI_DESCRIPTION
@@ -48,16 +44,11 @@ DESCRIPTION = (
 )
 
 
-def _load_verb(target: str) -> Callable[[list[str]], int | None]:
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
-
-
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of the ``selfsup3d`` and ``lightning`` scripts."""
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in TOOL_VERBS:
-        return int(_load_verb(TOOL_VERBS[argv[0]][0])(argv[1:]) or 0)
+        return int(TOOL_VERBS[argv[0]][0](argv[1:]) or 0)
     # TF32 matmuls on Ampere+; no effect on the CPU.
     torch.set_float32_matmul_precision("high")
     try:
