@@ -9,7 +9,7 @@ from lightning.pytorch import Callback, Trainer
 from toy import RandomImages, RotationPrediction
 
 from selfsup3d.errors import CheckpointMismatchError, ConfigError
-from selfsup3d.objectives.base import warmup_cosine
+from selfsup3d.objectives.run.optimizer import warmup_cosine
 
 
 def _names(model, group):

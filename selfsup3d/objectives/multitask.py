@@ -109,7 +109,7 @@ class MultiTask(PretrainObjective):
                 raise ConfigError(f"{self.key('objectives')}.{name} must be a PretrainObjective, got {type(component)}")
             if component.encoder is not encoder:
                 raise ConfigError(f"{self.key('objectives')}.{name} was built with another encoder than the shared one")
-            if component.ema_decay is not None:  # its average would never move: only this module steps
+            if component.recipe.ema_decay is not None:  # its average would never move: only this module steps
                 raise ConfigError(
                     f"{self.key('objectives')}.{name}.init_args.ema_decay: the encoder is shared, so is its moving "
                     f"average: set {self.key('ema_decay')} instead"
