@@ -52,7 +52,7 @@ from selfsup3d.objectives.run.guards import StepGuardsMixin, detach_outputs
 from selfsup3d.objectives.run.hparams import save_plain_hyperparameters
 from selfsup3d.objectives.run.moving_average import MovingAverageMixin
 from selfsup3d.objectives.run.optimizer import OptimizerMixin
-from selfsup3d.objectives.run.recipe import Recipe
+from selfsup3d.objectives.run.recipe import Recipe, component_of, refuse_recipe_arguments
 from selfsup3d.objectives.run.resume import ResumeMixin
 
 InputKind = Literal["multi_view", "single_view", "any"]
@@ -118,13 +118,21 @@ class PretrainObjective(ResumeMixin, StepGuardsMixin, MovingAverageMixin, Optimi
             )
         if lr <= 0:
             raise ConfigError(f"{self.key('lr')} must be > 0, got {lr}")
-        recipe = Recipe(tuple(betas), warmup_steps, min_lr_ratio, layer_decay, encoder_lr_scale, grad_spike_factor,
-                        grad_spike_warmup, compile, max_nonfinite_steps, ema_decay)  # fmt: skip
-        recipe.check(self.key)
         self.encoder = encoder
         self._encoder_key_prefix = encoder.key_prefix
         self.lr = lr
         self.weight_decay = weight_decay
+        self.data_spec: DataSpec | None = None
+        recipe = Recipe(tuple(betas), warmup_steps, min_lr_ratio, layer_decay, encoder_lr_scale, grad_spike_factor,
+                        grad_spike_warmup, compile, max_nonfinite_steps, ema_decay)  # fmt: skip
+        run_prefix = component_of()
+        if run_prefix is not None:  # a component of a multi-task run, whose recipe and state are the run's
+            given = {**vars(recipe), "init_encoder_from": init_encoder_from}
+            refuse_recipe_arguments(type(self), given, self.key, run_prefix)
+            self.recipe = None
+            save_plain_hyperparameters(self)
+            return
+        recipe.check(self.key)
         self.recipe = recipe
         self._compiled = False
         # running mean of the gradient norm and the number of skipped steps survive resume
@@ -133,7 +141,6 @@ class PretrainObjective(ResumeMixin, StepGuardsMixin, MovingAverageMixin, Optimi
         # what a resumed run needs besides the weights (see selfsup3d.objectives.run.resume)
         self.run_state = {"seed": None, "nonfinite_total": 0, "nonfinite_streak": 0}
         self._skip_step = False  # the current step's loss was not finite (its gradients are dropped)
-        self.data_spec: DataSpec | None = None
         save_plain_hyperparameters(self)
         if init_encoder_from:
             self.load_encoder(init_encoder_from)
