@@ -14,16 +14,17 @@ import math
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
+from selfsup3d.callbacks.base import ObjectiveCallback
 from selfsup3d.datamodules.multiview import MultiViewShards
 from selfsup3d.eval.camera_token_probe import fit_camera_probe
-from selfsup3d.objectives.base import PretrainObjective, component_outputs
+from selfsup3d.objectives.base import PretrainObjective
 from selfsup3d.objectives.masked_view import MaskedViewPrediction
 
 
-class CameraTokenProbe(Callback):
+class CameraTokenProbe(ObjectiveCallback):
     """Trains RayZer's pose probe on the camera tokens of ``probe_urls`` and reports it on the validation scenes.
 
     The probe split's samples take the validation view choice of the run's datamodule (its image size, view
@@ -59,28 +60,22 @@ class CameraTokenProbe(Callback):
         self._held_out: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self._validations = 0
 
+    objective = MaskedViewPrediction
+
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._held_out = {}
 
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def on_validation_component(
+        self, trainer: Trainer, pl_module: PretrainObjective, name: str, component: Any, outputs: Any, batch: Any
     ) -> None:
-        if trainer.sanity_checking or not isinstance(pl_module, PretrainObjective):
-            return
-        for name, _, out in component_outputs(pl_module, outputs, MaskedViewPrediction):
-            tokens, c2w = out.get("camera_tokens"), out.get("gt_c2w")
-            if isinstance(tokens, Tensor) and isinstance(c2w, Tensor):
-                self._held_out.setdefault(name, []).append((tokens.float().cpu(), c2w.float().cpu()))
+        tokens, c2w = outputs.get("camera_tokens"), outputs.get("gt_c2w")
+        if isinstance(tokens, Tensor) and isinstance(c2w, Tensor):
+            self._held_out.setdefault(name, []).append((tokens.float().cpu(), c2w.float().cpu()))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not self._held_out or not isinstance(pl_module, PretrainObjective):
+        if not self.validating(trainer, pl_module) or not self._held_out:
             return
+        assert isinstance(pl_module, PretrainObjective)
         self._validations += 1
         if (self._validations - 1) % self.every_n_validations:
             return

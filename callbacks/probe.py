@@ -35,11 +35,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from selfsup3d.callbacks.base import ValidationCallback
 from selfsup3d.callbacks.images import tensorboard
 from selfsup3d.datamodules.spec import data_specs
 from selfsup3d.encoders.base import Encoder
@@ -140,7 +141,7 @@ def _key(source: str, role: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", f"{source or 'all'}__{role}")
 
 
-class ProbeCallback(Callback):
+class ProbeCallback(ValidationCallback):
     """Online 3D-awareness probes of the encoder beside a frozen reference (see the module docstring).
 
     Args:
@@ -342,17 +343,9 @@ class ProbeCallback(Callback):
         return losses
 
     # ------------------------------------------------------------------ evaluation
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def on_validation(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, loader: int
     ) -> None:
-        if trainer.sanity_checking:
-            return
         parts = flatten_batch(batch)
         if not parts:
             return
@@ -361,7 +354,7 @@ class ProbeCallback(Callback):
         heads.eval()
         with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
             for name, part in parts:
-                source = name or (f"dataloader{dataloader_idx}" if several else "")
+                source = name or (f"dataloader{loader}" if several else "")
                 for role, encoder in self._encoders(pl_module).items():
                     feats = encoder_features(encoder, part.views.images)
                     metrics = self._metrics_for(source, role, pl_module.device)
@@ -442,7 +435,7 @@ class ProbeCallback(Callback):
         return {f"{prefix}{tag}{k}": v for k, v in values.items() if not k.startswith("corr_matches")}
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
+        if not self.validating(trainer, pl_module):
             return
         metrics = self.compute()
         for m in self.metrics.values():
