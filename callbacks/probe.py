@@ -45,7 +45,7 @@ from selfsup3d.callbacks.images import tensorboard
 from selfsup3d.datamodules.spec import data_specs
 from selfsup3d.encoders.base import Encoder
 from selfsup3d.encoders.teacher import FrozenTeacher, make_teacher
-from selfsup3d.eval.correspondence import ROTATION_BINS, THRESHOLDS, CorrespondenceRecall, scene_correspondence
+from selfsup3d.eval.correspondence import ROTATION_BINS, THRESHOLDS, CorrespondenceRecall, batch_correspondence
 from selfsup3d.eval.dense import (
     DepthMetrics,
     NormalMetrics,
@@ -363,20 +363,9 @@ class ProbeCallback(ValidationCallback):
     def _evaluate(self, head: _Heads, feats: Features, part: _Batch, metrics: _Metrics, role: str, seed: int) -> None:
         views, v = part.views, part.num_views
         if "correspondence" in self.probes and part.multiview:
-            assert views.depth is not None and views.K is not None and views.c2w is not None
-            for s in range(views.images.shape[0] // v):
-                sl = slice(s * v, (s + 1) * v)
-                scene_correspondence(
-                    feats.dense[sl],
-                    views.depth[sl],
-                    views.K[sl],
-                    views.c2w[sl],
-                    metrics.corr,
-                    self.num_queries,
-                    self.num_matches,
-                    seed=seed * 1009 + s,
-                    max_pairs=self.max_pairs,
-                )
+            seeds = [seed * 1009 + s for s in range(views.images.shape[0] // v)]
+            batch_correspondence(feats.dense, views, seeds, metrics.corr, self.num_queries, self.num_matches,
+                                 max_pairs=self.max_pairs)  # fmt: skip
         if views.depth is not None and self.train_steps > 0 and (head.depth is not None or head.normal is not None):
             h, w = views.hw
             all_uv = pixel_uv(torch.arange(h * w, device=views.images.device), w)

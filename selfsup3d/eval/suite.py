@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from selfsup3d.eval.correspondence import ROTATION_BINS, THRESHOLDS, CorrespondenceRecall, scene_correspondence
+from selfsup3d.eval.correspondence import ROTATION_BINS, THRESHOLDS, CorrespondenceRecall, batch_correspondence
 from selfsup3d.eval.dense import (
     DepthMetrics,
     NormalMetrics,
@@ -460,20 +460,9 @@ def run_probes(
         feats = source(seen)
         vectors.append(feats.vector)
         if "correspondence" in wanted:
-            assert views.depth is not None and views.K is not None and views.c2w is not None
-            for s in range(stop - start):
-                sl = slice(s * v, (s + 1) * v)
-                scene_correspondence(
-                    feats.dense[sl],
-                    views.depth[sl],
-                    views.K[sl],
-                    views.c2w[sl],
-                    corr_m,
-                    settings.num_queries,
-                    settings.num_matches,
-                    settings.visibility_tol,
-                    seed=_scene_seed(settings.seed, start + s),
-                )
+            seeds = [_scene_seed(settings.seed, s) for s in range(start, stop)]
+            batch_correspondence(feats.dense, views, seeds, corr_m, settings.num_queries, settings.num_matches,
+                                 settings.visibility_tol)  # fmt: skip
         if heads.depth is not None or heads.normal is not None:
             _dense_eval(heads, feats, views, depth_m, normal_m, settings.depth_align)
         if heads.pose is not None and views.c2w is not None:
@@ -540,21 +529,9 @@ def chance_levels(
         views = test.views(start, stop).to(device)
         assert views.depth is not None and views.K is not None and views.c2w is not None
         if "correspondence" in wanted:
-            feats = constant(views)
-            for s in range(stop - start):
-                sl = slice(s * v, (s + 1) * v)
-                scene_correspondence(
-                    feats.dense[sl],
-                    views.depth[sl],
-                    views.K[sl],
-                    views.c2w[sl],
-                    corr_m,
-                    settings.num_queries,
-                    settings.num_matches,
-                    settings.visibility_tol,
-                    seed=_scene_seed(settings.seed, start + s),
-                    chance=True,
-                )
+            seeds = [_scene_seed(settings.seed, s) for s in range(start, stop)]
+            batch_correspondence(constant(views).dense, views, seeds, corr_m, settings.num_queries,
+                                 settings.num_matches, settings.visibility_tol, chance=True)  # fmt: skip
         if log_depth is not None and "depth" in wanted:
             for k in range(views.depth.shape[0]):
                 target = views.depth[k][views.depth[k] > 0]
