@@ -248,7 +248,7 @@ def test_predicted_cameras_scale_is_fixed_from_the_views(urls):
     for factor in (0.1, 10.0):
         scaled = rel.clone()
         scaled[..., :3, 3] *= factor
-        mv.camera.forward = lambda feats, grid, c=scaled: (c, focal)  # type: ignore[method-assign]
+        mv.camera.cameras = lambda tokens, c=scaled: (c, focal)  # type: ignore[method-assign]
         results.append(consensus.scene_cameras(batch, enc_out, *batch["images"].shape[:2])[1])
     assert torch.allclose(results[0], results[1], atol=1e-4)
     ratio = results[0][:, 1:, :3, 3].norm(dim=-1) / rel[:, 1:, :3, 3].norm(dim=-1)

@@ -45,8 +45,9 @@ from selfsup3d.datamodules.views import select_views
 from selfsup3d.encoders.base import Encoder, EncoderOutput
 from selfsup3d.encoders.teacher import FrozenTeacher, build_teacher
 from selfsup3d.errors import ConfigError
-from selfsup3d.geometry.cameras import intrinsics_from_focal, scale_intrinsics
+from selfsup3d.geometry.cameras import scale_intrinsics
 from selfsup3d.geometry.points import sample_pixels, scale_to_common_centre
+from selfsup3d.heads.camera import CameraEstimator
 from selfsup3d.heads.keypoints import (
     KeypointHead2D,
     KeypointSet,
@@ -225,7 +226,7 @@ class FeatureConsensus(PretrainObjective):
         """In a multi-task run, ``cameras: predicted`` finds its camera estimator among the other objectives."""
         if self.cameras == "predicted":
             source = components.get(self.camera_objective)
-            if source is None or not hasattr(source, "camera"):
+            if source is None or not isinstance(getattr(source, "camera", None), CameraEstimator):
                 raise ConfigError(
                     f"{self.key('camera_objective')}={self.camera_objective!r} names no masked-view objective of "
                     f"this run ({', '.join(components)})"
@@ -242,13 +243,11 @@ class FeatureConsensus(PretrainObjective):
         """``K`` and ``c2w`` ``[B, V, ...]``: the data's, or predicted (see the module docstring)."""
         if self.cameras == "data":
             return batch["K"].float(), batch["c2w"].float()
-        h, w = batch["images"].shape[-2:]
+        image_hw = tuple(batch["images"].shape[-2:])
         with torch.no_grad():  # the masked-view objective's camera estimator learns from its own loss
-            c2w, focal = self._camera_source[0].camera(enc.patches.unflatten(0, (b, v)), enc.grid)
-            f = focal.float() * w
-            K = intrinsics_from_focal(f, f, h, w)[:, None].expand(b, v, 3, 3)
-            c2w = scale_to_common_centre(c2w, K, batch["depth"].float())
-        return K, c2w
+            cameras = self._camera_source[0].camera.predict(enc.patches.unflatten(0, (b, v)), enc.grid, image_hw)
+            c2w = scale_to_common_centre(cameras.c2w, cameras.K, batch["depth"].float())
+        return cameras.K, c2w
 
     def build_scene(self, batch: Mapping[str, Any], f2d: Tensor, K: Tensor, c2w: Tensor) -> SceneGrid:
         """J3D + H3D on the views of ``batch`` (``F2D [B·V, D, h, w]`` for ``scene_input: features``)."""

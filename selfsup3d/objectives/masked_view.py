@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.encoders.base import Encoder
 from selfsup3d.errors import ConfigError
-from selfsup3d.geometry.cameras import fov_from_focal, intrinsics_from_focal
+from selfsup3d.geometry.cameras import fov_from_focal
 from selfsup3d.geometry.rays import patchify, plucker_map
 from selfsup3d.heads.camera import CameraEstimator, DepthHead
 from selfsup3d.heads.latent_renderer import ContextBlend, Renderer, SceneReconstructor
@@ -243,15 +243,12 @@ class MaskedViewPrediction(PretrainObjective):
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
         enc = (encoder if encoder is not None else self.encoder)(images.flatten(0, 1))
         feats = enc.patches.unflatten(0, (b, v))  # [B, V, N, De]
-        camera_tokens, camera_patches = self.camera.encode(feats, enc.grid)
-        c2w, focal = self.camera.cameras(camera_tokens)
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            f = focal * w
-            K = intrinsics_from_focal(f, f, h, w)[:, None].expand(b, v, 3, 3)
-        render = self.render_from(images, feats, K, c2w, num_context)
-        out = {"render": render, "c2w": c2w, "K": K, "focal": focal, "camera_tokens": camera_tokens, "features": feats}
+        cameras = self.camera.predict(feats, enc.grid, (h, w))
+        render = self.render_from(images, feats, cameras.K, cameras.c2w, num_context)
+        out = {"render": render, "c2w": cameras.c2w, "K": cameras.K, "focal": cameras.focal,
+               "camera_tokens": cameras.tokens, "features": feats}  # fmt: skip
         if self.depth is not None:
-            out["depth"] = self.depth(camera_patches, h, w)
+            out["depth"] = self.depth(cameras.patches, h, w)
         return out
 
     def render_from(self, images: Tensor, feats: Tensor, K: Tensor, c2w: Tensor, num_context: int) -> Tensor:
