@@ -264,3 +264,14 @@ def test_retrieval_summaries_take_their_own_number_of_key_points(urls):
     assert model.image_keypoints(batch["images"][:, 0], model.encoder).descriptors.shape[1] == 12
     with pytest.raises(ConfigError, match="summary_keypoints must be >= 1, got 0"):
         make(summary_keypoints=0)
+
+
+def test_the_view_subset_is_max_views_and_the_old_key_still_reads(urls):
+    batch = batch_of(data(urls))
+    model = make(max_views=2)
+    assert model.step(batch, "val", model.encoder)["f2d"].shape[0] == 2 * batch["images"].shape[0]
+    with pytest.warns(FutureWarning, match="model.init_args.num_views is now model.init_args.max_views"):
+        old = make(num_views=2)
+    assert old.max_views == 2 and old.hparams["max_views"] == 2 and old.hparams["num_views"] is None
+    with pytest.raises(ConfigError, match="num_views=2 and model.init_args.max_views=3"):
+        make(num_views=2, max_views=3)
