@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from toy import tiny_encoder_config
 
 from selfsup3d.cli import main
-from selfsup3d.datamodules import CombinedShards, MultiViewShards, SingleViewShards
+from selfsup3d.datamodules import CombinedShards, DataSpec, MultiViewShards, SingleViewShards
 from selfsup3d.encoders.export import load_exported_encoder, read_export_config
 from selfsup3d.errors import ConfigError
 from selfsup3d.objectives import MaskedViewPrediction, MultiTask, TriplaneReconstruction
@@ -160,6 +160,17 @@ def test_an_objective_refuses_a_recipe_argument_of_the_run(name):
     message = str(err.value)
     assert message.startswith(f"model.init_args.objectives.masked_view.init_args.{name}=")
     assert f"set model.init_args.{name} instead" in message and "\n" not in message
+
+
+def test_each_objective_is_told_when_its_images_are_not_the_encoders_size():
+    model = make_model(sources={"masked_view": "scenes", "triplane": "images"})  # the encoder is built for 32x32
+    source = "data.init_args.sources.{}.init_args".format
+    specs = {"scenes": DataSpec("multi_view", (32, 32), 4, 2, key_prefix=source("scenes")),
+             "images": DataSpec("single_view", (64, 64), with_depth=True, key_prefix=source("images"))}  # fmt: skip
+    with pytest.warns(UserWarning) as seen:
+        model.configure_data(specs)
+    messages = [str(w.message) for w in seen if "built for" in str(w.message)]
+    assert len(messages) == 1 and messages[0].startswith("data.init_args.sources.images.init_args.image_size=64 ")
 
 
 def test_objectives_carry_none_of_the_run_state():

@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from selfsup3d.datamodules.spec import DataSpec, data_specs
@@ -179,6 +179,11 @@ class PretrainObjective(ResumeMixin, StepGuardsMixin, MovingAverageMixin, Optimi
         """The head modules that ``compile: true`` compiles besides the encoder (e.g. transformer blocks)."""
         return []
 
+    def encoder_input_size(self, spec: DataSpec) -> tuple[tuple[int, int], str]:
+        """The ``(height, width)`` of the images :meth:`step` gives the encoder for data of ``spec``, and the YAML key
+        that sets it (the data's ``image_size`` unless the objective resizes its input)."""
+        return spec.image_hw, spec.key("image_size")
+
     def components(self) -> Iterator[tuple[str, PretrainObjective]]:
         """The objectives this module trains, by name: itself (name ``""``) for an objective fitted alone."""
         yield "", self
@@ -222,6 +227,19 @@ class PretrainObjective(ResumeMixin, StepGuardsMixin, MovingAverageMixin, Optimi
             )
         self.data_spec = self.adapt_spec(next(iter(specs.values())))
         self.check_data(self.data_spec)
+        self.check_image_size(self.data_spec, self.encoder)
+
+    def check_image_size(self, spec: DataSpec, encoder: Encoder) -> None:
+        """Warn at start-up when the images this objective gives ``encoder`` are not the size it was built for: its
+        position embeddings are then interpolated at every step, and it is exported at the size it was built for."""
+        (h, w), where = self.encoder_input_size(spec)
+        built = encoder.image_size
+        if built is not None and (h, w) != (built, built):
+            rank_zero_warn(
+                f"{where}={h if h == w else [h, w]} but the encoder is built for {encoder.key('img_size')}={built}: "
+                "its position embeddings are interpolated at every step (and exported at its size); set them equal "
+                "unless that is meant"
+            )
 
     def setup(self, stage: str) -> None:
         """Start-up checks of the data against the model (see :meth:`check_data`); the run's seed (the one

@@ -154,6 +154,7 @@ class MultiTask(PretrainObjective):
             with config_prefix(f"{self.key('objectives')}.{name}.init_args"):
                 component.data_spec = component.adapt_spec(specs[source])
                 component.check_data(component.data_spec)
+                component.check_image_size(component.data_spec, self.encoder)
         unused = sorted(set(specs) - set(self._routes.values()))
         if unused:
             raise ConfigError(f"no objective reads the data source(s) {', '.join(unused)} (see {self.key('sources')})")

@@ -249,9 +249,8 @@ class TriplaneReconstruction(PretrainObjective):
     # ------------------------------------------------------------------ set-up checks
     def check_data(self, spec: DataSpec) -> None:
         """The encoder's input must be whole in patches; depth must be there when a depth term is on."""
-        size = (self.input_size, self.input_size) if self.input_size else spec.image_hw
+        size, where = self.encoder_input_size(spec)
         if size[0] % self.patch_size or size[1] % self.patch_size:
-            where = self.key("input_size") if self.input_size else spec.key("image_size")
             raise ConfigError(
                 f"{where}={size[0] if size[0] == size[1] else list(size)} is not divisible by the encoder's patch "
                 f"size {self.encoder_key('patch_size')}={self.patch_size}: pick sizes so that the patch grid is whole"
@@ -262,6 +261,12 @@ class TriplaneReconstruction(PretrainObjective):
                 f"at {spec.key_prefix} has no depth: use shards with depth (`selfsup3d data render`, converted scenes "
                 f"with depth, or `selfsup3d data pseudo-depth` for photos) or set {self.key('lambda_depth')} 0"
             )
+
+    def encoder_input_size(self, spec: DataSpec) -> tuple[tuple[int, int], str]:
+        """``input_size`` when set, else the data's size."""
+        if self.input_size:
+            return (self.input_size, self.input_size), self.key("input_size")
+        return super().encoder_input_size(spec)
 
     # ------------------------------------------------------------------ forward pieces
     def encoder_input(self, images: Tensor) -> Tensor:
