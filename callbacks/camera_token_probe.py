@@ -19,6 +19,7 @@ from torch import Tensor
 
 from selfsup3d.callbacks.base import ObjectiveCallback
 from selfsup3d.datamodules.multiview import MultiViewShards
+from selfsup3d.errors import require
 from selfsup3d.eval.camera_token_probe import fit_camera_probe
 from selfsup3d.objectives.base import PretrainObjective
 from selfsup3d.objectives.masked_view import MaskedViewPrediction
@@ -49,8 +50,9 @@ class CameraTokenProbe(ObjectiveCallback):
         every_n_validations: int = 1,
     ) -> None:
         super().__init__()
-        if num_scenes < 1 or batch_size < 1 or steps < 1 or every_n_validations < 1:
-            raise ValueError("num_scenes, batch_size, steps and every_n_validations must be >= 1")
+        counts = {"num_scenes": num_scenes, "batch_size": batch_size, "steps": steps}
+        for name, value in {**counts, "every_n_validations": every_n_validations}.items():
+            require(value >= 1, f"CameraTokenProbe: {name}", ">= 1", value, ValueError)
         self.probe_urls = probe_urls
         self.num_scenes = num_scenes
         self.batch_size = batch_size

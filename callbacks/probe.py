@@ -45,6 +45,7 @@ from selfsup3d.callbacks.images import tensorboard
 from selfsup3d.datamodules.spec import data_specs
 from selfsup3d.encoders.base import Encoder
 from selfsup3d.encoders.teacher import FrozenTeacher, make_teacher
+from selfsup3d.errors import require
 from selfsup3d.eval.correspondence import ROTATION_BINS, THRESHOLDS, CorrespondenceRecall, batch_correspondence
 from selfsup3d.eval.dense import (
     DepthMetrics,
@@ -186,8 +187,7 @@ class ProbeCallback(ValidationCallback):
         unknown = set(probes) - set(ONLINE_PROBES)
         if unknown:
             raise ValueError(f"ProbeCallback: unknown probes {sorted(unknown)}; choose from {', '.join(ONLINE_PROBES)}")
-        if train_every_n_steps < 1:
-            raise ValueError(f"ProbeCallback: train_every_n_steps must be >= 1, got {train_every_n_steps}")
+        require(train_every_n_steps >= 1, "ProbeCallback: train_every_n_steps", ">= 1", train_every_n_steps, ValueError)
         self.probes = tuple(probes)
         self.num_classes = num_classes
         self.use_reference = reference

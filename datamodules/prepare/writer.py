@@ -23,6 +23,7 @@ from typing import Any
 from tqdm import tqdm
 
 from selfsup3d.datamodules.format import ShardSink
+from selfsup3d.errors import require
 
 
 # ============================================================================ reporting
@@ -151,10 +152,14 @@ def scene_dirs(src: Path, is_scene: Callable[[Path], bool], what: str) -> list[P
 def converter_options(
     max_size: int | None, max_views: int | None, min_views: int, background: Sequence[int], image_format: str
 ) -> dict[str, Any]:
-    if len(background) != 3 or not all(0 <= int(c) <= 255 for c in background):
-        raise ValueError(f"background must be three values in 0..255, got {list(background)}")
-    if max_size is not None and max_size < 8:
-        raise ValueError(f"max_size must be >= 8, got {max_size}")
+    require(
+        len(background) == 3 and all(0 <= int(c) <= 255 for c in background),
+        "background",
+        "three values in 0..255",
+        list(background),
+        ValueError,
+    )
+    require(max_size is None or max_size >= 8, "max_size", ">= 8", max_size, ValueError)
     return {
         "max_size": max_size,
         "max_views": max_views,

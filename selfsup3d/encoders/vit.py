@@ -26,7 +26,7 @@ from selfsup3d.encoders.architecture import vit_architecture
 from selfsup3d.encoders.base import Encoder, EncoderOutput
 from selfsup3d.encoders.timm_factory import PLAIN_TIMM, SIZES, create_vit, wants_pretrained
 from selfsup3d.encoders.weights import load_encoder_weights
-from selfsup3d.errors import ConfigError
+from selfsup3d.errors import ConfigError, require
 
 
 class ViTEncoder(Encoder):
@@ -108,10 +108,8 @@ class ViTEncoder(Encoder):
                 f"{self.patch_size} ({self.key('patch_size')}): pick sizes so that the patch "
                 "grid is whole"
             )
-        if not 0 <= num_out_layers <= len(self.vit.blocks):
-            raise ConfigError(
-                f"{self.key('num_out_layers')}={num_out_layers} must be in [0, depth={len(self.vit.blocks)}]"
-            )
+        depth = len(self.vit.blocks)
+        require(0 <= num_out_layers <= depth, self.key("num_out_layers"), f"in [0, depth={depth}]", num_out_layers)
         self._num_out_layers = num_out_layers
         self.set_grad_checkpointing(grad_checkpointing)
         cfg = self.vit.pretrained_cfg or {}

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
+from selfsup3d.errors import require
 from selfsup3d.eval.features import Views, pixel_uv, sample_at
 from selfsup3d.geometry.cameras import project_points, rotation_angle, unproject_depth
 
@@ -149,8 +150,13 @@ class CorrespondenceRecall(Metric):
         self, thresholds: Sequence[float] = THRESHOLDS, bins: Sequence[float] = ROTATION_BINS, **kwargs: object
     ) -> None:
         super().__init__(**kwargs)
-        if list(bins) != sorted(bins) or len(bins) < 2:
-            raise ValueError(f"rotation bins must be at least two increasing edges, got {list(bins)}")
+        require(
+            list(bins) == sorted(bins) and len(bins) >= 2,
+            "rotation bins",
+            "at least two increasing edges",
+            list(bins),
+            ValueError,
+        )
         self.thresholds = tuple(float(t) for t in thresholds)
         self.bins = tuple(float(b) for b in bins)
         t, b = len(self.thresholds), len(self.bins) - 1

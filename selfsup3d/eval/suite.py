@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from selfsup3d.errors import require
 from selfsup3d.eval.correspondence import ROTATION_BINS, THRESHOLDS, CorrespondenceRecall, batch_correspondence
 from selfsup3d.eval.dense import (
     DepthMetrics,
@@ -125,8 +126,9 @@ class ProbeSettings:
         unknown = set(self.probes) - set(PROBES)
         if unknown:
             raise ValueError(f"unknown probes {sorted(unknown)}; choose from {', '.join(PROBES)}")
-        if self.depth_align not in ("none", "median"):
-            raise ValueError(f"depth_align must be 'none' or 'median', got {self.depth_align!r}")
+        require(
+            self.depth_align in ("none", "median"), "depth_align", "'none' or 'median'", self.depth_align, ValueError
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -27,6 +27,7 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc
 
 from selfsup3d.datamodules.views import select_views
+from selfsup3d.errors import require
 from selfsup3d.heads.keypoints import KeypointSet
 
 SetSimilarity = Literal["best_match", "chamfer", "mutual"]
@@ -67,8 +68,9 @@ def set_similarity(
         raise ValueError(
             f"descriptor sizes differ: queries {queries.descriptors.shape[-1]}, scenes {scenes.descriptors.shape[-1]}"
         )
-    if mode not in ("best_match", "chamfer", "mutual"):
-        raise ValueError(f"mode must be 'best_match', 'chamfer' or 'mutual', got {mode!r}")
+    require(
+        mode in ("best_match", "chamfer", "mutual"), "mode", "'best_match', 'chamfer' or 'mutual'", mode, ValueError
+    )
     qd, sd = F.normalize(queries.descriptors, dim=-1), F.normalize(scenes.descriptors, dim=-1)
     qw, sw = queries.weights, scenes.weights
     rows = []

@@ -47,7 +47,7 @@ from selfsup3d.datamodules.spec import DataSpec, data_specs
 from selfsup3d.datamodules.views import batch_size, views_as_images
 from selfsup3d.encoders.base import Encoder
 from selfsup3d.encoders.teacher import FrozenTeacher
-from selfsup3d.errors import ConfigError, config_key, current_prefix
+from selfsup3d.errors import ConfigError, config_key, current_prefix, require
 from selfsup3d.objectives.run.guards import StepGuardsMixin, detach_outputs
 from selfsup3d.objectives.run.hparams import save_plain_hyperparameters
 from selfsup3d.objectives.run.moving_average import MovingAverageMixin
@@ -116,8 +116,7 @@ class PretrainObjective(ResumeMixin, StepGuardsMixin, MovingAverageMixin, Optimi
                 f"{self.key('encoder')} must be a selfsup3d.encoders.Encoder (e.g. selfsup3d.encoders.ViTEncoder), "
                 f"got {type(encoder).__name__}"
             )
-        if lr <= 0:
-            raise ConfigError(f"{self.key('lr')} must be > 0, got {lr}")
+        require(lr > 0, self.key("lr"), "> 0", lr)
         self.encoder = encoder
         self._encoder_key_prefix = encoder.key_prefix
         self.lr = lr

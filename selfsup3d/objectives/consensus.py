@@ -45,7 +45,7 @@ from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.datamodules.views import select_views
 from selfsup3d.encoders.base import Encoder, EncoderOutput
 from selfsup3d.encoders.teacher import FrozenTeacher, build_teacher
-from selfsup3d.errors import ConfigError, config_key
+from selfsup3d.errors import ConfigError, config_key, require
 from selfsup3d.geometry.cameras import scale_intrinsics
 from selfsup3d.geometry.points import sample_pixels, scale_to_common_centre
 from selfsup3d.heads.camera import CameraEstimator
@@ -171,8 +171,7 @@ class FeatureConsensus(PretrainObjective):
         super().__init__(encoder, **kwargs)
         for key, value in {"lambda_consensus": lambda_consensus, "lambda_fidelity": lambda_fidelity,
                            "lambda_depth": lambda_depth, "lambda_keypoints": lambda_keypoints}.items():  # fmt: skip
-            if value < 0:
-                raise ConfigError(f"{self.key(key)} must be >= 0, got {value}")
+            require(value >= 0, self.key(key), ">= 0", value)
         if detach_2d and detach_3d:
             raise ConfigError(f"{self.key('detach_2d')} and {self.key('detach_3d')} together leave nothing to learn")
         if scene_input not in ("colour", "features") or cameras not in ("data", "predicted"):
@@ -189,8 +188,7 @@ class FeatureConsensus(PretrainObjective):
         self.lambda_depth, self.lambda_keypoints = lambda_depth, lambda_keypoints
         self.num_keypoints, self.keypoint_temperature = num_keypoints, keypoint_temperature
         for key, count in (("num_keypoints", num_keypoints), ("summary_keypoints", summary_keypoints)):
-            if count is not None and count < 1:
-                raise ConfigError(f"{self.key(key)} must be >= 1, got {count}")
+            require(count is None or count >= 1, self.key(key), ">= 1", count)
         self.summary_keypoints = summary_keypoints or num_keypoints
         self.cameras, self.camera_objective = cameras, camera_objective
         self.max_views, self.render_pixels = max_views, render_pixels

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.encoders.base import Encoder
-from selfsup3d.errors import ConfigError
+from selfsup3d.errors import ConfigError, require
 from selfsup3d.geometry.cameras import fov_from_focal
 from selfsup3d.geometry.rays import patchify, plucker_map
 from selfsup3d.heads.camera import CameraEstimator, DepthHead
@@ -157,8 +157,7 @@ class MaskedViewPrediction(PretrainObjective):
             "render_layers": render_layers,
             "num_scene_tokens": num_scene_tokens,
         }.items():
-            if value < 1:
-                raise ConfigError(f"{self.key(key)} must be >= 1, got {value}")
+            require(value >= 1, self.key(key), ">= 1", value)
         if dim % num_heads:
             raise ConfigError(f"{self.key('dim')}={dim} is not divisible by {self.key('num_heads')}={num_heads}")
         for key, value, ok, rule in (
@@ -168,8 +167,7 @@ class MaskedViewPrediction(PretrainObjective):
             ("perceptual_weight", perceptual_weight, perceptual_weight >= 0, ">= 0"),
             ("reprojection_weight", reprojection_weight, reprojection_weight >= 0, ">= 0"),
         ):
-            if not ok:
-                raise ConfigError(f"{self.key(key)} must be {rule}, got {value}")
+            require(ok, self.key(key), rule, value)
         patch, in_dim = encoder.patch_size, encoder.embed_dim
         self.patch_size = patch
         ray_dim = 6 * patch * patch

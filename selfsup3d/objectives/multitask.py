@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.datamodules.views import batch_size
 from selfsup3d.encoders.base import Encoder
-from selfsup3d.errors import ConfigError, config_prefix
+from selfsup3d.errors import ConfigError, config_prefix, require
 from selfsup3d.objectives.base import PretrainObjective
 from selfsup3d.objectives.run.recipe import building_components
 
@@ -98,20 +98,22 @@ class MultiTask(PretrainObjective):
             raise ConfigError(
                 f"{self.key('weights')} names no objective: {', '.join(unknown)} (objectives: {', '.join(objectives)})"
             )
-        if any(w < 0 for w in weights.values()):
-            raise ConfigError(f"{self.key('weights')} must be >= 0, got {weights}")
+        require(all(w >= 0 for w in weights.values()), self.key("weights"), ">= 0", weights)
         unknown = sorted(set(sources or {}) - set(objectives))
         if unknown:
             raise ConfigError(f"{self.key('sources')} names no objective: {', '.join(unknown)}")
-        if image_views is not None and image_views < 1:
-            raise ConfigError(f"{self.key('image_views')} must be >= 1 or null, got {image_views}")
+        require(image_views is None or image_views >= 1, self.key("image_views"), ">= 1 or null", image_views)
         built: dict[str, PretrainObjective] = {}
         for name, factory in objectives.items():
             prefix = f"{self.key('objectives')}.{name}.init_args"
             with _own_hyperparameters(), config_prefix(prefix), building_components(self.key_prefix):
                 component = factory(encoder)
-            if not isinstance(component, PretrainObjective):
-                raise ConfigError(f"{self.key('objectives')}.{name} must be a PretrainObjective, got {type(component)}")
+            require(
+                isinstance(component, PretrainObjective),
+                f"{self.key('objectives')}.{name}",
+                "a PretrainObjective",
+                type(component),
+            )
             if component.encoder is not encoder:
                 raise ConfigError(f"{self.key('objectives')}.{name} was built with another encoder than the shared one")
             if component.recipe is not None:  # built before, as a run of its own

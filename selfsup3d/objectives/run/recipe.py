@@ -21,7 +21,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from selfsup3d.errors import ConfigError, config_key
+from selfsup3d.errors import ConfigError, config_key, require
 
 RECIPE_ARGUMENTS: tuple[str, ...] = (
     "betas",
@@ -56,20 +56,22 @@ class Recipe:
 
     def check(self, key: Callable[[str], str]) -> None:
         """Refuse values out of range with a :class:`~selfsup3d.errors.ConfigError` naming ``key(argument)``."""
-        if self.encoder_lr_scale <= 0:
-            raise ConfigError(f"{key('encoder_lr_scale')} must be > 0, got {self.encoder_lr_scale}")
-        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise ConfigError(f"{key('layer_decay')} must be in (0, 1], got {self.layer_decay}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"{key('min_lr_ratio')} must be in [0, 1], got {self.min_lr_ratio}")
-        if self.grad_spike_factor is not None and self.grad_spike_factor <= 1:
-            raise ConfigError(f"{key('grad_spike_factor')} must be > 1, got {self.grad_spike_factor}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"{key('warmup_steps')} must be >= 0, got {self.warmup_steps}")
-        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"{key('ema_decay')} must be in [0, 1) or null, got {self.ema_decay}")
-        if self.max_nonfinite_steps < 1:
-            raise ConfigError(f"{key('max_nonfinite_steps')} must be >= 1, got {self.max_nonfinite_steps}")
+        require(self.encoder_lr_scale > 0, key("encoder_lr_scale"), "> 0", self.encoder_lr_scale)
+        require(
+            self.layer_decay is None or 0 < self.layer_decay <= 1, key("layer_decay"), "in (0, 1]", self.layer_decay
+        )
+        require(0 <= self.min_lr_ratio <= 1, key("min_lr_ratio"), "in [0, 1]", self.min_lr_ratio)
+        require(
+            self.grad_spike_factor is None or self.grad_spike_factor > 1,
+            key("grad_spike_factor"),
+            "> 1",
+            self.grad_spike_factor,
+        )
+        require(self.warmup_steps >= 0, key("warmup_steps"), ">= 0", self.warmup_steps)
+        require(
+            self.ema_decay is None or 0 <= self.ema_decay < 1, key("ema_decay"), "in [0, 1) or null", self.ema_decay
+        )
+        require(self.max_nonfinite_steps >= 1, key("max_nonfinite_steps"), ">= 1", self.max_nonfinite_steps)
 
 
 _RUN_PREFIX: ContextVar[str | None] = ContextVar("selfsup3d_multitask_prefix", default=None)
