@@ -104,6 +104,10 @@ def window_view_order(
     return context + targets
 
 
+BATCH_FIELDS = ("images", "K", "c2w", "depth", "mask")
+"""The per-view arrays of a decoded scene that a multi-view batch stacks (see ``Collate``)."""
+
+
 class MultiViewDecoder:
     """Raw scene -> numpy ``images`` uint8 ``[V, 3, H, W]``, ``K``, ``c2w``, optional ``depth``/``mask``, label, key.
 
@@ -332,4 +336,4 @@ class MultiViewShards(ShardDataModule):
         return None if self.view_window is None else window_width(*self.view_window, self.window_steps, step)
 
     def _collate_fn(self) -> Collate:
-        return Collate(("images", "K", "c2w", "depth", "mask"), {"num_context": self.num_context_views})
+        return Collate(BATCH_FIELDS, {"num_context": self.num_context_views})
