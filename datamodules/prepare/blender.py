@@ -137,17 +137,7 @@ def _blender_unit(args: tuple[Path, str, dict[str, Any]]) -> Unit:
                 unit.skipped.append((what, f"{type(err).__name__}: {err}"))
                 continue
             frames.append((what, path, K, c2w))
-    return scene_record(
-        name,
-        frames,
-        "blender",
-        opts["max_size"],
-        opts["max_views"],
-        opts["min_views"],
-        opts["background"],
-        opts["image_format"],
-        unit,
-    )
+    return scene_record(name, frames, "blender", opts, unit)
 
 
 def convert_blender(

@@ -168,17 +168,7 @@ def _colmap_unit(args: tuple[Path, str, dict[str, Any]]) -> Unit:
                 "pass --refuse-distortion to skip them",
             )
         )
-    return scene_record(
-        name,
-        frames,
-        "colmap",
-        opts["max_size"],
-        opts["max_views"],
-        opts["min_views"],
-        opts["background"],
-        opts["image_format"],
-        unit,
-    )
+    return scene_record(name, frames, "colmap", opts, unit)
 
 
 def convert_colmap(

@@ -13,7 +13,9 @@ from __future__ import annotations
 import io
 import re
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -97,18 +99,14 @@ def _subsample(n: int, max_views: int | None) -> list[int]:
 
 
 def scene_record(
-    name: str,
-    frames: list[tuple[str, Path, np.ndarray, np.ndarray]],
-    source: str,
-    max_size: int | None,
-    max_views: int | None,
-    min_views: int,
-    background: tuple[int, int, int],
-    image_format: str,
-    unit: Unit,
+    name: str, frames: list[tuple[str, Path, np.ndarray, np.ndarray]], source: str, opts: Mapping[str, Any], unit: Unit
 ) -> Unit:
     """Load the frames ``(what, path, K, c2w)`` of one scene, keep those of the first frame's size, resize,
-    and encode the scene (or skip it when fewer than ``min_views`` remain)."""
+    and encode the scene (or skip it when fewer than ``min_views`` remain). ``opts``: the converter's options
+    (:func:`~selfsup3d.datamodules.prepare.writer.converter_options`: ``max_size``, ``max_views``, ``min_views``,
+    ``background``, ``image_format``)."""
+    max_size, max_views, min_views = opts["max_size"], opts["max_views"], opts["min_views"]
+    background, image_format = opts["background"], opts["image_format"]
     loaded: list[tuple[str, Image.Image, bytes, np.ndarray, np.ndarray]] = []
     for what, path, K, c2w in frames:
         try:
