@@ -15,7 +15,8 @@ a shared encoder. Its author writes:
 * :meth:`~PretrainObjective.check_data` ``(spec)``: refuse, at start-up, data it cannot train on;
 * when needed: :meth:`~PretrainObjective.bind` (find another component of a multi-task run),
   :meth:`~PretrainObjective.exports` (products besides the encoder), :meth:`~PretrainObjective.compile_targets`
-  (the blocks ``compile: true`` compiles).
+  (the blocks ``compile: true`` compiles), :meth:`~PretrainObjective.encoder_input_size` (when it resizes the
+  images it gives the encoder).
 
 The rest is the run's, each part in its own module of :mod:`selfsup3d.objectives.run`: the recipe arguments
 (:class:`~selfsup3d.objectives.run.recipe.Recipe`), AdamW parameter groups and the warm-up + cosine schedule
@@ -23,8 +24,10 @@ The rest is the run's, each part in its own module of :mod:`selfsup3d.objectives
 (:mod:`~selfsup3d.objectives.run.guards`), the encoder's moving average
 (:mod:`~selfsup3d.objectives.run.moving_average`), per-batch seeding and checkpoint keys for exact resume
 (:mod:`~selfsup3d.objectives.run.resume`), hyper-parameters as plain data (:mod:`~selfsup3d.objectives.run.hparams`).
-This module adds the data check at start-up (the datamodule's :class:`~selfsup3d.datamodules.DataSpec` reaches
-:meth:`~PretrainObjective.check_data`), the logging, fine-tuning (``init_encoder_from``) and export.
+In a multi-task run the recipe is the multi-task module's: a component refuses recipe arguments set on it and
+carries none of the run's state. This module adds the data check at start-up (the datamodule's
+:class:`~selfsup3d.datamodules.DataSpec` reaches :meth:`~PretrainObjective.check_data`, and images of another
+size than the encoder's are said in a warning), the logging, fine-tuning (``init_encoder_from``) and export.
 
 See ``README.md``, "Plugging in a new objective".
 """
