@@ -4,6 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+ORBIT_DATA ?= data/orbit
 
 .PHONY: install test test-slow lint format bench clean
 
@@ -31,9 +32,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Benchmarks print figures (throughput, memory); they are not tests and take minutes. The cameras' curve
-# trains for long (bench-cameras, up to an hour on 2 cores), so it has its own target.
-bench: $(STAMP)
+# Benchmarks print figures (throughput, memory); they are not tests and take minutes on the CPU (no GPU needed).
+# bench/reprojection_fit.py reads the orbit data (rendered first when missing). The cameras' curve trains for long
+# (bench-cameras, up to an hour on 2 cores), so it has its own target.
+bench: $(STAMP) $(ORBIT_DATA)/info.json
 	@set -e; for script in bench/*.py; do test $$script = bench/cameras.py && continue; echo "== $$script"; $(BIN)/python $$script; done
 
 .PHONY: bench-cameras
@@ -45,7 +47,6 @@ bench-cameras: $(STAMP) $(ORBIT_DATA)/info.json
 # there (24 views per scene in trajectory order along a 180-degree arc, for the view-overlap curriculum;
 # under a minute), trains configs/demo/masked_view.yaml, then evaluates the run's last checkpoint on the
 # held-out objects and prints the figures (render, aligned cameras, RayZer pose probe).
-ORBIT_DATA ?= data/orbit
 DEMO_DATA ?= $(ORBIT_DATA)
 DEMO_RUN  ?= runs/demo_masked_view
 DEMO_ARGS ?= --data.init_args.train_urls '$(DEMO_DATA)/train-*.tar' --data.init_args.val_urls '$(DEMO_DATA)/val-*.tar' \

@@ -33,9 +33,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from selfsup3d.datamodules import MultiViewShards
-from selfsup3d.datamodules.multiview import MultiViewDecoder, _CollateMultiView
+from selfsup3d.datamodules.base import Collate
+from selfsup3d.datamodules.multiview import BATCH_FIELDS, MultiViewDecoder
 from selfsup3d.datamodules.pipeline import expand_urls
-from selfsup3d.datamodules.render import RenderSettings, render_dataset
+from selfsup3d.datamodules.prepare.render import RenderSettings, render_dataset
 
 
 def plain_samples(paths: list[str]) -> Iterator[dict[str, Any]]:
@@ -60,7 +61,7 @@ def plain_samples(paths: list[str]) -> Iterator[dict[str, Any]]:
 def plain_loop(paths: list[str], args: argparse.Namespace, batches: int, seed: int = 0) -> tuple[int, float, float]:
     """Decode and collate ``batches`` batches in a plain loop; returns (samples, wall s, CPU s)."""
     decoder = MultiViewDecoder(args.views, args.views // 2, (args.image_size, args.image_size), args.with_depth, False)
-    collate = _CollateMultiView(args.views // 2)
+    collate = Collate(BATCH_FIELDS, {"num_context": args.views // 2})  # as MultiViewShards collates
     rng = random.Random(seed)
     source = itertools.chain.from_iterable(plain_samples(paths) for _ in itertools.count())
     buffer: list[dict[str, Any]] = []
@@ -120,7 +121,7 @@ def pipeline(urls: list[str], args: argparse.Namespace, workers: int) -> tuple[i
     batches = iter(loader)
     for _ in range(warmup):
         next(batches)
-    dataloader = loader.pipeline[0]
+    dataloader = loader.loader  # the DataLoader inside the resumable stream (persistent workers)
     pids = [w.pid for w in dataloader._iterator._workers] if workers else []
 
     def cpu() -> float:
@@ -137,7 +138,7 @@ def pipeline(urls: list[str], args: argparse.Namespace, workers: int) -> tuple[i
     return n * args.batch_size, seconds, cpu_seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shards", default=None, help="multi-view shard URLs (default: render a data set)")
     parser.add_argument("--scenes", type=int, default=256, help="scenes to render without --shards")
@@ -151,7 +152,7 @@ def main() -> None:
     parser.add_argument("--with-depth", action="store_true", help="decode depth too")
     parser.add_argument("--repeats", type=int, default=2, help="runs per configuration; the best is shown")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="'all cores' count")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.shards is None:

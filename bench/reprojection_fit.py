@@ -21,9 +21,9 @@ from collections.abc import Sequence
 import torch
 
 from selfsup3d.datamodules import MultiViewShards
-from selfsup3d.eval.pose import camera_metrics, relative_rotation_error
 from selfsup3d.geometry.cameras import make_se3, rotation_6d_to_matrix
 from selfsup3d.losses.reprojection import min_reprojection_loss
+from selfsup3d.metrics.pose import camera_metrics, relative_rotation_error
 
 IDENTITY_6D = torch.tensor([1.0, 0, 0, 0, 1.0, 0])
 

@@ -3,7 +3,8 @@ a second fit from that step-N checkpoint, and prints how the resumed run's losse
 steps N+1..2N (the same run: max |difference| 0) and with its steps 1..N (a stream that restarted from its
 beginning correlates with them), and whether the final weights are identical.
 
-    .venv/bin/python bench/resume.py --config configs/demo/masked_view.yaml --steps 30
+    .venv/bin/python bench/resume.py                     # configs/demo/masked_view.yaml, 30 + 30 steps
+    .venv/bin/python bench/resume.py --config configs/demo/multitask.yaml --steps 10
 
 Runs the ``selfsup3d`` CLI of the interpreter it is started with (so another checkout's interpreter measures
 that checkout), in a temporary folder; data paths of the config are relative to the current directory.
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+
+DEMO = "configs/demo/masked_view.yaml"
 
 
 def fit(config: str, root: Path, steps: int, extra: list[str]) -> float:
@@ -47,11 +50,11 @@ def losses(root: Path) -> dict[int, float]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", default=DEMO, help="the config to fit (default %(default)s; `make bench` runs it)")
     parser.add_argument("--steps", type=int, default=30, help="N: the whole run has 2N steps")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     n = args.steps
     with tempfile.TemporaryDirectory() as tmp:
         whole, resumed = Path(tmp) / "whole", Path(tmp) / "resumed"

@@ -5,7 +5,7 @@ if __name__ != "selfsup3d.callbacks":  # e.g. `import callbacks` from the reposi
         "import selfsup3d.callbacks (install the project: make install), not the top-level 'callbacks' folder"
     )
 
-from selfsup3d.callbacks.camera_probe import CameraTokenProbe
+from selfsup3d.callbacks.camera_token_probe import CameraTokenProbe
 from selfsup3d.callbacks.consensus import ConsensusPictures, SceneRetrieval
 from selfsup3d.callbacks.export import EncoderExport
 from selfsup3d.callbacks.lr import LearningRates

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
+from selfsup3d.callbacks.base import ObjectiveCallback
 from selfsup3d.callbacks.images import feature_pca, image_grid, tensorboard
-from selfsup3d.eval.scene_retrieval import RetrievalProtocol, SetSimilarity
-from selfsup3d.objectives.base import PretrainObjective, component_outputs
+from selfsup3d.metrics.keypoint_retrieval import RetrievalProtocol, SetSimilarity
+from selfsup3d.objectives.base import PretrainObjective
 from selfsup3d.objectives.consensus import FeatureConsensus
 from selfsup3d.objectives.multitask import MultiTask
 
@@ -70,7 +70,7 @@ def consensus_picture(out: Mapping[str, Any], scene: int, max_views: int, min_si
     return image_grid(rows)
 
 
-class ConsensusPictures(Callback):
+class ConsensusPictures(ObjectiveCallback):
     """Feature PCA and key points of the first validation batch, to TensorBoard as ``<name>/features_<i>``.
 
     Args:
@@ -78,42 +78,38 @@ class ConsensusPictures(Callback):
         max_views: views per scene.
     """
 
+    objective = FeatureConsensus
+    first_batch_only = True
+    global_zero_only = True
+
     def __init__(self, max_scenes: int = 2, max_views: int = 4) -> None:
         self.max_scenes, self.max_views = max_scenes, max_views
         self.last_pictures: list[Tensor] = []
 
-    @rank_zero_only
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def on_validation_component(
+        self, trainer: Trainer, pl_module: PretrainObjective, name: str, component: Any, outputs: Any, batch: Any
     ) -> None:
-        writer = tensorboard(trainer)
-        if batch_idx != 0 or trainer.sanity_checking or not isinstance(pl_module, PretrainObjective):
+        if "f2d" not in outputs:
             return
-        for name, _, out in component_outputs(pl_module, outputs, FeatureConsensus):
-            if "f2d" not in out:
-                continue
-            self.last_pictures = [
-                consensus_picture(out, i, self.max_views) for i in range(min(self.max_scenes, out["images"].shape[0]))
-            ]
-            if writer is not None:
-                for i, picture in enumerate(self.last_pictures):
-                    writer.add_image(f"{name or 'consensus'}/features_{i}", picture, trainer.global_step)
+        scenes = range(min(self.max_scenes, outputs["images"].shape[0]))
+        self.last_pictures = [consensus_picture(outputs, i, self.max_views) for i in scenes]
+        writer = tensorboard(trainer)
+        if writer is not None:
+            for i, picture in enumerate(self.last_pictures):
+                writer.add_image(f"{name or 'consensus'}/features_{i}", picture, trainer.global_step)
 
 
-class SceneRetrieval(Callback):
+class SceneRetrieval(ObjectiveCallback):
     """2D->3D scene retrieval and duplicate detection on the validation scenes of each rank (see the module
-    docstring and :class:`~selfsup3d.eval.scene_retrieval.RetrievalProtocol`; ``selfsup3d retrieve`` computes the
+    docstring and :class:`~selfsup3d.metrics.keypoint_retrieval.RetrievalProtocol`; ``selfsup3d retrieve`` computes the
     same over a whole held-out set).
 
     Args:
-        mode: how a key-point set is compared with another (:func:`~selfsup3d.eval.scene_retrieval.set_similarity`).
+        mode: how a key-point set is compared with another
+            (:func:`~selfsup3d.metrics.keypoint_retrieval.set_similarity`).
     """
+
+    objective = FeatureConsensus
 
     def __init__(self, mode: SetSimilarity = "best_match") -> None:
         self.mode = mode
@@ -123,25 +119,16 @@ class SceneRetrieval(Callback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.protocols = {}
 
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def on_validation_component(
+        self, trainer: Trainer, pl_module: PretrainObjective, name: str, component: Any, outputs: Any, batch: Any
     ) -> None:
-        if trainer.sanity_checking or not isinstance(pl_module, PretrainObjective):
+        scenes = _scene_batch(batch, pl_module, name)
+        if scenes is None or component.keypoints2d is None or scenes["images"].shape[1] < 3:
             return
-        for name, objective, _ in component_outputs(pl_module, outputs, FeatureConsensus):
-            scenes = _scene_batch(batch, pl_module, name)
-            if scenes is None or objective.keypoints2d is None or scenes["images"].shape[1] < 3:
-                continue
-            self.protocols.setdefault(name, RetrievalProtocol(self.mode)).add(objective, scenes, pl_module.encoder)
+        self.protocols.setdefault(name, RetrievalProtocol(self.mode)).add(component, scenes, pl_module.encoder)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
+        if not self.validating(trainer, pl_module):
             return
         for name, protocol in self.protocols.items():
             self.last_metrics[name] = metrics = protocol.compute()

@@ -27,15 +27,15 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
+from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from selfsup3d.callbacks.base import ObjectiveCallback  # noqa: E402
 from selfsup3d.callbacks.images import image_grid, tensorboard  # noqa: E402
-from selfsup3d.eval.nvs import nearest_view_baseline  # noqa: E402
-from selfsup3d.objectives.base import PretrainObjective, component_outputs  # noqa: E402
+from selfsup3d.metrics.nvs import nearest_view_baseline  # noqa: E402
+from selfsup3d.objectives.base import PretrainObjective  # noqa: E402
 from selfsup3d.objectives.masked_view import MaskedViewPrediction  # noqa: E402
 
 
@@ -117,7 +117,7 @@ def summary_text(metrics: Mapping[str, float]) -> str:
     return "\n".join(lines)
 
 
-class MaskedViewPictures(Callback):
+class MaskedViewPictures(ObjectiveCallback):
     """Logs renders and camera plots of masked-view prediction to TensorBoard at every validation.
 
     Args:
@@ -128,6 +128,10 @@ class MaskedViewPictures(Callback):
             that CPU-sized renders (16x16) stay legible in TensorBoard.
     """
 
+    objective = MaskedViewPrediction
+    first_batch_only = True
+    global_zero_only = True
+
     def __init__(self, max_scenes: int = 4, max_views: int = 8, summary: bool = True, min_size: int = 64) -> None:
         super().__init__()
         self.max_scenes = max_scenes
@@ -135,12 +139,10 @@ class MaskedViewPictures(Callback):
         self.summary = summary
         self.min_size = min_size
 
-    @rank_zero_only
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not (self.summary and trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking):
+        if not (self.summary and trainer.state.fn == TrainerFn.VALIDATING and self.validating(trainer, pl_module)):
             return
-        if not isinstance(pl_module, PretrainObjective):
-            return
+        assert isinstance(pl_module, PretrainObjective)
         for name, component in pl_module.components():
             if isinstance(component, MaskedViewPrediction):
                 prefix = f"val/{name}/" if name else "val/"
@@ -149,22 +151,12 @@ class MaskedViewPictures(Callback):
                 if "psnr" in metrics:
                     print(summary_text(metrics), flush=True)
 
-    @rank_zero_only
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def on_validation_component(
+        self, trainer: Trainer, pl_module: PretrainObjective, name: str, component: Any, outputs: Any, batch: Any
     ) -> None:
         writer = tensorboard(trainer)
-        if batch_idx != 0 or trainer.sanity_checking or writer is None or not isinstance(pl_module, PretrainObjective):
-            return
-        for name, _, out in component_outputs(pl_module, outputs, MaskedViewPrediction):
-            if all(isinstance(out.get(k), Tensor) for k in ("context", "target", "render")):
-                self.log_pictures(writer, name or "masked_view", out, trainer.global_step)
+        if writer is not None and all(isinstance(outputs.get(k), Tensor) for k in ("context", "target", "render")):
+            self.log_pictures(writer, name or "masked_view", outputs, trainer.global_step)
 
     def log_pictures(self, writer: Any, tag: str, outputs: Mapping[str, Any], step: int) -> None:
         """The render grid and the camera plots of one validation batch's outputs, under ``tag/``."""

@@ -35,16 +35,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from selfsup3d.callbacks.base import ValidationCallback
 from selfsup3d.callbacks.images import tensorboard
 from selfsup3d.datamodules.spec import data_specs
 from selfsup3d.encoders.base import Encoder
 from selfsup3d.encoders.teacher import FrozenTeacher, make_teacher
-from selfsup3d.eval.correspondence import ROTATION_BINS, THRESHOLDS, CorrespondenceRecall, scene_correspondence
+from selfsup3d.errors import require
+from selfsup3d.eval.correspondence import ROTATION_BINS, THRESHOLDS, CorrespondenceRecall, batch_correspondence
 from selfsup3d.eval.dense import (
     DepthMetrics,
     NormalMetrics,
@@ -56,6 +58,7 @@ from selfsup3d.eval.dense import (
 )
 from selfsup3d.eval.features import Features, Views, encoder_features, pixel_uv, sample_at
 from selfsup3d.eval.probes import FeatureBank, LinearProbe, knn_predict
+from selfsup3d.eval.report import bar_chart
 from selfsup3d.eval.suite import named_metrics
 from selfsup3d.objectives.base import PretrainObjective
 
@@ -139,7 +142,7 @@ def _key(source: str, role: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", f"{source or 'all'}__{role}")
 
 
-class ProbeCallback(Callback):
+class ProbeCallback(ValidationCallback):
     """Online 3D-awareness probes of the encoder beside a frozen reference (see the module docstring).
 
     Args:
@@ -184,8 +187,7 @@ class ProbeCallback(Callback):
         unknown = set(probes) - set(ONLINE_PROBES)
         if unknown:
             raise ValueError(f"ProbeCallback: unknown probes {sorted(unknown)}; choose from {', '.join(ONLINE_PROBES)}")
-        if train_every_n_steps < 1:
-            raise ValueError(f"ProbeCallback: train_every_n_steps must be >= 1, got {train_every_n_steps}")
+        require(train_every_n_steps >= 1, "ProbeCallback: train_every_n_steps", ">= 1", train_every_n_steps, ValueError)
         self.probes = tuple(probes)
         self.num_classes = num_classes
         self.use_reference = reference
@@ -341,17 +343,9 @@ class ProbeCallback(Callback):
         return losses
 
     # ------------------------------------------------------------------ evaluation
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def on_validation(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, loader: int
     ) -> None:
-        if trainer.sanity_checking:
-            return
         parts = flatten_batch(batch)
         if not parts:
             return
@@ -360,7 +354,7 @@ class ProbeCallback(Callback):
         heads.eval()
         with torch.no_grad(), torch.autocast(pl_module.device.type, enabled=False):
             for name, part in parts:
-                source = name or (f"dataloader{dataloader_idx}" if several else "")
+                source = name or (f"dataloader{loader}" if several else "")
                 for role, encoder in self._encoders(pl_module).items():
                     feats = encoder_features(encoder, part.views.images)
                     metrics = self._metrics_for(source, role, pl_module.device)
@@ -369,20 +363,9 @@ class ProbeCallback(Callback):
     def _evaluate(self, head: _Heads, feats: Features, part: _Batch, metrics: _Metrics, role: str, seed: int) -> None:
         views, v = part.views, part.num_views
         if "correspondence" in self.probes and part.multiview:
-            assert views.depth is not None and views.K is not None and views.c2w is not None
-            for s in range(views.images.shape[0] // v):
-                sl = slice(s * v, (s + 1) * v)
-                scene_correspondence(
-                    feats.dense[sl],
-                    views.depth[sl],
-                    views.K[sl],
-                    views.c2w[sl],
-                    metrics.corr,
-                    self.num_queries,
-                    self.num_matches,
-                    seed=seed * 1009 + s,
-                    max_pairs=self.max_pairs,
-                )
+            seeds = [seed * 1009 + s for s in range(views.images.shape[0] // v)]
+            batch_correspondence(feats.dense, views, seeds, metrics.corr, self.num_queries, self.num_matches,
+                                 max_pairs=self.max_pairs)  # fmt: skip
         if views.depth is not None and self.train_steps > 0 and (head.depth is not None or head.normal is not None):
             h, w = views.hw
             all_uv = pixel_uv(torch.arange(h * w, device=views.images.device), w)
@@ -441,7 +424,7 @@ class ProbeCallback(Callback):
         return {f"{prefix}{tag}{k}": v for k, v in values.items() if not k.startswith("corr_matches")}
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking:
+        if not self.validating(trainer, pl_module):
             return
         metrics = self.compute()
         for m in self.metrics.values():
@@ -455,8 +438,6 @@ class ProbeCallback(Callback):
 
     def figure(self, metrics: Mapping[str, float]) -> Any:
         """Bar chart of the encoder beside the reference for the headline metrics (one panel per metric)."""
-        from selfsup3d.eval.report import bar_chart
-
         rows: dict[str, dict[str, float]] = {}
         for name, value in metrics.items():
             if "/rot" in name:

@@ -6,12 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
+from selfsup3d.callbacks.base import ObjectiveCallback
 from selfsup3d.callbacks.images import colorize, image_grid, tensorboard
-from selfsup3d.objectives.base import PretrainObjective, component_outputs
+from selfsup3d.objectives.base import PretrainObjective
 from selfsup3d.objectives.triplane import TriplaneReconstruction
 
 
@@ -37,7 +37,7 @@ def triplane_picture(outputs: Mapping[str, Any], num_images: int, near: float, f
     return image_grid([r.detach().float().cpu() for r in rows], labels=labels)
 
 
-class TriplaneImages(Callback):
+class TriplaneImages(ObjectiveCallback):
     """Log a picture of the first validation batch to TensorBoard as ``val/triplane``.
 
     Rows: input, rendered colour, rendered depth, target depth (same colour scale over ``[near, far]``),
@@ -48,6 +48,10 @@ class TriplaneImages(Callback):
         every_n_epochs: log every this many validation epochs.
     """
 
+    objective = TriplaneReconstruction
+    first_batch_only = True
+    global_zero_only = True
+
     def __init__(self, num_images: int = 4, every_n_epochs: int = 1) -> None:
         self.num_images = num_images
         self.every_n_epochs = max(1, every_n_epochs)
@@ -57,26 +61,18 @@ class TriplaneImages(Callback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epochs += 0 if trainer.sanity_checking else 1
 
-    @rank_zero_only
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def validating(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Every ``every_n_epochs``-th validation."""
+        return super().validating(trainer, pl_module) and not (self._epochs - 1) % self.every_n_epochs
+
+    def on_validation_component(
+        self, trainer: Trainer, pl_module: PretrainObjective, name: str, component: Any, outputs: Any, batch: Any
     ) -> None:
-        if batch_idx != 0 or trainer.sanity_checking or (self._epochs - 1) % self.every_n_epochs:
+        if "render_rgb" not in outputs:
             return
-        if not isinstance(pl_module, PretrainObjective):
-            return
-        for name, objective, out in component_outputs(pl_module, outputs, TriplaneReconstruction):
-            if "render_rgb" not in out:
-                continue
-            with torch.no_grad():
-                self.last_picture = triplane_picture(out, self.num_images, objective.near, objective.far)
-            writer = tensorboard(trainer)
-            if writer is not None:
-                tag = f"val/{name}/triplane" if name else "val/triplane"
-                writer.add_image(tag, self.last_picture, global_step=trainer.global_step)
+        with torch.no_grad():
+            self.last_picture = triplane_picture(outputs, self.num_images, component.near, component.far)
+        writer = tensorboard(trainer)
+        if writer is not None:
+            tag = f"val/{name}/triplane" if name else "val/triplane"
+            writer.add_image(tag, self.last_picture, global_step=trainer.global_step)

@@ -52,7 +52,7 @@ from selfsup3d.datamodules.pipeline import (
 )
 from selfsup3d.datamodules.resumable import ResumableLoader, StreamEpoch, stream_seed
 from selfsup3d.datamodules.spec import DataSpec
-from selfsup3d.errors import ConfigError, current_prefix
+from selfsup3d.errors import current_prefix, require
 
 
 # ============================================================================ geometry of crops
@@ -66,11 +66,9 @@ def image_hw(image_size: int | Sequence[int], arg: str = "data.image_size") -> t
         hw = (image_size, image_size)
     else:
         values = list(image_size)
-        if len(values) != 2:
-            raise ConfigError(f"{arg} must be an integer or [height, width], got {image_size!r}")
+        require(len(values) == 2, arg, "an integer or [height, width]", image_size)
         hw = (int(values[0]), int(values[1]))
-    if min(hw) < 1:
-        raise ConfigError(f"{arg} must be positive, got {image_size!r}")
+    require(min(hw) >= 1, arg, "positive", image_size)
     return hw
 
 
@@ -340,12 +338,14 @@ class ShardDataModule(LightningDataModule):
             ("shuffle_buffer", shuffle_buffer, 0),
             ("batches_per_epoch", batches_per_epoch, 1),
         ):
-            if not isinstance(value, int) or value < low:
-                raise ConfigError(f"{self.key(name)} must be an integer >= {low}, got {value!r}")
-        if val_batches is not None and val_batches < 1:
-            raise ConfigError(f"{self.key('val_batches')} must be >= 1 or null (one full pass), got {val_batches}")
-        if not 0 <= jitter_strength <= 1:
-            raise ConfigError(f"{self.key('jitter_strength')} must be in [0, 1], got {jitter_strength}")
+            require(isinstance(value, int) and value >= low, self.key(name), f"an integer >= {low}", value)
+        require(
+            val_batches is None or val_batches >= 1,
+            self.key("val_batches"),
+            ">= 1 or null (one full pass)",
+            val_batches,
+        )
+        require(0 <= jitter_strength <= 1, self.key("jitter_strength"), "in [0, 1]", jitter_strength)
         self.train_urls = train_urls
         self.val_urls = val_urls
         self.batch_size = batch_size

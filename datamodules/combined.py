@@ -34,7 +34,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 
 from selfsup3d.datamodules.spec import DataSpec, data_specs
-from selfsup3d.errors import ConfigError, config_prefix, current_prefix
+from selfsup3d.errors import ConfigError, config_prefix, current_prefix, require
 
 TrainMode = Literal["max_size_cycle", "min_size", "max_size"]
 
@@ -55,8 +55,12 @@ class CombinedShards(LightningDataModule):
         self.key_prefix = current_prefix("data")
         if not sources:
             raise ConfigError(f"{self.key_prefix}.sources is empty: name at least one data source")
-        if mode not in ("max_size_cycle", "min_size", "max_size"):
-            raise ConfigError(f"{self.key_prefix}.mode must be max_size_cycle, min_size or max_size, got {mode!r}")
+        require(
+            mode in ("max_size_cycle", "min_size", "max_size"),
+            f"{self.key_prefix}.mode",
+            "max_size_cycle, min_size or max_size",
+            mode,
+        )
         self.mode = mode
         self.sources: dict[str, LightningDataModule] = {}
         for name, factory in sources.items():

@@ -46,6 +46,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from selfsup3d.errors import require
+
 FORMAT_NAME = "selfsup3d"
 FORMAT_VERSION = 1
 
@@ -118,8 +120,7 @@ class EncodedImage(NamedTuple):
 
 def _image_ext(fmt: str) -> str:
     fmt = fmt.lower()
-    if fmt not in IMAGE_EXTENSIONS:
-        raise ValueError(f"image format must be one of {IMAGE_EXTENSIONS}, got {fmt!r}")
+    require(fmt in IMAGE_EXTENSIONS, "image format", f"one of {IMAGE_EXTENSIONS}", fmt, ValueError)
     return "jpg" if fmt == "jpeg" else fmt
 
 
@@ -150,8 +151,7 @@ def encode_depth(depth: np.ndarray, scale: float) -> bytes:
     depth = np.asarray(depth, dtype=np.float64)
     if depth.ndim != 2:
         raise ValueError(f"depth must be [H, W], got shape {list(depth.shape)}")
-    if not scale > 0:
-        raise ValueError(f"depth_scale must be > 0, got {scale}")
+    require(scale > 0, "depth_scale", "> 0", scale, ValueError)
     valid = np.isfinite(depth) & (depth > 0)
     units = np.zeros(depth.shape, dtype=np.float64)
     units[valid] = np.round(depth[valid] / scale)
@@ -196,14 +196,23 @@ def check_camera(K: np.ndarray, c2w: np.ndarray, what: str = "camera") -> None:
     K = np.asarray(K, dtype=np.float64)
     c2w = np.asarray(c2w, dtype=np.float64)
     # plain comparisons: np.allclose costs more than the rest of a view's decoding
-    if K.shape != (3, 3) or not np.isfinite(K).all():
-        raise ValueError(f"{what}: K must be a finite 3x3 matrix, got {K.tolist()}")
-    if not (K[0, 0] > 0 and K[1, 1] > 0) or np.abs(K[2] - _K_ROW).max() > 1e-9 or K[1, 0] != 0:
-        raise ValueError(f"{what}: K must be [[fx, s, cx], [0, fy, cy], [0, 0, 1]] with fx, fy > 0, got {K.tolist()}")
+    require(K.shape == (3, 3) and np.isfinite(K).all(), f"{what}: K", "a finite 3x3 matrix", K.tolist(), ValueError)
+    require(
+        K[0, 0] > 0 and K[1, 1] > 0 and np.abs(K[2] - _K_ROW).max() <= 1e-9 and K[1, 0] == 0,
+        f"{what}: K",
+        "[[fx, s, cx], [0, fy, cy], [0, 0, 1]] with fx, fy > 0",
+        K.tolist(),
+        ValueError,
+    )
     if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
         raise ValueError(f"{what}: c2w must be a finite 4x4 matrix, got shape {list(c2w.shape)}")
-    if np.abs(c2w[3] - _C2W_ROW).max() > 1e-6:
-        raise ValueError(f"{what}: the last row of c2w must be [0, 0, 0, 1], got {c2w[3].tolist()}")
+    require(
+        np.abs(c2w[3] - _C2W_ROW).max() <= 1e-6,
+        f"{what}: the last row of c2w",
+        "[0, 0, 0, 1]",
+        c2w[3].tolist(),
+        ValueError,
+    )
     rot = c2w[:3, :3]
     if np.abs(rot @ rot.T - _EYE3).max() > 1e-4 or np.linalg.det(rot) < 0:
         raise ValueError(f"{what}: the rotation part of c2w is not a rotation (orthonormal, det +1)")
@@ -338,8 +347,13 @@ def encode_image_sample(sample: ImageSample, image_format: str = "jpg", quality:
     if sample.depth is not None:
         if np.shape(sample.depth) != (height, width):
             raise ValueError(f"{where}: depth is {list(np.shape(sample.depth))}, image is [{height}, {width}]")
-        if sample.depth_kind not in ("metric", "relative"):
-            raise ValueError(f"{where}: depth_kind must be 'metric' or 'relative', got {sample.depth_kind!r}")
+        require(
+            sample.depth_kind in ("metric", "relative"),
+            f"{where}: depth_kind",
+            "'metric' or 'relative'",
+            sample.depth_kind,
+            ValueError,
+        )
         scale = sample.depth_scale or depth_scale_for(sample.depth)
         out[DEPTH_SUFFIX] = encode_depth(sample.depth, scale)
         meta.update(depth_scale=scale, depth_kind=sample.depth_kind)
@@ -354,8 +368,13 @@ def encode_image_sample(sample: ImageSample, image_format: str = "jpg", quality:
 
 
 def _check_label(label: Any, where: str) -> None:
-    if not isinstance(label, int | np.integer) or isinstance(label, bool) or label < -1:
-        raise ValueError(f"{where}: label must be an integer >= -1 (-1 = unknown), got {label!r}")
+    require(
+        isinstance(label, int | np.integer) and not isinstance(label, bool) and label >= -1,
+        f"{where}: label",
+        "an integer >= -1 (-1 = unknown)",
+        label,
+        ValueError,
+    )
 
 
 # ============================================================================ writing shards
@@ -386,8 +405,7 @@ class ShardSink:
         overwrite: bool = False,
     ) -> None:
         check_key(split)
-        if samples_per_shard < 1:
-            raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        require(samples_per_shard >= 1, "samples_per_shard", ">= 1", samples_per_shard, ValueError)
         self.out_dir = Path(out_dir)
         self.split = split
         self.image_format = _image_ext(image_format)

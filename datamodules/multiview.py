@@ -19,7 +19,7 @@ from selfsup3d.datamodules.base import (
 )
 from selfsup3d.datamodules.format import SampleError, check_views, decode_rgb, parse_cameras, parse_meta, sample_where
 from selfsup3d.datamodules.spec import DataSpec
-from selfsup3d.errors import ConfigError
+from selfsup3d.errors import ConfigError, require
 
 
 def eval_view_order(num_available: int, num_views: int, num_context: int) -> list[int]:
@@ -102,6 +102,10 @@ def window_view_order(
     else:
         rng.shuffle(context)
     return context + targets
+
+
+BATCH_FIELDS = ("images", "K", "c2w", "depth", "mask")
+"""The per-view arrays of a decoded scene that a multi-view batch stacks (see ``Collate``)."""
 
 
 class MultiViewDecoder:
@@ -249,16 +253,14 @@ class MultiViewShards(ShardDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(train_urls, val_urls, **kwargs)
-        if num_views < 2:
-            raise ConfigError(f"{self.key('num_views')} must be >= 2 (context and target views), got {num_views}")
+        require(num_views >= 2, self.key("num_views"), ">= 2 (context and target views)", num_views)
         num_context = num_views // 2 if num_context_views is None else num_context_views
         if not 1 <= num_context < num_views:
             raise ConfigError(
                 f"{self.key('num_context_views')} must satisfy 1 <= {self.key('num_context_views')} < "
                 f"{self.key('num_views')}, got num_context_views={num_context_views}, num_views={num_views}"
             )
-        if max_zoom < 1:
-            raise ConfigError(f"{self.key('max_zoom')} must be >= 1, got {max_zoom}")
+        require(max_zoom >= 1, self.key("max_zoom"), ">= 1", max_zoom)
         if view_window is not None:
             start, end = (int(w) for w in view_window)
             if not num_views <= start <= end:
@@ -267,8 +269,7 @@ class MultiViewShards(ShardDataModule):
                     f"got {list(view_window)} with num_views={num_views}"
                 )
             view_window = (start, end)
-        if window_steps < 0:
-            raise ConfigError(f"{self.key('window_steps')} must be >= 0, got {window_steps}")
+        require(window_steps >= 0, self.key("window_steps"), ">= 0", window_steps)
         if canonical_view not in CANONICAL_CHOICES:
             raise ConfigError(
                 f"{self.key('canonical_view')} must be one of {CANONICAL_CHOICES}, got {canonical_view!r}"
@@ -335,4 +336,4 @@ class MultiViewShards(ShardDataModule):
         return None if self.view_window is None else window_width(*self.view_window, self.window_steps, step)
 
     def _collate_fn(self) -> Collate:
-        return Collate(("images", "K", "c2w", "depth", "mask"), {"num_context": self.num_context_views})
+        return Collate(BATCH_FIELDS, {"num_context": self.num_context_views})

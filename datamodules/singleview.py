@@ -30,7 +30,7 @@ from selfsup3d.datamodules.format import (
     view_indices,
 )
 from selfsup3d.datamodules.spec import DataSpec
-from selfsup3d.errors import ConfigError
+from selfsup3d.errors import ConfigError, require
 
 
 class SingleViewDecoder:
@@ -161,12 +161,17 @@ class SingleViewShards(ShardDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(train_urls, val_urls, batch_size=batch_size, shuffle_buffer=shuffle_buffer, **kwargs)
-        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ConfigError(f"{self.key('crop_scale')} must satisfy 0 < min <= max <= 1, got {list(crop_scale)}")
-        if not 0 < crop_ratio[0] <= crop_ratio[1]:
-            raise ConfigError(f"{self.key('crop_ratio')} must satisfy 0 < min <= max, got {list(crop_ratio)}")
-        if views_per_scene is not None and views_per_scene < 1:
-            raise ConfigError(f"{self.key('views_per_scene')} must be >= 1 or null, got {views_per_scene}")
+        require(0 < crop_scale[0] <= crop_scale[1] <= 1, self.key("crop_scale"), "[min, max], 0 < min <= max <= 1",
+                list(crop_scale))  # fmt: skip
+        require(
+            0 < crop_ratio[0] <= crop_ratio[1], self.key("crop_ratio"), "[min, max], 0 < min <= max", list(crop_ratio)
+        )
+        require(
+            views_per_scene is None or views_per_scene >= 1,
+            self.key("views_per_scene"),
+            ">= 1 or null",
+            views_per_scene,
+        )
         self.random_resized_crop = random_resized_crop
         self.crop_scale = tuple(crop_scale)
         self.crop_ratio = tuple(crop_ratio)

@@ -8,7 +8,10 @@ alone, ``model.init_args.objectives.masked_view.init_args.dim`` for the same obj
 run, ``data.init_args.sources.scenes.init_args.num_views`` for a source of a combined datamodule. Modules
 ask :func:`config_key` for the full name of one of their arguments; whoever builds a nested module sets the
 prefix around its construction with :func:`config_prefix`, and the module keeps the prefix it was built
-under (:func:`current_prefix`) for checks that run later (at set-up)."""
+under (:func:`current_prefix`) for checks that run later (at set-up).
+
+Range checks have one shape, written once: ``require(lr > 0, self.key("lr"), "> 0", lr)`` raises
+``model.init_args.lr must be > 0, got 0`` (:func:`require`)."""
 
 from __future__ import annotations
 
@@ -51,6 +54,23 @@ class CheckpointCorruptError(OSError):
 class NonFiniteLossError(RuntimeError):
     """Training produced only non-finite losses for too many steps in a row; the message says how many and
     what usually causes it."""
+
+
+def require(ok: bool, key: str, rule: str, value: object, error: type[Exception] = ConfigError) -> None:
+    """Raise ``error("<key> must be <rule>, got <value>")`` unless ``ok``: the one shape of a range check.
+
+    Args:
+        ok: the condition the value must meet.
+        key: what is checked, as the user sets it: the YAML key (``self.key("lr")``, ``spec.key(...)``,
+            :func:`config_key`), a command-line option, or an argument's name in a library function.
+        rule: what the value must be, as the message says it (``"> 0"``, ``"in (0, 1]"``, ``">= 1 or null"``).
+        value: the value given (a string is shown quoted).
+        error: the exception class (:class:`ConfigError` for configuration, ``ValueError`` in library code).
+    """
+    if not ok:
+        raise error(
+            f"{key} must be {rule}, got {value!r}" if isinstance(value, str) else f"{key} must be {rule}, got {value}"
+        )
 
 
 def current_prefix(section: str = "model") -> str:

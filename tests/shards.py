@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from selfsup3d.datamodules.format import ImageSample, Scene, ShardSink, make_key
-from selfsup3d.datamodules.render import RenderSettings, connect, render_scene
+from selfsup3d.datamodules.prepare.render import RenderSettings, connect, render_scene
 
 _CLIENT: int | None = None
 

@@ -1,9 +1,14 @@
-"""The benchmark scripts still run against the shipped configs (one short step each; figures are not checked)."""
+"""The benchmark scripts still run against the shipped configs (one short step each; figures are not checked), and
+every one of them imports and keeps its work in ``main()``."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -11,8 +16,40 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an imported module is (dataclasses look their module up)
     spec.loader.exec_module(module)
     return module
+
+
+SCRIPTS = sorted(p.stem for p in (ROOT / "bench").glob("*.py"))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_bench_script_imports_and_runs_only_from_main(name, capsys):
+    """``make bench`` runs them all: an import that broke (a renamed function) fails here, not in a benchmark
+    run; and importing one does no work: beside imports, definitions and constants its only statement is
+    ``if __name__ == "__main__": main()``."""
+    tree = ast.parse((ROOT / "bench" / f"{name}.py").read_text())
+    allowed = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
+    work = [
+        node.lineno
+        for node in tree.body
+        if not isinstance(node, allowed)
+        and not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))  # a docstring
+        and not (isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'")
+    ]
+    assert not work, f"bench/{name}.py does work at import (lines {work}): move it into main()"
+    module = load_script(name)
+    assert callable(getattr(module, "main", None))
+    assert capsys.readouterr().out == ""
+
+
+def test_loader_bench_times_the_pipeline_beside_the_plain_loop(capsys):
+    bench = load_script("loader")
+    bench.main(["--scenes", "8", "--scene-views", "4", "--render-size", "32", "--image-size", "32", "--batch-size", "4",
+                "--batches", "2", "--repeats", "1", "--workers", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "plain loop" in out and "pipeline / plain loop, samples per CPU second" in out, out
 
 
 def test_masked_view_bench_prints_throughput_memory_and_flops_for_the_demo_config(capsys):

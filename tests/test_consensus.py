@@ -19,16 +19,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from toy import tiny_encoder_config
 
 from selfsup3d.cli import main
+from selfsup3d.cli.retrieve import retrieve
 from selfsup3d.datamodules import MultiViewShards
 from selfsup3d.errors import ConfigError
-from selfsup3d.eval.retrieve import retrieve
 from selfsup3d.heads.scene import SceneBranch, SceneGrid, pooled_depth
 from selfsup3d.losses.consensus import consensus_loss
 from selfsup3d.objectives import FeatureConsensus, MaskedViewPrediction, MultiTask
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(feature_dim=8, grid_size=16, grid_width=4, grid_levels=2, num_coarse=4, num_fine=4, num_keypoints=8,
-            descriptor_dim=8, lr=1e-3, warmup_steps=1)  # fmt: skip
+HEADS = dict(feature_dim=8, grid_size=16, grid_width=4, grid_levels=2, num_coarse=4, num_fine=4, num_keypoints=8,
+             descriptor_dim=8, lr=1e-3)  # fmt: skip
+TINY = dict(HEADS, warmup_steps=1)  # fitted alone (in a multi-task run the recipe is the multi-task module's)
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +209,7 @@ def test_predicted_cameras_in_a_multitask_run(tmp_path, urls):
                         "init_args": {"dim": 32, "num_heads": 2, "camera_layers": 2, "scene_layers": 1,
                                       "render_layers": 1, "num_scene_tokens": 8}},
         "consensus": {"class_path": "selfsup3d.objectives.FeatureConsensus",
-                      "init_args": {**TINY, "cameras": "predicted", "camera_objective": "masked_view"}},
+                      "init_args": {**HEADS, "cameras": "predicted", "camera_objective": "masked_view"}},
     }  # fmt: skip
     cfg = {
         "model": {"class_path": "selfsup3d.objectives.MultiTask",
@@ -233,11 +234,11 @@ def test_predicted_cameras_scale_is_fixed_from_the_views(urls):
     """The estimator's translations have no unit: the closed-form scale makes the result the same whatever the
     prediction's scale, and close to the true one when the predicted poses are the true ones."""
     enc = tiny_encoder(num_out_layers=1)
-    mv = MaskedViewPrediction(enc, dim=32, num_heads=2, camera_layers=2, scene_layers=1, render_layers=1,
-                              num_scene_tokens=8)  # fmt: skip
-    model = MultiTask(enc, {"masked_view": lambda e: mv,
-                            "consensus": functools.partial(FeatureConsensus, cameras="predicted", **TINY)})  # fmt: skip
-    consensus = model.objectives["consensus"]
+    masked = functools.partial(MaskedViewPrediction, dim=32, num_heads=2, camera_layers=2, scene_layers=1,
+                               render_layers=1, num_scene_tokens=8)  # fmt: skip
+    consensus = functools.partial(FeatureConsensus, cameras="predicted", **HEADS)
+    model = MultiTask(enc, {"masked_view": masked, "consensus": consensus})
+    mv, consensus = model.objectives["masked_view"], model.objectives["consensus"]
     batch = batch_of(data(urls))
     true = batch["c2w"]
     rel = torch.linalg.inv(true[:, :1]) @ true  # relative to view 0, as the estimator predicts
@@ -247,7 +248,7 @@ def test_predicted_cameras_scale_is_fixed_from_the_views(urls):
     for factor in (0.1, 10.0):
         scaled = rel.clone()
         scaled[..., :3, 3] *= factor
-        mv.camera.forward = lambda feats, grid, c=scaled: (c, focal)  # type: ignore[method-assign]
+        mv.camera.cameras = lambda tokens, c=scaled: (c, focal)  # type: ignore[method-assign]
         results.append(consensus.scene_cameras(batch, enc_out, *batch["images"].shape[:2])[1])
     assert torch.allclose(results[0], results[1], atol=1e-4)
     ratio = results[0][:, 1:, :3, 3].norm(dim=-1) / rel[:, 1:, :3, 3].norm(dim=-1)
@@ -263,3 +264,14 @@ def test_retrieval_summaries_take_their_own_number_of_key_points(urls):
     assert model.image_keypoints(batch["images"][:, 0], model.encoder).descriptors.shape[1] == 12
     with pytest.raises(ConfigError, match="summary_keypoints must be >= 1, got 0"):
         make(summary_keypoints=0)
+
+
+def test_the_view_subset_is_max_views_and_the_old_key_still_reads(urls):
+    batch = batch_of(data(urls))
+    model = make(max_views=2)
+    assert model.step(batch, "val", model.encoder)["f2d"].shape[0] == 2 * batch["images"].shape[0]
+    with pytest.warns(FutureWarning, match="model.init_args.num_views is now model.init_args.max_views"):
+        old = make(num_views=2)
+    assert old.max_views == 2 and old.hparams["max_views"] == 2 and old.hparams["num_views"] is None
+    with pytest.raises(ConfigError, match="num_views=2 and model.init_args.max_views=3"):
+        make(num_views=2, max_views=3)

@@ -1,15 +1,11 @@
-"""``selfsup3d data``: sub-commands, help, and the lazily imported ``pseudo-depth`` slot."""
+"""``selfsup3d data``: sub-commands, help, usage errors, and the pseudo-depth arguments."""
 
 from __future__ import annotations
-
-import argparse
-import sys
-import types
 
 import pytest
 
 from selfsup3d.cli import main
-from selfsup3d.datamodules import commands
+from selfsup3d.datamodules.prepare import pseudo_depth
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["render", "--help"], ["convert", "--help"],
@@ -34,33 +30,28 @@ def test_unknown_and_missing_arguments_are_usage_errors(capsys):
     assert err.value.code == 2 and "R,G,B" in capsys.readouterr().err
 
 
-def test_pseudo_depth_is_dispatched_to_its_module(monkeypatch):
+def test_pseudo_depth_arguments_reach_the_library_function(monkeypatch, capsys):
     seen = {}
-    fake = types.ModuleType("selfsup3d.datamodules.pseudo_depth")
-    fake.__doc__ = "Fake pseudo depth."
 
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("src")
-        parser.add_argument("--out")
+    def annotate(src, out, model, **kwargs):
+        seen.update(src=src, out=out, model=model, **kwargs)
+        return pseudo_depth.PseudoDepthReport(3, 2, "disparity", {"train": (3, 1, "o/train-000000.tar")})
 
-    def run(args: argparse.Namespace) -> int:
-        seen.update(vars(args))
-        return 3
-
-    fake.add_arguments, fake.run = add_arguments, run
-    monkeypatch.setitem(sys.modules, "selfsup3d.datamodules.pseudo_depth", fake)
-    assert main(["data", "pseudo-depth", "shards.tar", "--out", "o"]) == 3
-    assert seen == {"src": "shards.tar", "out": "o"}
+    monkeypatch.setattr(pseudo_depth, "annotate_pseudo_depth", annotate)
+    argv = ["data", "pseudo-depth", "shards.tar", "--out", "o", "--model", "m", "--batch-size", "2", "--replace"]
+    assert main(argv) == 0
+    assert seen["src"] == "shards.tar" and seen["out"] == "o" and seen["model"] == "m"
+    assert seen["batch_size"] == 2 and seen["replace"] is True and seen["progress"] is True
+    out = capsys.readouterr().out
+    assert "3 samples written (2 annotated with m, kind disparity) to o" in out and "train: 3 samples" in out
 
 
-def test_pseudo_depth_missing_module_fails_clearly(monkeypatch, capsys):
-    real = commands.importlib.import_module
-
-    def import_module(name: str, *args, **kwargs):
-        if name == "selfsup3d.datamodules.pseudo_depth":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(commands.importlib, "import_module", import_module)
-    assert main(["data", "pseudo-depth", "x"]) == 2
-    assert "pseudo-depth: not available" in capsys.readouterr().err
+def test_pseudo_depth_usage_errors(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["data", "pseudo-depth", "--help"])
+    assert err.value.code == 0 and "usage: selfsup3d data pseudo-depth" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as err:
+        main(["data", "pseudo-depth", "x"])
+    assert err.value.code == 2 and "--out" in capsys.readouterr().err
+    assert main(["data", "pseudo-depth", "x", "--out", "o", "--model", "m", "--batch-size", "0"]) == 2
+    assert "--batch-size and --shard-size must be >= 1" in capsys.readouterr().err

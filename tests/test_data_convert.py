@@ -16,16 +16,12 @@ from shards import render_scenes, reprojection_error
 
 from selfsup3d.cli import main
 from selfsup3d.datamodules import BadSampleWarning, MultiViewShards, SingleViewShards
-from selfsup3d.datamodules.convert import (
-    capture_order_key,
-    convert_blender,
-    convert_colmap,
-    convert_images,
-    parse_colmap_images,
-    quaternion_to_rotation,
-)
 from selfsup3d.datamodules.format import Scene
 from selfsup3d.datamodules.multiview import eval_view_order
+from selfsup3d.datamodules.prepare.blender import convert_blender
+from selfsup3d.datamodules.prepare.colmap import convert_colmap, parse_colmap_images, quaternion_to_rotation
+from selfsup3d.datamodules.prepare.frames import capture_order_key
+from selfsup3d.datamodules.prepare.images import convert_images
 
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 

@@ -14,7 +14,7 @@ from shards import render_scenes, reprojection_error, write_multiview_shards
 from selfsup3d.cli import main
 from selfsup3d.datamodules import MultiViewShards
 from selfsup3d.datamodules.multiview import eval_view_order
-from selfsup3d.datamodules.render import (
+from selfsup3d.datamodules.prepare.render import (
     ASSET_FAMILIES,
     CLASS_NAMES,
     ORBIT_JITTER_DEG,

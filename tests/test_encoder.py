@@ -64,7 +64,7 @@ def test_unknown_name_and_bad_sizes_fail_clearly():
         ViTEncoder("huge")
     with pytest.raises(ConfigError, match="img_size=.* is not divisible by the patch size 8"):
         tiny_encoder(img_size=36)
-    with pytest.raises(ConfigError, match="model.init_args.encoder.init_args.num_out_layers=3"):
+    with pytest.raises(ConfigError, match=r"encoder.init_args.num_out_layers must be in \[0, depth=2\], got 3"):
         tiny_encoder(num_out_layers=3)
 
 

@@ -17,7 +17,7 @@ from processes import signal_at_marker
 from test_resume import assert_same_run, fit, image_urls, single_config  # noqa: F401  (image_urls: a fixture)
 from toy import tiny_encoder_config
 
-from selfsup3d.checkpointing import AtomicCheckpointIO, checkpoint_readable
+from selfsup3d.checkpoint_io import AtomicCheckpointIO, checkpoint_readable
 from selfsup3d.cli import main
 
 TESTS = Path(__file__).parent
@@ -68,7 +68,7 @@ def test_a_run_interrupted_mid_step_resumes_with_the_batch_it_had_not_trained_on
 
 KILL_WHILE_SAVING = """
 import os, sys, torch
-from selfsup3d.checkpointing import AtomicCheckpointIO
+from selfsup3d.checkpoint_io import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), sys.argv[1]
 io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
 real_save = torch.save

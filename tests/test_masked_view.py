@@ -12,7 +12,7 @@ from selfsup3d.datamodules import DataSpec
 from selfsup3d.errors import CheckpointMismatchError, ConfigError
 from selfsup3d.geometry.cameras import intrinsics_from_fov, look_at, rotation_angle, spherical_to_cartesian
 from selfsup3d.geometry.rays import pixel_rays
-from selfsup3d.heads.lvsm import ContextBlend, camera_proximity
+from selfsup3d.heads.latent_renderer import ContextBlend, camera_proximity
 from selfsup3d.objectives.masked_view import MaskedViewPrediction
 
 HEADS = dict(dim=32, num_heads=2, camera_layers=1, scene_layers=1, render_layers=1, num_scene_tokens=8)

@@ -23,9 +23,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from toy import tiny_encoder_config
 
 from selfsup3d.cli import main
-from selfsup3d.datamodules import CombinedShards, MultiViewShards, SingleViewShards
+from selfsup3d.datamodules import CombinedShards, DataSpec, MultiViewShards, SingleViewShards
 from selfsup3d.encoders.export import load_exported_encoder, read_export_config
+from selfsup3d.errors import ConfigError
 from selfsup3d.objectives import MaskedViewPrediction, MultiTask, TriplaneReconstruction
+from selfsup3d.objectives.run.recipe import RECIPE_ARGUMENTS
 
 ROOT = Path(__file__).resolve().parents[1]
 MASKED = dict(dim=32, num_heads=2, camera_layers=2, scene_layers=1, render_layers=1, num_scene_tokens=8, lr=1e-3)
@@ -137,6 +139,54 @@ def test_fit_logs_per_objective_and_the_checkpoint_holds_one_encoder(tmp_path, u
     reloaded = MultiTask.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
     assert torch.equal(reloaded.encoder.vit.cls_token, model.encoder.vit.cls_token)
     assert reloaded.weights == model.weights and set(reloaded.objectives) == {"masked_view", "triplane"}
+    # a checkpoint written while the objectives still carried the spike guard's state loads: those keys go
+    old = dict(ckpt, state_dict={**ckpt["state_dict"], "objectives.triplane._grad_norm_ema": torch.zeros(()),
+                                 "objectives.triplane.skipped_steps": torch.zeros((), dtype=torch.long)})  # fmt: skip
+    torch.save(old, tmp_path / "old.ckpt")
+    assert torch.equal(MultiTask.load_from_checkpoint(tmp_path / "old.ckpt").encoder.vit.cls_token,
+                       model.encoder.vit.cls_token)  # fmt: skip
+
+
+NOT_DEFAULT = {"betas": (0.8, 0.9), "warmup_steps": 7, "min_lr_ratio": 0.5, "layer_decay": 0.5,
+               "encoder_lr_scale": 0.5, "grad_spike_factor": 3.0, "grad_spike_warmup": 3, "compile": True,
+               "init_encoder_from": "run/last.ckpt", "max_nonfinite_steps": 3, "ema_decay": 0.9}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", RECIPE_ARGUMENTS)
+def test_an_objective_refuses_a_recipe_argument_of_the_run(name):
+    objectives = {"masked_view": functools.partial(MaskedViewPrediction, **MASKED, **{name: NOT_DEFAULT[name]})}
+    with pytest.raises(ConfigError) as err:
+        MultiTask(tiny_encoder(), objectives)
+    message = str(err.value)
+    assert message.startswith(f"model.init_args.objectives.masked_view.init_args.{name}=")
+    assert f"set model.init_args.{name} instead" in message and "\n" not in message
+
+
+def test_each_objective_is_told_when_its_images_are_not_the_encoders_size():
+    model = make_model(sources={"masked_view": "scenes", "triplane": "images"})  # the encoder is built for 32x32
+    source = "data.init_args.sources.{}.init_args".format
+    specs = {"scenes": DataSpec("multi_view", (32, 32), 4, 2, key_prefix=source("scenes")),
+             "images": DataSpec("single_view", (64, 64), with_depth=True, key_prefix=source("images"))}  # fmt: skip
+    with pytest.warns(UserWarning) as seen:
+        model.configure_data(specs)
+    messages = [str(w.message) for w in seen if "built for" in str(w.message)]
+    assert len(messages) == 1 and messages[0].startswith("data.init_args.sources.images.init_args.image_size=64 ")
+
+
+def test_objectives_carry_none_of_the_run_state():
+    # MaskedViewPrediction's own defaults (RayZer's warm-up and spike factor) are not a setting
+    model = make_model(ema_decay=0.5, grad_spike_factor=3.0)
+    assert model.recipe.ema_decay == 0.5 and model.ema_encoder is not None
+    for component in model.objectives.values():
+        assert component.recipe is None
+        assert not hasattr(component, "run_state") and not hasattr(component, "ema_encoder")
+    keys = set(model.state_dict())
+    assert {"_grad_norm_ema", "skipped_steps"} <= keys
+    assert not any(k.endswith(("._grad_norm_ema", ".skipped_steps")) for k in keys)
+    encoder = tiny_encoder()
+    alone = MaskedViewPrediction(encoder, **MASKED)  # a run of its own, with its recipe
+    with pytest.raises(ConfigError, match="model.init_args.objectives.masked_view was built outside"):
+        MultiTask(encoder, {"masked_view": lambda e: alone})
 
 
 def test_one_multiview_source_feeds_both_objectives(urls):
@@ -202,6 +252,11 @@ def test_demo_config_from_the_cli_and_the_export_loads_in_timm(tmp_path, urls):
         (
             ["--model.init_args.objectives.triplane.init_args.ema_decay", "0.99"],
             ["model.init_args.objectives.triplane.init_args.ema_decay", "set model.init_args.ema_decay instead"],
+        ),
+        (
+            ["--model.init_args.objectives.consensus.init_args.warmup_steps", "7"],
+            ["model.init_args.objectives.consensus.init_args.warmup_steps=7",
+             "set model.init_args.warmup_steps instead"],
         ),
         (
             ["--model.init_args.objectives.masked_view.init_args.num_heads", "3"],

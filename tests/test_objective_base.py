@@ -8,8 +8,9 @@ from conftest import tiny_encoder
 from lightning.pytorch import Callback, Trainer
 from toy import RandomImages, RotationPrediction
 
+from selfsup3d.datamodules import DataSpec
 from selfsup3d.errors import CheckpointMismatchError, ConfigError
-from selfsup3d.objectives.base import warmup_cosine
+from selfsup3d.objectives.run.optimizer import warmup_cosine
 
 
 def _names(model, group):
@@ -166,3 +167,14 @@ def test_checkpoint_hparams_are_plain_data_and_reload(encoder, tmp_path):
     model = RotationPrediction.load_from_checkpoint(ckpt)
     assert model.lr == 3e-4 and model.head[0].out_features == 8
     assert torch.equal(model.encoder.vit.cls_token, encoder.vit.cls_token)
+
+
+def test_a_data_size_the_encoder_was_not_built_for_is_said_at_start_up(encoder, recwarn):
+    model = RotationPrediction(encoder)  # the encoder is built for 32x32
+    model.configure_data({"data": DataSpec("single_view", (32, 32))})
+    assert not [w for w in recwarn if "built for" in str(w.message)]
+    with pytest.warns(UserWarning) as seen:
+        model.configure_data({"data": DataSpec("single_view", (48, 48))})
+    (message,) = [str(w.message) for w in seen if "built for" in str(w.message)]
+    assert message.startswith("data.init_args.image_size=48 but the encoder is built for ")
+    assert "model.init_args.encoder.init_args.img_size=32" in message

@@ -16,11 +16,11 @@ from probe_synthetic import plane_scene, write_plane_shards
 from toy import tiny_encoder_config
 
 from selfsup3d.cli import main as cli_main
+from selfsup3d.cli.probe import main
 from selfsup3d.datamodules.format import ShardSink
 from selfsup3d.encoders.export import save_encoder
 from selfsup3d.encoders.vit import ViTEncoder
 from selfsup3d.errors import ConfigError
-from selfsup3d.eval.command import main
 from selfsup3d.eval.features import EncoderFeatures, Views
 from selfsup3d.eval.scenes import RawScene, split_scenes
 from selfsup3d.eval.sources import load_source, split_label

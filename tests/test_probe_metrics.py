@@ -17,11 +17,11 @@ from selfsup3d.eval.correspondence import (
     visible_queries,
 )
 from selfsup3d.eval.dense import DepthMetrics, NormalMetrics, median_scale, normals_from_depth
+from selfsup3d.eval.feature_pose_probe import PoseAUC, pose_errors, prior_pose, relative_pose_targets
 from selfsup3d.eval.features import ColourFeatures, OracleFeatures, Views, pixel_uv, resample_grid, sample_at
-from selfsup3d.eval.pose import pose_auc
-from selfsup3d.eval.pose_probe import PoseAUC, pose_errors, prior_pose, relative_pose_targets
-from selfsup3d.eval.retrieval import retrieval_chance, retrieval_hits
 from selfsup3d.geometry.cameras import intrinsics_from_fov, look_at, make_se3
+from selfsup3d.metrics.pose import pose_auc
+from selfsup3d.metrics.view_retrieval import retrieval_chance, retrieval_hits
 
 SIZE = 32
 

@@ -10,7 +10,7 @@ from shards import write_singleview_shards
 
 from selfsup3d.cli import main
 from selfsup3d.datamodules import SingleViewShards
-from selfsup3d.datamodules.pseudo_depth import disparity_to_depth
+from selfsup3d.datamodules.prepare.pseudo_depth import disparity_to_depth
 
 
 @pytest.fixture(scope="module")

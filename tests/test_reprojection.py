@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup3d.datamodules.render import RenderSettings, connect, render_scene
+from selfsup3d.datamodules.prepare.render import RenderSettings, connect, render_scene
 from selfsup3d.geometry.cameras import make_se3
 from selfsup3d.geometry.warp import warp_view
 from selfsup3d.losses.reprojection import min_reprojection_loss, ordered_pairs

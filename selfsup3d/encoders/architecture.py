@@ -24,6 +24,8 @@ import torch
 from timm.layers import LayerScale
 from timm.models.vision_transformer import VisionTransformer
 
+from selfsup3d.encoders.timm_factory import create_vit
+
 CONFIG_KEY = "selfsup3d_encoder"
 TIMM_NAME_KEY = "timm_name"
 TIMM_KWARGS_KEY = "timm_kwargs"
@@ -63,8 +65,6 @@ def vit_architecture(vit: VisionTransformer) -> dict[str, Any]:
 def architecture_from_config(config: Mapping[str, Any]) -> dict[str, Any] | None:
     """The architecture a :class:`~selfsup3d.encoders.ViTEncoder` config builds, or ``None`` when it cannot be
     built here. The model is built on the meta device: no memory, no weights, no network."""
-    from selfsup3d.encoders.vit import create_vit
-
     args = {k: config[k] for k in _BUILD_ARGS if config.get(k) is not None}
     try:
         with torch.device("meta"):

@@ -86,6 +86,13 @@ class Encoder(nn.Module, ABC):
         """How many of the last blocks' tokens :attr:`EncoderOutput.layers` carries."""
 
     @property
+    def image_size(self) -> int | None:
+        """The image side the encoder was built for (``img_size``: the grid of its position embeddings; other sizes
+        work, interpolated), or ``None`` when it has none."""
+        size = self.config.get("img_size")
+        return None if size is None else int(size)
+
+    @property
     @abstractmethod
     def reproducible(self) -> bool:
         """Whether the initial weights can be rebuilt from :attr:`config` (pretrained or a weights file);

@@ -12,13 +12,12 @@ loads three ways::
     ViTEncoder("base", checkpoint_path="encoder.safetensors")       # any selfsup3d objective or script
     load_exported_encoder("encoder.safetensors")                     # rebuilt from the metadata
 
-Commands: ``selfsup3d export RUN/checkpoints/last.ckpt --out encoder.safetensors`` writes one;
-``selfsup3d export encoder.safetensors`` prints the ``timm.create_model`` line for an exported file.
+Commands (:mod:`selfsup3d.cli.export`): ``selfsup3d export RUN/checkpoints/last.ckpt --out encoder.safetensors``
+writes one; ``selfsup3d export encoder.safetensors`` prints the ``timm.create_model`` line for an exported file.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,8 +35,9 @@ from selfsup3d.encoders.architecture import (
     TIMM_NAME_KEY,
     vit_architecture,
 )
-from selfsup3d.encoders.checkpoint import encoder_tensors, load_encoder_weights
+from selfsup3d.encoders.base import Encoder
 from selfsup3d.encoders.vit import ViTEncoder
+from selfsup3d.encoders.weights import encoder_tensors, load_encoder_weights
 from selfsup3d.errors import CheckpointMismatchError
 
 METADATA_KEY = CONFIG_KEY
@@ -88,19 +88,20 @@ def save_encoder(
     return out
 
 
-def _metadata(path: str | Path) -> dict[str, str]:
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of an exported ``.safetensors`` file (see :mod:`selfsup3d.encoders.architecture`)."""
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
 
 
 def read_export_config(path: str | Path) -> dict[str, Any]:
     """The encoder config stored in an exported file (empty when the file has none)."""
-    return json.loads(_metadata(path).get(CONFIG_KEY, "{}"))
+    return json.loads(read_metadata(path).get(CONFIG_KEY, "{}"))
 
 
 def timm_create_model_line(path: str | Path) -> str:
     """The ``timm.create_model(...)`` call that loads the exported file ``path`` in plain timm, filled in."""
-    meta = _metadata(path)
+    meta = read_metadata(path)
     if TIMM_NAME_KEY not in meta:
         raise ValueError(
             f"{path} records no timm model name (exported by an older selfsup3d); re-export it from its "
@@ -147,50 +148,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     return save_encoder(sd, config, out)
 
 
-def export_teacher(ckpt: str | Path, out: str | Path) -> Path:
-    """Export the frozen teacher of a selfsup3d checkpoint (the reference its student is measured against):
-    saved in the checkpoint when it could not be rebuilt (a copy of a randomly initialised encoder), rebuilt
-    from its source otherwise."""
-    from selfsup3d.objectives.base import load_objective
-
-    teacher = load_objective(ckpt).frozen_teacher()
-    if teacher is None:
-        raise ValueError(f"{ckpt} has no frozen teacher")
-    encoder = teacher.encoder
+def export_encoder(encoder: Encoder, out: str | Path) -> Path:
+    """Write a built encoder (e.g. a checkpoint's frozen teacher, the reference its student is measured against:
+    saved in the checkpoint when it could not be rebuilt, rebuilt from its source otherwise) with a config that
+    rebuilds it from the file alone."""
     config = {**encoder.config, "checkpoint_path": None, "pretrained": False}
     return save_encoder(encoder.export_state_dict(), config, out, **timm_metadata(encoder))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="selfsup3d export",
-        description="Write the encoder of a selfsup3d checkpoint as a .safetensors file (timm key schema), "
-        "or print how plain timm loads an exported file.",
-    )
-    parser.add_argument(
-        "checkpoint",
-        help="a Lightning checkpoint of any selfsup3d objective (e.g. last.ckpt); or, without --out, an exported "
-        ".safetensors file whose timm.create_model line to print",
-    )
-    parser.add_argument("--out", help="output .safetensors path")
-    parser.add_argument("--teacher", action="store_true", help="export the checkpoint's frozen teacher instead")
-    args = parser.parse_args(argv)
-    try:
-        if args.out is None:
-            if not args.checkpoint.endswith(".safetensors"):
-                parser.error("--out is required to export a checkpoint")
-            print(f"import timm\nmodel = {timm_create_model_line(args.checkpoint)}")
-            return 0
-        path = (export_teacher if args.teacher else export_checkpoint)(args.checkpoint, args.out)
-    except (OSError, ValueError) as err:
-        parser.error(str(err))
-    n = sum(t.numel() for t in _tensors(path))
-    print(f"wrote {path} ({n / 1e6:.2f}M parameters, config: {read_export_config(path)})")
-    if TIMM_NAME_KEY in _metadata(path):
-        print(f"load it in plain timm:\n  import timm\n  model = {timm_create_model_line(path)}")
-    return 0
-
-
-def _tensors(path: Path) -> list[Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return [f.get_tensor(k) for k in f.keys()]  # noqa: SIM118

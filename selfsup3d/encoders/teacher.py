@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup3d.encoders.base import Encoder, EncoderOutput
+from selfsup3d.encoders.export import load_exported_encoder, read_export_config
+from selfsup3d.encoders.vit import ViTEncoder
 from selfsup3d.errors import ConfigError, config_key
 
 _WEIGHT_SUFFIXES = (".ckpt", ".safetensors", ".pth", ".pt", ".bin")
@@ -105,16 +107,12 @@ def build_teacher(spec: str | None, encoder: Encoder, init_encoder_from: str | N
                 f"{config_key('teacher')}={spec!r}: a moving-average teacher is 'ema' or 'ema:DECAY', 0 <= DECAY < 1"
             )
         return FrozenTeacher(copy.deepcopy(encoder), source=f"moving average of the encoder ({decay})", momentum=decay)
-    from selfsup3d.encoders.vit import ViTEncoder
-
     config = dict(encoder.config)
     path = Path(spec)
     if path.exists() or spec.endswith(_WEIGHT_SUFFIXES):
         if not path.is_file():
             raise FileNotFoundError(f"{config_key('teacher')}: teacher weights file not found: {spec}")
         if path.suffix == ".safetensors":
-            from selfsup3d.encoders.export import load_exported_encoder, read_export_config
-
             exported = read_export_config(path)
             if exported:
                 keep = {k: config[k] for k in ("img_size", "num_out_layers") if k in config}

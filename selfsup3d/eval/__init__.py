@@ -1,1 +1,3 @@
-"""Evaluation: novel-view and pose metrics, frozen-feature probes, scene retrieval. Import from the submodules."""
+"""The probe suite: how 3D-aware frozen features are (correspondence, depth, normals, relative pose,
+classification, view retrieval), offline (``selfsup3d probe``) and online (``ProbeCallback``), and RayZer's pose
+probe on camera tokens. Import from the submodules."""

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from selfsup3d.eval.features import pixel_uv, sample_at
+from selfsup3d.errors import require
+from selfsup3d.eval.features import Views, pixel_uv, sample_at
 from selfsup3d.geometry.cameras import project_points, rotation_angle, unproject_depth
 
 THRESHOLDS: tuple[float, ...] = (0.025, 0.05, 0.1)
@@ -149,8 +150,13 @@ class CorrespondenceRecall(Metric):
         self, thresholds: Sequence[float] = THRESHOLDS, bins: Sequence[float] = ROTATION_BINS, **kwargs: object
     ) -> None:
         super().__init__(**kwargs)
-        if list(bins) != sorted(bins) or len(bins) < 2:
-            raise ValueError(f"rotation bins must be at least two increasing edges, got {list(bins)}")
+        require(
+            list(bins) == sorted(bins) and len(bins) >= 2,
+            "rotation bins",
+            "at least two increasing edges",
+            list(bins),
+            ValueError,
+        )
         self.thresholds = tuple(float(t) for t in thresholds)
         self.bins = tuple(float(b) for b in bins)
         t, b = len(self.thresholds), len(self.bins) - 1
@@ -257,4 +263,38 @@ def scene_correspondence(
         fractions = chance_fractions(true_uv, db_uv, thresholds_px) if chance else None
         metric.update(errors / side, relative_rotation_deg(c2w[i], c2w[j]), fractions)
         added += 1
+    return added
+
+
+def batch_correspondence(
+    dense: Tensor,
+    views: Views,
+    seeds: Sequence[int],
+    metric: CorrespondenceRecall,
+    num_queries: int = 512,
+    num_matches: int = 256,
+    rel_tol: float = 0.02,
+    chance: bool = False,
+    max_pairs: int | None = None,
+) -> int:
+    """:func:`scene_correspondence` for every scene of a batch of views, scene after scene.
+
+    Args:
+        dense: ``[S·V, D, h, w]`` dense features of ``S`` scenes of ``V`` consecutive views each.
+        views: the same views, with depth, intrinsics and cameras.
+        seeds: the seed of each scene's query subsets (``S`` of them).
+        metric: where the pairs go.
+        num_queries, num_matches, rel_tol, chance, max_pairs: as :func:`scene_correspondence`.
+
+    Returns:
+        the number of pairs added.
+    """
+    if views.depth is None or views.K is None or views.c2w is None:
+        raise ValueError("correspondence needs the views' depth, intrinsics and cameras")
+    v = dense.shape[0] // len(seeds)
+    added = 0
+    for s, seed in enumerate(seeds):
+        sl = slice(s * v, (s + 1) * v)
+        added += scene_correspondence(dense[sl], views.depth[sl], views.K[sl], views.c2w[sl], metric, num_queries,
+                                      num_matches, rel_tol, seed, chance, max_pairs=max_pairs)  # fmt: skip
     return added

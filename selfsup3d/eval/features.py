@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup3d.errors import require
 from selfsup3d.geometry.cameras import unproject_depth
 
 
@@ -229,8 +230,7 @@ class ColourFeatures(FeatureSource):
     kind = "colour"
 
     def __init__(self, window: int = 5) -> None:
-        if window < 1 or window % 2 == 0:
-            raise ValueError(f"the colour window must be a positive odd number, got {window}")
+        require(window >= 1 and window % 2 == 1, "the colour window", "a positive odd number", window, ValueError)
         self.window = window
 
     def describe(self) -> dict[str, Any]:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from selfsup3d.errors import require
+
 
 class LinearProbe(nn.Module):
     """Linear classifier on frozen global features; a non-affine BatchNorm standardises them first.
@@ -71,8 +73,7 @@ class FeatureBank:
     """
 
     def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"bank capacity must be >= 1, got {capacity}")
+        require(capacity >= 1, "bank capacity", ">= 1", capacity, ValueError)
         self.capacity = capacity
         self.features: Tensor | None = None
         self.labels: Tensor | None = None

@@ -33,7 +33,7 @@ from webdataset.tariterators import group_by_keys
 from selfsup3d.datamodules.format import SampleError, is_multiview, parse_cameras, parse_meta
 from selfsup3d.datamodules.multiview import MultiViewDecoder
 from selfsup3d.datamodules.pipeline import BadSampleHandler, SkipCounter, expand_tars, expand_urls, open_shards
-from selfsup3d.errors import ConfigError
+from selfsup3d.errors import ConfigError, require
 from selfsup3d.eval.features import Views
 
 
@@ -162,8 +162,7 @@ def split_scenes(
     Raises:
         ConfigError: nothing left to train the probes on.
     """
-    if test_scenes < 1:
-        raise ConfigError(f"--test-scenes must be >= 1, got {test_scenes}")
+    require(test_scenes >= 1, "--test-scenes", ">= 1", test_scenes)
     by_group: dict[str, list[RawScene]] = {}
     for s in data:
         by_group.setdefault(s.group, []).append(s)

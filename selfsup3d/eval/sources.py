@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from selfsup3d.encoders.export import load_exported_encoder, read_export_config
-from selfsup3d.encoders.vit import SIZES, ViTEncoder
-from selfsup3d.errors import ConfigError
+from selfsup3d.encoders.timm_factory import SIZES
+from selfsup3d.encoders.vit import ViTEncoder
+from selfsup3d.errors import ConfigError, require
 from selfsup3d.eval.features import (
     ColourFeatures,
     ConstantFeatures,
@@ -100,8 +101,7 @@ def build_encoder(config: Mapping[str, Any], seed: int, where: str) -> nn.Module
     Raises:
         ConfigError: the entry is malformed or the class cannot be built from it.
     """
-    if not isinstance(config, Mapping):
-        raise ConfigError(f"{where}: the encoder entry must be a mapping with class_path/init_args, got {config!r}")
+    require(isinstance(config, Mapping), f"{where}: the encoder entry", "a mapping with class_path/init_args", config)
     cls = _class(str(config.get("class_path", "selfsup3d.encoders.ViTEncoder")))
     args = dict(config.get("init_args") or {})
     params = inspect.signature(cls).parameters

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from selfsup3d.eval.correspondence import ROTATION_BINS, THRESHOLDS, CorrespondenceRecall, scene_correspondence
+from selfsup3d.errors import require
+from selfsup3d.eval.correspondence import ROTATION_BINS, THRESHOLDS, CorrespondenceRecall, batch_correspondence
 from selfsup3d.eval.dense import (
     DepthMetrics,
     NormalMetrics,
@@ -41,6 +42,14 @@ from selfsup3d.eval.dense import (
     median_scale,
     normal_loss,
     normals_from_depth,
+)
+from selfsup3d.eval.feature_pose_probe import (
+    PoseAUC,
+    PoseHead,
+    pose_errors,
+    pose_loss,
+    prior_pose,
+    relative_pose_targets,
 )
 from selfsup3d.eval.features import (
     ConstantFeatures,
@@ -54,10 +63,9 @@ from selfsup3d.eval.features import (
     sample_at,
 )
 from selfsup3d.eval.fitting import fit_head
-from selfsup3d.eval.pose_probe import PoseAUC, PoseHead, pose_errors, pose_loss, prior_pose, relative_pose_targets
 from selfsup3d.eval.probes import knn_predict
-from selfsup3d.eval.retrieval import retrieval_chance, retrieval_hits
 from selfsup3d.eval.scenes import SceneSet
+from selfsup3d.metrics.view_retrieval import retrieval_chance, retrieval_hits
 
 PROBES: tuple[str, ...] = ("correspondence", "depth", "normals", "pose", "classification", "retrieval")
 """Every probe; :class:`ProbeSettings` ``probes`` picks a subset."""
@@ -118,8 +126,9 @@ class ProbeSettings:
         unknown = set(self.probes) - set(PROBES)
         if unknown:
             raise ValueError(f"unknown probes {sorted(unknown)}; choose from {', '.join(PROBES)}")
-        if self.depth_align not in ("none", "median"):
-            raise ValueError(f"depth_align must be 'none' or 'median', got {self.depth_align!r}")
+        require(
+            self.depth_align in ("none", "median"), "depth_align", "'none' or 'median'", self.depth_align, ValueError
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -453,20 +462,9 @@ def run_probes(
         feats = source(seen)
         vectors.append(feats.vector)
         if "correspondence" in wanted:
-            assert views.depth is not None and views.K is not None and views.c2w is not None
-            for s in range(stop - start):
-                sl = slice(s * v, (s + 1) * v)
-                scene_correspondence(
-                    feats.dense[sl],
-                    views.depth[sl],
-                    views.K[sl],
-                    views.c2w[sl],
-                    corr_m,
-                    settings.num_queries,
-                    settings.num_matches,
-                    settings.visibility_tol,
-                    seed=_scene_seed(settings.seed, start + s),
-                )
+            seeds = [_scene_seed(settings.seed, s) for s in range(start, stop)]
+            batch_correspondence(feats.dense, views, seeds, corr_m, settings.num_queries, settings.num_matches,
+                                 settings.visibility_tol)  # fmt: skip
         if heads.depth is not None or heads.normal is not None:
             _dense_eval(heads, feats, views, depth_m, normal_m, settings.depth_align)
         if heads.pose is not None and views.c2w is not None:
@@ -533,21 +531,9 @@ def chance_levels(
         views = test.views(start, stop).to(device)
         assert views.depth is not None and views.K is not None and views.c2w is not None
         if "correspondence" in wanted:
-            feats = constant(views)
-            for s in range(stop - start):
-                sl = slice(s * v, (s + 1) * v)
-                scene_correspondence(
-                    feats.dense[sl],
-                    views.depth[sl],
-                    views.K[sl],
-                    views.c2w[sl],
-                    corr_m,
-                    settings.num_queries,
-                    settings.num_matches,
-                    settings.visibility_tol,
-                    seed=_scene_seed(settings.seed, start + s),
-                    chance=True,
-                )
+            seeds = [_scene_seed(settings.seed, s) for s in range(start, stop)]
+            batch_correspondence(constant(views).dense, views, seeds, corr_m, settings.num_queries,
+                                 settings.num_matches, settings.visibility_tol, chance=True)  # fmt: skip
         if log_depth is not None and "depth" in wanted:
             for k in range(views.depth.shape[0]):
                 target = views.depth[k][views.depth[k] > 0]

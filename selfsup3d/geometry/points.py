@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup3d.errors import require
 from selfsup3d.geometry.cameras import camera_directions, make_se3, unproject_depth
 
 
@@ -158,10 +159,8 @@ def fit_unit_cube(points: Tensor, valid: Tensor, margin: float = 0.1, quantile: 
     Returns:
         :class:`UnitCube`; a scene without valid points gets centre 0 and scale 1.
     """
-    if not 0.0 <= margin < 1.0:
-        raise ValueError(f"margin must be in [0, 1), got {margin}")
-    if not 0.0 <= quantile < 0.5:
-        raise ValueError(f"quantile must be in [0, 0.5), got {quantile}")
+    require(0.0 <= margin < 1.0, "margin", "in [0, 1)", margin, ValueError)
+    require(0.0 <= quantile < 0.5, "quantile", "in [0, 0.5)", quantile, ValueError)
     p = points.detach().float()
     v = valid[..., None].expand_as(p)
     if quantile > 0.0:
@@ -213,8 +212,7 @@ def voxelize(points: Tensor, values: Tensor | None, valid: Tensor, resolution: i
         (0 in empty voxels) and, last, the occupancy (1 where a point fell, else 0). Gradients flow to
         ``values``.
     """
-    if resolution < 1:
-        raise ValueError(f"resolution must be >= 1, got {resolution}")
+    require(resolution >= 1, "resolution", ">= 1", resolution, ValueError)
     b, n = points.shape[:2]
     c = 0 if values is None else values.shape[-1]
     idx, inside = voxel_indices(points.detach(), resolution)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from selfsup3d.errors import require
 from selfsup3d.geometry.cameras import camera_directions
 from selfsup3d.geometry.volume import Bound, Field, render_rays
 
@@ -88,10 +89,9 @@ class RayRenderer(nn.Module):
         super().__init__()
         if not 0 <= near < far:
             raise ValueError(f"need 0 <= near < far, got {near}, {far}")
-        if num_coarse < 1 or num_fine < 0:
-            raise ValueError(f"need num_coarse >= 1 and num_fine >= 0, got {num_coarse}, {num_fine}")
-        if chunk is not None and chunk < 1:
-            raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
+        require(num_coarse >= 1, "num_coarse", ">= 1", num_coarse, ValueError)
+        require(num_fine >= 0, "num_fine", ">= 0", num_fine, ValueError)
+        require(chunk is None or chunk >= 1, "chunk", ">= 1 or None", chunk, ValueError)
         self.near, self.far = near, far
         self.num_coarse, self.num_fine = num_coarse, num_fine
         self.background, self.chunk, self.recompute = background, chunk, recompute

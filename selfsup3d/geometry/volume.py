@@ -25,6 +25,8 @@ from typing import Literal, TypeAlias
 import torch
 from torch import Tensor
 
+from selfsup3d.errors import require
+
 Bound: TypeAlias = "float | Tensor"
 """A depth bound: one float for every ray, or a tensor broadcastable to the rays' leading shape."""
 
@@ -89,8 +91,7 @@ def stratified_samples(
     Returns:
         ``[*shape, num_samples]`` depths.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    require(num_samples >= 1, "num_samples", ">= 1", num_samples, ValueError)
     if not isinstance(near, Tensor) and not isinstance(far, Tensor) and not far > near:
         raise ValueError(f"far ({far}) must be greater than near ({near})")
     offset = (

@@ -1,21 +1,54 @@
 """The camera estimator of masked-view prediction (RayZer): poses relative to a canonical view and one shared
 focal length, predicted from the encoder tokens of all views, with no camera labels; and a depth head on its
-patch tokens for the reprojection loss (:mod:`selfsup3d.losses.reprojection`)."""
+patch tokens for the reprojection loss (:mod:`selfsup3d.losses.reprojection`).
+
+:meth:`CameraEstimator.predict` is the one seam from encoder tokens to cameras a renderer or a 3D branch uses
+(:class:`PredictedCameras`: poses, pixel intrinsics ``K`` from the predicted focal length, the camera tokens): the
+masked-view objective renders with them, the feature-consensus objective builds its scene from them
+(``cameras: predicted``)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from timm.layers import Mlp, trunc_normal_
 from torch import Tensor, nn
 
-from selfsup3d.geometry.cameras import make_se3, rotation_6d_to_matrix
+from selfsup3d.geometry.cameras import intrinsics_from_focal, make_se3, rotation_6d_to_matrix
 from selfsup3d.geometry.rays import unpatchify
 from selfsup3d.layers.positions import sincos_positions
 from selfsup3d.layers.transformer import Transformer, init_linear
 
 IDENTITY_6D = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+@dataclass
+class PredictedCameras:
+    """The cameras of ``V`` views of ``B`` scenes, as :meth:`CameraEstimator.predict` gives them.
+
+    Attributes:
+        c2w: ``[B, V, 4, 4]`` float32 poses relative to view 0 (the identity), in the model's own scale.
+        K: ``[B, V, 3, 3]`` float32 pixel intrinsics: the shared focal length, the principal point at the centre.
+        focal: ``[B]`` the normalised focal length (focal in pixels over the image width).
+        tokens: ``[B, V, dim]`` the camera tokens the pose and focal heads read (RayZer's pose probe reads them).
+        patches: ``[B, V, N, dim]`` the estimator's patch tokens (a depth head reads them).
+    """
+
+    c2w: Tensor
+    K: Tensor
+    focal: Tensor
+    tokens: Tensor
+    patches: Tensor
+
+
+def focal_intrinsics(focal: Tensor, height: int, width: int, views: int) -> Tensor:
+    """``[B, V, 3, 3]`` pixel intrinsics of ``views`` views of ``height x width`` sharing the normalised focal
+    length ``focal [B]`` (focal over width), computed in float32 outside autocast."""
+    with torch.autocast(device_type=focal.device.type, enabled=False):
+        f = focal.float() * width
+        return intrinsics_from_focal(f, f, height, width)[:, None].expand(focal.shape[0], views, 3, 3)
 
 
 class DepthHead(nn.Module):
@@ -110,7 +143,7 @@ class CameraEstimator(nn.Module):
     def tokens(self, feats: Tensor, grid: tuple[int, int]) -> Tensor:
         """The camera tokens ``[B, V, dim]`` (after the transformer) of ``[B, V, N, in_dim]`` encoder tokens: what
         the pose and focal heads read, and what RayZer's pose probe reads
-        (:mod:`selfsup3d.eval.camera_probe`)."""
+        (:mod:`selfsup3d.eval.camera_token_probe`)."""
         return self.encode(feats, grid)[0]
 
     def encode(self, feats: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
@@ -125,6 +158,12 @@ class CameraEstimator(nn.Module):
         x = torch.cat([cam, x + role[None, :, None, :]], dim=2).reshape(b, v * (n + 1), self.dim)
         x = self.transformer(x, frames=v).reshape(b, v, n + 1, self.dim)
         return x[:, :, 0], x[:, :, 1:]
+
+    def predict(self, feats: Tensor, grid: tuple[int, int], image_hw: tuple[int, int]) -> PredictedCameras:
+        """The cameras of ``[B, V, N, in_dim]`` encoder tokens on a ``grid`` patch grid of ``image_hw`` images."""
+        tokens, patches = self.encode(feats, grid)
+        c2w, focal = self.cameras(tokens)
+        return PredictedCameras(c2w, focal_intrinsics(focal, *image_hw, feats.shape[1]), focal, tokens, patches)
 
     def cameras(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """``c2w [B, V, 4, 4]`` and the normalised focal ``[B]`` from the camera tokens ``[B, V, dim]``."""

@@ -12,6 +12,9 @@ image a set of 2D ones. Conventions:
 * Scores are logits (larger = more salient); descriptors are L2-normalised along their channel axis.
 * Selections are padded to ``k``: slots without a key point have ``valid = False``, score ``-inf``,
   position and descriptor 0.
+
+:class:`KeypointSet` is what a selection becomes for comparison (descriptors and weights, the summaries of
+scenes and images that :mod:`selfsup3d.metrics.keypoint_retrieval` compares).
 """
 
 from __future__ import annotations
@@ -41,6 +44,32 @@ class Keypoints:
     scores: Tensor
     descriptors: Tensor | None
     valid: Tensor
+
+
+@dataclass
+class KeypointSet:
+    """Key-point sets of several items (scenes or images), padded to ``N`` slots.
+
+    Attributes:
+        descriptors: ``[S, N, E]`` descriptors (normalised when compared).
+        weights: ``[S, N]`` non-negative weights, 0 in empty slots.
+    """
+
+    descriptors: Tensor
+    weights: Tensor
+
+    @classmethod
+    def from_keypoints(cls, descriptors: Tensor, valid: Tensor, scores: Tensor | None = None) -> KeypointSet:
+        """From a selection (:class:`Keypoints` fields): weight ``sigmoid(score)`` for
+        valid key points (1 without scores), 0 elsewhere."""
+        w = valid.to(descriptors.dtype)
+        if scores is not None:
+            finite = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
+            w = w * torch.sigmoid(finite.to(descriptors.dtype))
+        return cls(descriptors=descriptors, weights=w)
+
+    def __len__(self) -> int:
+        return self.descriptors.shape[0]
 
 
 # ---------------------------------------------------------------------------- heads

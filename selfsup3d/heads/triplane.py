@@ -21,7 +21,7 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from selfsup3d.errors import ConfigError
+from selfsup3d.errors import ConfigError, require
 from selfsup3d.geometry.cameras import camera_directions, intrinsics_from_fov
 from selfsup3d.geometry.render import RayRenderer, RenderedRays
 from selfsup3d.geometry.triplane import Aggregate, inside_box, sample_texels_sparse, sample_triplane, triplane_texels
@@ -235,12 +235,10 @@ class FixedCameraRenderer(nn.Module):
         super().__init__()
         if not 0 < near < far:
             raise ConfigError(f"model.near and model.far must satisfy 0 < near < far, got {near}, {far}")
-        if not 0 < fov_deg < 180:
-            raise ConfigError(f"model.fov_deg must be in (0, 180), got {fov_deg}")
-        if num_coarse < 1 or num_fine < 0:
-            raise ConfigError(f"model.num_coarse must be >= 1 and num_fine >= 0, got {num_coarse}, {num_fine}")
-        if ray_chunk is not None and ray_chunk < 1:
-            raise ConfigError(f"model.ray_chunk must be >= 1 or null, got {ray_chunk}")
+        require(0 < fov_deg < 180, "model.fov_deg", "in (0, 180)", fov_deg)
+        require(num_coarse >= 1, "model.num_coarse", ">= 1", num_coarse)
+        require(num_fine >= 0, "model.num_fine", ">= 0", num_fine)
+        require(ray_chunk is None or ray_chunk >= 1, "model.ray_chunk", ">= 1 or null", ray_chunk)
         self.size, self.near, self.far = size, near, far
         self.box_size = box_size if box_size is not None else far - near
         self.rays = RayRenderer(near, far, num_coarse, num_fine, background, ray_chunk, recompute_chunks)

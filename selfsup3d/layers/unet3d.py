@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from selfsup3d.errors import require
+
 
 def _groups(channels: int, groups: int) -> int:
     """The largest group count ``<= groups`` that divides ``channels``."""
@@ -85,11 +87,9 @@ class UNet3D(nn.Module):
         groups: int = 8,
     ) -> None:
         super().__init__()
-        if min(in_channels, out_channels, width) < 1 or levels < 0:
-            raise ValueError(
-                f"UNet3D needs positive channels and levels >= 0, got in_channels={in_channels}, "
-                f"out_channels={out_channels}, width={width}, levels={levels}"
-            )
+        for name, value in {"in_channels": in_channels, "out_channels": out_channels, "width": width}.items():
+            require(value >= 1, f"UNet3D {name}", ">= 1", value, ValueError)
+        require(levels >= 0, "UNet3D levels", ">= 0", levels, ValueError)
         self.levels = levels
         widths = [min(width * 2**level, max_width or width * 2**level) for level in range(levels + 1)]
         self.widths = widths

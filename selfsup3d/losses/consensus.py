@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup3d.errors import ConfigError
+from selfsup3d.errors import ConfigError, require
 from selfsup3d.geometry.cameras import pixel_centers
 
 Metric = Literal["cosine", "l2"]
@@ -149,8 +149,7 @@ class ConsensusLoss(nn.Module):
 
     def __init__(self, metric: Metric = "cosine", detach_2d: bool = False, detach_3d: bool = False) -> None:
         super().__init__()
-        if metric not in ("cosine", "l2"):
-            raise ConfigError(f"model.consensus metric must be 'cosine' or 'l2', got {metric!r}")
+        require(metric in ("cosine", "l2"), "model.consensus metric", "'cosine' or 'l2'", metric)
         if detach_2d and detach_3d:
             raise ConfigError("detach_2d and detach_3d are both set: the consensus loss would train nothing")
         self.metric, self.detach_2d, self.detach_3d = metric, detach_2d, detach_3d

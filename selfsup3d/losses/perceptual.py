@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchvision.models import get_weight
 from torchvision.models.vgg import cfgs, make_layers
 
-from selfsup3d.errors import CheckpointMismatchError, ConfigError
+from selfsup3d.errors import CheckpointMismatchError, ConfigError, require
 
 # Index in vgg19.features of the ReLU after conv1_2, conv2_2, conv3_4, conv4_4, conv5_4.
 VGG19_LAYERS = (3, 8, 17, 26, 35)
@@ -50,8 +50,7 @@ def load_vgg19_features(source: str, num_layers: int = 5) -> nn.Sequential:
         source: a local state-dict file or a torchvision weights id (see the module docstring).
         num_layers: how many of the five perceptual layers the network must reach (1 to 5).
     """
-    if not 1 <= num_layers <= len(VGG19_LAYERS):
-        raise ConfigError(f"perceptual num_layers must be in [1, {len(VGG19_LAYERS)}], got {num_layers}")
+    require(1 <= num_layers <= len(VGG19_LAYERS), "perceptual num_layers", f"in [1, {len(VGG19_LAYERS)}]", num_layers)
     features = vgg19_features(VGG19_LAYERS[num_layers - 1] + 1)
     path = Path(source).expanduser()
     if path.is_file():

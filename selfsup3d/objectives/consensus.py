@@ -33,6 +33,7 @@ closed form so that the views' point clouds share one centre, and the predicted 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -44,12 +45,13 @@ from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.datamodules.views import select_views
 from selfsup3d.encoders.base import Encoder, EncoderOutput
 from selfsup3d.encoders.teacher import FrozenTeacher, build_teacher
-from selfsup3d.errors import ConfigError
-from selfsup3d.eval.scene_retrieval import KeypointSet
-from selfsup3d.geometry.cameras import intrinsics_from_focal, scale_intrinsics
+from selfsup3d.errors import ConfigError, config_key, require
+from selfsup3d.geometry.cameras import scale_intrinsics
 from selfsup3d.geometry.points import sample_pixels, scale_to_common_centre
+from selfsup3d.heads.camera import CameraEstimator
 from selfsup3d.heads.keypoints import (
     KeypointHead2D,
+    KeypointSet,
     project_keypoints,
     sample_descriptors_2d,
     select_keypoints_2d,
@@ -104,11 +106,14 @@ class FeatureConsensus(PretrainObjective):
         cameras: ``data`` (the batch's cameras) or ``predicted`` (a masked-view objective's, in a multi-task run).
         camera_objective: with ``predicted``, the name of that objective in the multi-task run.
         num_classes: classes of the 3D backbone's online linear probe (``null``: no probe).
-        num_views: use the first ``num_views`` views of each scene (``null``: all), e.g. beside masked-view
-            prediction on one stream of many views (training batches come in random view order).
+        max_views: use the first ``max_views`` views of each scene (``null``: all), e.g. beside masked-view
+            prediction on one stream of many views (training batches come in random view order); the name and
+            meaning of :func:`~selfsup3d.datamodules.views.views_as_images`'s ``max_views``.
         render_pixels: in training, the consensus and depth terms compare this many random foreground pixels per
             view, ``F2D`` read there bilinearly (what a probe of dense features reads), instead of the patch grid
             (``null``: the patch grid, as validation does).
+        num_views: the old name of ``max_views``: still read, with a warning (it read like the data's ``num_views``,
+            the views per sample).
         **kwargs: optimisation and fine-tuning arguments of :class:`~selfsup3d.objectives.base.PretrainObjective`.
     """
 
@@ -145,15 +150,28 @@ class FeatureConsensus(PretrainObjective):
         cameras: Literal["data", "predicted"] = "data",
         camera_objective: str = "masked_view",
         num_classes: int | None = None,
-        num_views: int | None = None,
+        max_views: int | None = None,
         render_pixels: int | None = 256,
+        num_views: int | None = None,
         **kwargs: Any,
     ) -> None:
+        if num_views is not None:  # the old name (before super().__init__: the hyper-parameters keep the new one)
+            if max_views not in (None, num_views):
+                raise ConfigError(
+                    f"{config_key('num_views')}={num_views} and {config_key('max_views')}={max_views}: num_views is "
+                    "the old name of max_views; set max_views alone"
+                )
+            warnings.warn(
+                f"{config_key('num_views')} is now {config_key('max_views')} (the first views of each scene, as "
+                "views_as_images names them); set that instead",
+                FutureWarning,
+                stacklevel=2,
+            )
+            max_views, num_views = num_views, None
         super().__init__(encoder, **kwargs)
         for key, value in {"lambda_consensus": lambda_consensus, "lambda_fidelity": lambda_fidelity,
                            "lambda_depth": lambda_depth, "lambda_keypoints": lambda_keypoints}.items():  # fmt: skip
-            if value < 0:
-                raise ConfigError(f"{self.key(key)} must be >= 0, got {value}")
+            require(value >= 0, self.key(key), ">= 0", value)
         if detach_2d and detach_3d:
             raise ConfigError(f"{self.key('detach_2d')} and {self.key('detach_3d')} together leave nothing to learn")
         if scene_input not in ("colour", "features") or cameras not in ("data", "predicted"):
@@ -170,11 +188,10 @@ class FeatureConsensus(PretrainObjective):
         self.lambda_depth, self.lambda_keypoints = lambda_depth, lambda_keypoints
         self.num_keypoints, self.keypoint_temperature = num_keypoints, keypoint_temperature
         for key, count in (("num_keypoints", num_keypoints), ("summary_keypoints", summary_keypoints)):
-            if count is not None and count < 1:
-                raise ConfigError(f"{self.key(key)} must be >= 1, got {count}")
+            require(count is None or count >= 1, self.key(key), ">= 1", count)
         self.summary_keypoints = summary_keypoints or num_keypoints
         self.cameras, self.camera_objective = cameras, camera_objective
-        self.num_views, self.render_pixels = num_views, render_pixels
+        self.max_views, self.render_pixels = max_views, render_pixels
         self._camera_source: list[PretrainObjective] = []  # bound in a multi-task run (not a submodule)
         self.head2d = ResidualHead(dim, head_hidden or dim)
         self.to_scene = nn.Linear(dim, feature_dim) if scene_input == "features" else None
@@ -225,7 +242,7 @@ class FeatureConsensus(PretrainObjective):
         """In a multi-task run, ``cameras: predicted`` finds its camera estimator among the other objectives."""
         if self.cameras == "predicted":
             source = components.get(self.camera_objective)
-            if source is None or not hasattr(source, "camera"):
+            if source is None or not isinstance(getattr(source, "camera", None), CameraEstimator):
                 raise ConfigError(
                     f"{self.key('camera_objective')}={self.camera_objective!r} names no masked-view objective of "
                     f"this run ({', '.join(components)})"
@@ -242,13 +259,11 @@ class FeatureConsensus(PretrainObjective):
         """``K`` and ``c2w`` ``[B, V, ...]``: the data's, or predicted (see the module docstring)."""
         if self.cameras == "data":
             return batch["K"].float(), batch["c2w"].float()
-        h, w = batch["images"].shape[-2:]
+        image_hw = tuple(batch["images"].shape[-2:])
         with torch.no_grad():  # the masked-view objective's camera estimator learns from its own loss
-            c2w, focal = self._camera_source[0].camera(enc.patches.unflatten(0, (b, v)), enc.grid)
-            f = focal.float() * w
-            K = intrinsics_from_focal(f, f, h, w)[:, None].expand(b, v, 3, 3)
-            c2w = scale_to_common_centre(c2w, K, batch["depth"].float())
-        return K, c2w
+            cameras = self._camera_source[0].camera.predict(enc.patches.unflatten(0, (b, v)), enc.grid, image_hw)
+            c2w = scale_to_common_centre(cameras.c2w, cameras.K, batch["depth"].float())
+        return cameras.K, c2w
 
     def build_scene(self, batch: Mapping[str, Any], f2d: Tensor, K: Tensor, c2w: Tensor) -> SceneGrid:
         """J3D + H3D on the views of ``batch`` (``F2D [B·V, D, h, w]`` for ``scene_input: features``)."""
@@ -265,8 +280,8 @@ class FeatureConsensus(PretrainObjective):
 
     # ------------------------------------------------------------------ the step
     def step(self, batch: dict[str, Any], stage: str, encoder: Encoder) -> dict[str, Any]:
-        if self.num_views is not None:
-            batch = select_views(batch, slice(0, self.num_views))
+        if self.max_views is not None:
+            batch = select_views(batch, slice(0, self.max_views))
         images = batch["images"]
         b, v, _, height, width = images.shape
         enc, f2d = self.features_2d(images.flatten(0, 1), encoder)

@@ -28,9 +28,9 @@ and across views (as VGGT does), so any number of views and any A/B split work a
 
 Small, short runs (the CPU demo) need more help than RayZer's recipe gives; three options, off by default,
 provide it: ``blend_context`` (the renderer refines a blend of the context views weighted by predicted-camera
-distance, :class:`~selfsup3d.heads.lvsm.ContextBlend`), ``render_context_tokens`` (the renderer also attends
+distance, :class:`~selfsup3d.heads.latent_renderer.ContextBlend`), ``render_context_tokens`` (the renderer also attends
 to set A's tokens, as LVSM's decoder-only model does) and ``ray_positions`` (2D patch positions on the ray
-tokens). The heads live in :mod:`selfsup3d.heads.camera` and :mod:`selfsup3d.heads.lvsm`.
+tokens). The heads live in :mod:`selfsup3d.heads.camera` and :mod:`selfsup3d.heads.latent_renderer`.
 """
 
 from __future__ import annotations
@@ -43,16 +43,16 @@ from torch import Tensor, nn
 
 from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.encoders.base import Encoder
-from selfsup3d.errors import ConfigError
-from selfsup3d.eval.nvs import context_mean_baseline, mean_colour_baseline, nearest_view_baseline, psnr, ssim
-from selfsup3d.eval.pose import camera_metrics, relative_rotation_error
-from selfsup3d.geometry.cameras import fov_from_focal, intrinsics_from_focal
+from selfsup3d.errors import ConfigError, require
+from selfsup3d.geometry.cameras import fov_from_focal
 from selfsup3d.geometry.rays import patchify, plucker_map
 from selfsup3d.heads.camera import CameraEstimator, DepthHead
-from selfsup3d.heads.lvsm import ContextBlend, Renderer, SceneReconstructor
+from selfsup3d.heads.latent_renderer import ContextBlend, Renderer, SceneReconstructor
 from selfsup3d.layers.positions import sincos_positions
 from selfsup3d.losses.perceptual import PerceptualLoss
 from selfsup3d.losses.reprojection import min_reprojection_loss
+from selfsup3d.metrics.nvs import context_mean_baseline, mean_colour_baseline, nearest_view_baseline, psnr, ssim
+from selfsup3d.metrics.pose import camera_metrics, relative_rotation_error
 from selfsup3d.objectives.base import PretrainObjective
 
 
@@ -65,8 +65,8 @@ class MaskedViewPrediction(PretrainObjective):
     the patch divides work, at training and at inference.
 
     Validation logs PSNR/SSIM of the renders beside the mean-colour, context-mean and nearest-view baselines
-    (:mod:`selfsup3d.eval.nvs`), and, when the batch has true cameras, pose errors after similarity alignment
-    (``rot_err``, ``trans_err`` in degrees, ``auc5/15/30``, ``centre_err``; :mod:`selfsup3d.eval.pose`) beside
+    (:mod:`selfsup3d.metrics.nvs`), and, when the batch has true cameras, pose errors after similarity alignment
+    (``rot_err``, ``trans_err`` in degrees, ``auc5/15/30``, ``centre_err``; :mod:`selfsup3d.metrics.pose`) beside
     ``rot_err_identity`` (the rotation error of cameras that all keep the canonical view's orientation: the
     true views' mean relative angle) and the focal-length error; and ``psnr_still_cameras``, the PSNR of the
     same model rendering with every camera at the canonical pose: how much of the render rests on the
@@ -157,8 +157,7 @@ class MaskedViewPrediction(PretrainObjective):
             "render_layers": render_layers,
             "num_scene_tokens": num_scene_tokens,
         }.items():
-            if value < 1:
-                raise ConfigError(f"{self.key(key)} must be >= 1, got {value}")
+            require(value >= 1, self.key(key), ">= 1", value)
         if dim % num_heads:
             raise ConfigError(f"{self.key('dim')}={dim} is not divisible by {self.key('num_heads')}={num_heads}")
         for key, value, ok, rule in (
@@ -168,8 +167,7 @@ class MaskedViewPrediction(PretrainObjective):
             ("perceptual_weight", perceptual_weight, perceptual_weight >= 0, ">= 0"),
             ("reprojection_weight", reprojection_weight, reprojection_weight >= 0, ">= 0"),
         ):
-            if not ok:
-                raise ConfigError(f"{self.key(key)} must be {rule}, got {value}")
+            require(ok, self.key(key), rule, value)
         patch, in_dim = encoder.patch_size, encoder.embed_dim
         self.patch_size = patch
         ray_dim = 6 * patch * patch
@@ -243,15 +241,12 @@ class MaskedViewPrediction(PretrainObjective):
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
         enc = (encoder if encoder is not None else self.encoder)(images.flatten(0, 1))
         feats = enc.patches.unflatten(0, (b, v))  # [B, V, N, De]
-        camera_tokens, camera_patches = self.camera.encode(feats, enc.grid)
-        c2w, focal = self.camera.cameras(camera_tokens)
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            f = focal * w
-            K = intrinsics_from_focal(f, f, h, w)[:, None].expand(b, v, 3, 3)
-        render = self.render_from(images, feats, K, c2w, num_context)
-        out = {"render": render, "c2w": c2w, "K": K, "focal": focal, "camera_tokens": camera_tokens, "features": feats}
+        cameras = self.camera.predict(feats, enc.grid, (h, w))
+        render = self.render_from(images, feats, cameras.K, cameras.c2w, num_context)
+        out = {"render": render, "c2w": cameras.c2w, "K": cameras.K, "focal": cameras.focal,
+               "camera_tokens": cameras.tokens, "features": feats}  # fmt: skip
         if self.depth is not None:
-            out["depth"] = self.depth(camera_patches, h, w)
+            out["depth"] = self.depth(cameras.patches, h, w)
         return out
 
     def render_from(self, images: Tensor, feats: Tensor, K: Tensor, c2w: Tensor, num_context: int) -> Tensor:

@@ -13,8 +13,10 @@ built over one shared encoder and trained together::
   single images as its views (``image_views`` of each scene).
 * Logged: ``train/<name>/<metric>`` and ``val/<name>/<metric>`` for every objective, and ``train/loss`` (the
   weighted sum that is optimised).
-* Optimisation (AdamW groups, schedule, layer decay, spike skipping, ``init_encoder_from``) is this module's,
-  the base class's; each objective's ``lr`` is its heads' peak learning rate.
+* The run's recipe (AdamW betas, schedule, layer decay, spike and non-finite guards, ``compile``, the moving
+  average, ``init_encoder_from``: :data:`~selfsup3d.objectives.run.recipe.RECIPE_ARGUMENTS`) is this module's;
+  an objective refuses one set on it, naming the key and the one to set instead, and carries none of the run's
+  state. Each objective keeps its ``lr`` (its heads' peak learning rate) and ``weight_decay``.
 * An objective whose source has no batch in a step (``max_size`` mode) adds a zero-weighted term of its
   parameters, so every head takes part in every step and DDP never waits for a gradient.
 
@@ -43,8 +45,9 @@ from torch import Tensor, nn
 from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.datamodules.views import batch_size
 from selfsup3d.encoders.base import Encoder
-from selfsup3d.errors import ConfigError, config_prefix
+from selfsup3d.errors import ConfigError, config_prefix, require
 from selfsup3d.objectives.base import PretrainObjective
+from selfsup3d.objectives.run.recipe import building_components
 
 ObjectiveFactory = Callable[[Encoder], PretrainObjective]
 """An objective without its encoder: in YAML, a ``class_path`` with ``init_args`` (``encoder`` left out)."""
@@ -73,7 +76,8 @@ class MultiTask(PretrainObjective):
             datamodule's ``sources``); ``null`` when the datamodule has a single source.
         image_views: how many views of each scene an objective that reads single images takes from a
             multi-view source (``null``: all).
-        **kwargs: optimisation and fine-tuning arguments of :class:`~selfsup3d.objectives.PretrainObjective`.
+        **kwargs: the run's recipe: the optimisation and fine-tuning arguments of
+            :class:`~selfsup3d.objectives.PretrainObjective`.
     """
 
     def __init__(
@@ -94,26 +98,27 @@ class MultiTask(PretrainObjective):
             raise ConfigError(
                 f"{self.key('weights')} names no objective: {', '.join(unknown)} (objectives: {', '.join(objectives)})"
             )
-        if any(w < 0 for w in weights.values()):
-            raise ConfigError(f"{self.key('weights')} must be >= 0, got {weights}")
+        require(all(w >= 0 for w in weights.values()), self.key("weights"), ">= 0", weights)
         unknown = sorted(set(sources or {}) - set(objectives))
         if unknown:
             raise ConfigError(f"{self.key('sources')} names no objective: {', '.join(unknown)}")
-        if image_views is not None and image_views < 1:
-            raise ConfigError(f"{self.key('image_views')} must be >= 1 or null, got {image_views}")
+        require(image_views is None or image_views >= 1, self.key("image_views"), ">= 1 or null", image_views)
         built: dict[str, PretrainObjective] = {}
         for name, factory in objectives.items():
-            with _own_hyperparameters(), config_prefix(f"{self.key('objectives')}.{name}.init_args"):
+            prefix = f"{self.key('objectives')}.{name}.init_args"
+            with _own_hyperparameters(), config_prefix(prefix), building_components(self.key_prefix):
                 component = factory(encoder)
-            if not isinstance(component, PretrainObjective):
-                raise ConfigError(f"{self.key('objectives')}.{name} must be a PretrainObjective, got {type(component)}")
+            require(
+                isinstance(component, PretrainObjective),
+                f"{self.key('objectives')}.{name}",
+                "a PretrainObjective",
+                type(component),
+            )
             if component.encoder is not encoder:
                 raise ConfigError(f"{self.key('objectives')}.{name} was built with another encoder than the shared one")
-            if component.ema_decay is not None:  # its average would never move: only this module steps
-                raise ConfigError(
-                    f"{self.key('objectives')}.{name}.init_args.ema_decay: the encoder is shared, so is its moving "
-                    f"average: set {self.key('ema_decay')} instead"
-                )
+            if component.recipe is not None:  # built before, as a run of its own
+                raise ConfigError(f"{self.key('objectives')}.{name} was built outside the multi-task module: give a "
+                                  "factory that builds it (a class_path, or functools.partial in Python)")  # fmt: skip
             del component.encoder  # the encoder is this module's: stored, moved and optimised once
             built[name] = component
         for component in built.values():
@@ -151,6 +156,7 @@ class MultiTask(PretrainObjective):
             with config_prefix(f"{self.key('objectives')}.{name}.init_args"):
                 component.data_spec = component.adapt_spec(specs[source])
                 component.check_data(component.data_spec)
+                component.check_image_size(component.data_spec, self.encoder)
         unused = sorted(set(specs) - set(self._routes.values()))
         if unused:
             raise ConfigError(f"no objective reads the data source(s) {', '.join(unused)} (see {self.key('sources')})")
@@ -193,6 +199,15 @@ class MultiTask(PretrainObjective):
         if stage == "train":
             self.log_scalars(stage, {"loss": out["loss"]}, batch_size(next(iter(routed.values()))))
         return out
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Before the key check: checkpoints of runs whose objectives still carried the gradient-spike state hold
+        it, unused, under each objective's name (``objectives.<name>._grad_norm_ema``/``skipped_steps``); dropped."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.count(".") == 2 and k.startswith("objectives.")]:
+            if key.rsplit(".", 1)[1] in ("_grad_norm_ema", "skipped_steps"):
+                del state[key]
+        super().on_load_checkpoint(checkpoint)
 
     # ------------------------------------------------------------------ the objectives see the trainer
     @property

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.encoders.base import Encoder, EncoderOutput
 from selfsup3d.encoders.teacher import FrozenTeacher, build_teacher, distillation_loss, teacher_width
-from selfsup3d.errors import ConfigError
+from selfsup3d.errors import ConfigError, require
 from selfsup3d.geometry.triplane import Aggregate
 from selfsup3d.geometry.volume import DepthNormalization, normalize_depth
 from selfsup3d.heads.triplane import ConvDecoder, FixedCameraRenderer, Sampler, TriplaneDecoder, TriplaneField
@@ -163,16 +163,14 @@ class TriplaneReconstruction(PretrainObjective):
             "lambda_dist": lambda_dist,
             "lambda_norm": lambda_norm,
         }.items():
-            if value < 0:
-                raise ConfigError(f"{self.key(name)} must be >= 0, got {value}")
-        if decoder not in ("triplane", "conv"):
-            raise ConfigError(f"{self.key('decoder')} must be 'triplane' or 'conv', got {decoder!r}")
-        if rays_per_image is not None and not 0 < rays_per_image <= render_size**2:
-            raise ConfigError(f"{self.key('rays_per_image')} must be in [1, render_size²={render_size**2}] or null")
-        if not 0 <= depth_quantiles[0] < depth_quantiles[1] <= 1 or not 0 <= depth_margin < 0.5:
-            raise ConfigError(
-                f"{self.key('depth_quantiles')} must be 0 <= low < high <= 1 and {self.key('depth_margin')} in [0, 0.5)"
-            )
+            require(value >= 0, self.key(name), ">= 0", value)
+        require(decoder in ("triplane", "conv"), self.key("decoder"), "'triplane' or 'conv'", decoder)
+        pixels = render_size**2
+        require(rays_per_image is None or 0 < rays_per_image <= pixels, self.key("rays_per_image"),
+                f"in [1, render_size²={pixels}] or null", rays_per_image)  # fmt: skip
+        require(0 <= depth_quantiles[0] < depth_quantiles[1] <= 1, self.key("depth_quantiles"),
+                "[low, high], 0 <= low < high <= 1", list(depth_quantiles))  # fmt: skip
+        require(0 <= depth_margin < 0.5, self.key("depth_margin"), "in [0, 0.5)", depth_margin)
         num_layers = encoder.num_out_layers
         if num_layers < 1:
             raise ConfigError(
@@ -249,9 +247,8 @@ class TriplaneReconstruction(PretrainObjective):
     # ------------------------------------------------------------------ set-up checks
     def check_data(self, spec: DataSpec) -> None:
         """The encoder's input must be whole in patches; depth must be there when a depth term is on."""
-        size = (self.input_size, self.input_size) if self.input_size else spec.image_hw
+        size, where = self.encoder_input_size(spec)
         if size[0] % self.patch_size or size[1] % self.patch_size:
-            where = self.key("input_size") if self.input_size else spec.key("image_size")
             raise ConfigError(
                 f"{where}={size[0] if size[0] == size[1] else list(size)} is not divisible by the encoder's patch "
                 f"size {self.encoder_key('patch_size')}={self.patch_size}: pick sizes so that the patch grid is whole"
@@ -262,6 +259,12 @@ class TriplaneReconstruction(PretrainObjective):
                 f"at {spec.key_prefix} has no depth: use shards with depth (`selfsup3d data render`, converted scenes "
                 f"with depth, or `selfsup3d data pseudo-depth` for photos) or set {self.key('lambda_depth')} 0"
             )
+
+    def encoder_input_size(self, spec: DataSpec) -> tuple[tuple[int, int], str]:
+        """``input_size`` when set, else the data's size."""
+        if self.input_size:
+            return (self.input_size, self.input_size), self.key("input_size")
+        return super().encoder_input_size(spec)
 
     # ------------------------------------------------------------------ forward pieces
     def encoder_input(self, images: Tensor) -> Tensor:

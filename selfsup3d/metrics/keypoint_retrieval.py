@@ -1,8 +1,8 @@
 """2D -> 3D scene retrieval and duplicate-scene detection with descriptor-decorated key points.
 
-A scene is summarised by its 3D key points (:class:`KeypointSet`: descriptors and weights, padded to a
-common count, weight 0 in empty slots); a query image by its 2D key points, the same way. Sets are
-compared by their descriptors alone (positions differ in frame between an image and a scene):
+A scene is summarised by its 3D key points (:class:`~selfsup3d.heads.keypoints.KeypointSet`: descriptors and
+weights, padded to a common count, weight 0 in empty slots); a query image by its 2D key points, the same way.
+Sets are compared by their descriptors alone (positions differ in frame between an image and a scene):
 
 * ``best_match``: the weighted mean over the query's key points of the cosine to their best match in the
   scene (asymmetric: "how much of the query is found in the scene");
@@ -19,7 +19,6 @@ Metrics: :func:`retrieval_accuracy` (top-k over all scenes of the database) and
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import torch
@@ -28,34 +27,10 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc
 
 from selfsup3d.datamodules.views import select_views
+from selfsup3d.errors import require
+from selfsup3d.heads.keypoints import KeypointSet
 
 SetSimilarity = Literal["best_match", "chamfer", "mutual"]
-
-
-@dataclass
-class KeypointSet:
-    """Key-point sets of several items (scenes or images), padded to ``N`` slots.
-
-    Attributes:
-        descriptors: ``[S, N, E]`` descriptors (normalised when compared).
-        weights: ``[S, N]`` non-negative weights, 0 in empty slots.
-    """
-
-    descriptors: Tensor
-    weights: Tensor
-
-    @classmethod
-    def from_keypoints(cls, descriptors: Tensor, valid: Tensor, scores: Tensor | None = None) -> KeypointSet:
-        """From a selection (``selfsup3d.heads.keypoints.Keypoints`` fields): weight ``sigmoid(score)`` for
-        valid key points (1 without scores), 0 elsewhere."""
-        w = valid.to(descriptors.dtype)
-        if scores is not None:
-            finite = torch.where(torch.isfinite(scores), scores, torch.zeros_like(scores))
-            w = w * torch.sigmoid(finite.to(descriptors.dtype))
-        return cls(descriptors=descriptors, weights=w)
-
-    def __len__(self) -> int:
-        return self.descriptors.shape[0]
 
 
 def _directed(qd: Tensor, qw: Tensor, sd: Tensor, sw: Tensor, mutual: bool) -> Tensor:
@@ -93,8 +68,9 @@ def set_similarity(
         raise ValueError(
             f"descriptor sizes differ: queries {queries.descriptors.shape[-1]}, scenes {scenes.descriptors.shape[-1]}"
         )
-    if mode not in ("best_match", "chamfer", "mutual"):
-        raise ValueError(f"mode must be 'best_match', 'chamfer' or 'mutual', got {mode!r}")
+    require(
+        mode in ("best_match", "chamfer", "mutual"), "mode", "'best_match', 'chamfer' or 'mutual'", mode, ValueError
+    )
     qd, sd = F.normalize(queries.descriptors, dim=-1), F.normalize(scenes.descriptors, dim=-1)
     qw, sw = queries.weights, scenes.weights
     rows = []

@@ -9,7 +9,7 @@ its unit translation (the direction from camera ``i`` to camera ``j``, scale-fre
 * rotation error: the angle of ``R̂^T R`` in degrees;
 * translation-direction error: the angle between the predicted and true directions in degrees;
 * AUC@τ: the mean over ``k = 1..τ`` degrees of the fraction of pairs with an error below ``k`` (the
-  histogram definition of :func:`selfsup3d.eval.pose.pose_auc`), for rotation alone, translation alone
+  histogram definition of :func:`selfsup3d.metrics.pose.pose_auc`), for rotation alone, translation alone
   and their maximum (the figure pose papers report).
 
 The head sees both maps on one common ``g × g`` grid (:func:`~selfsup3d.eval.features.resample_grid`),
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from selfsup3d.errors import require
 from selfsup3d.eval.dense import Standardize
 from selfsup3d.geometry.cameras import relative_pose, rotation_6d_to_matrix, rotation_angle
 
@@ -61,8 +62,13 @@ class PoseAUC(Metric):
 
     def __init__(self, max_threshold: int = 30, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        if max_threshold < 1 or int(max_threshold) != max_threshold:
-            raise ValueError(f"max_threshold must be a positive whole number of degrees, got {max_threshold}")
+        require(
+            max_threshold >= 1 and int(max_threshold) == max_threshold,
+            "max_threshold",
+            "a positive whole number of degrees",
+            max_threshold,
+            ValueError,
+        )
         self.max_threshold = int(max_threshold)
         for name in ("rot_below", "trans_below", "both_below"):
             self.add_state(name, torch.zeros(self.max_threshold, dtype=torch.float64), dist_reduce_fx="sum")
@@ -107,8 +113,7 @@ class PoseHead(nn.Module):
 
     def __init__(self, norm: Standardize, dim: int, grid: int = 8, proj: int = 32, hidden: int = 64) -> None:
         super().__init__()
-        if grid % 4:
-            raise ValueError(f"the pose probe's grid must be a multiple of 4, got {grid}")
+        require(grid % 4 == 0, "the pose probe's grid", "a multiple of 4", grid, ValueError)
         self.norm = norm
         self.project = nn.Conv2d(dim, proj, 1)
         self.conv = nn.Sequential(

@@ -1,48 +1,36 @@
-"""Command line: ``selfsup3d fit|validate|test|predict`` (LightningCLI) and the tool verbs.
+"""``selfsup3d fit|validate|test|predict``: selfsup3d's LightningCLI (:class:`SelfSup3DCLI`).
 
-The same entry point is installed as ``selfsup3d`` and as ``lightning``, so both of these work::
-
-    lightning fit --config configs/masked_view.yaml
-    selfsup3d fit --config configs/demo/masked_view.yaml --trainer.max_steps 100
-
-Tool verbs, dispatched before LightningCLI parses anything::
-
-    selfsup3d data render|convert|pseudo-depth ...   build WebDataset shards
-    selfsup3d export CKPT --out encoder.safetensors  write the encoder of a checkpoint
-    selfsup3d probe ENCODER... --data URLS           compare how 3D-aware encoders are
-
-Any objective is a ``class_path`` (``subclass_mode_model``): a new one needs no registry entry.
+Any objective is a ``class_path`` (``subclass_mode_model``): a new one needs no registry entry. The entry point
+that dispatches the tool verbs first is :func:`selfsup3d.cli.main`.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
-import signal
 import sys
 
 # Lightning 2.6 still calls jsonargparse APIs that 4.49+ deprecates; the warnings are not actionable by users.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import selfsup3d.callbacks  # noqa: F401  (short class names in YAML resolve for imported classes)
 import selfsup3d.datamodules  # noqa: F401
 import selfsup3d.objectives  # noqa: F401
 from selfsup3d.callbacks import EncoderExport, LearningRates, StepBoundaryRequeue
 from selfsup3d.callbacks.progress import default_progress_bar
-from selfsup3d.checkpointing import check_checkpoint, install_atomic_io
+from selfsup3d.checkpoint_io import check_checkpoint, install_atomic_io
+from selfsup3d.cli.overrides import route_callback_arguments
+from selfsup3d.cli.usage import ConciseArgumentParser
 from selfsup3d.datamodules import SkippedSamplesLogger
 from selfsup3d.errors import (
     CheckpointCorruptError,
@@ -53,19 +41,9 @@ from selfsup3d.errors import (
     WeightsUnavailableError,
 )
 from selfsup3d.objectives.base import PretrainObjective
-from selfsup3d.overrides import route_callback_arguments
-from selfsup3d.usage import ConciseArgumentParser
 
-# verb -> "module:function(argv) -> int | None"; imported only when used.
-TOOL_VERBS: dict[str, tuple[str, str]] = {
-    "data": ("selfsup3d.datamodules.commands:main", "build WebDataset shards: render, convert, pseudo-depth"),
-    "export": ("selfsup3d.encoders.export:main", "write the encoder of a checkpoint as timm weights"),
-    "probe": ("selfsup3d.eval.command:main", "compare how 3D-aware encoders are (correspondence, depth, pose, ...)"),
-    "retrieve": (
-        "selfsup3d.eval.retrieve:main",
-        "2D->3D scene retrieval and duplicate detection with a consensus model",
-    ),
-}
+DESCRIPTION = "selfsup3d: 3D-aware self-supervised pretraining of vision encoders."
+"""The parser's description; :func:`selfsup3d.cli.main` adds the tool verbs."""
 
 # Errors a user causes; the CLI reports the outermost one in a chain in one line, without a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -79,10 +57,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 # Errors of a run that went wrong (not of its configuration): one line, exit status 1.
 RUN_ERRORS: tuple[type[BaseException], ...] = (CheckpointCorruptError, NonFiniteLossError)
-
-DESCRIPTION = "selfsup3d: 3D-aware self-supervised pretraining of vision encoders.\n\nTool verbs: " + "; ".join(
-    f"`selfsup3d {verb} --help` ({what})" for verb, (_, what) in TOOL_VERBS.items()
-)
 
 
 class ConfigLoggingSaveConfig(SaveConfigCallback):
@@ -112,7 +86,7 @@ class SelfSup3DCLI(LightningCLI):
             "save_config_kwargs": {"overwrite": True},
             "seed_everything_default": 42,
             "auto_configure_optimizers": False,
-            "parser_kwargs": {"description": DESCRIPTION, "prog": _prog()},
+            "parser_kwargs": {"description": DESCRIPTION, "prog": prog()},
             "parser_class": ConciseArgumentParser,  # usage errors in two lines, not a page of usage
         }
         defaults.update(kwargs)
@@ -137,7 +111,7 @@ class SelfSup3DCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Lightning's parsing, after routing ``--trainer.callbacks.init_args.KEY VALUE`` to the configured
-        callback that takes ``KEY`` (see :mod:`selfsup3d.overrides`)."""
+        callback that takes ``KEY`` (see :mod:`selfsup3d.cli.overrides`)."""
         if args is None or isinstance(args, (list, tuple)):
             argv = list(sys.argv[1:] if args is None else args)
             routed = route_callback_arguments(argv, parser.parse_args, parser.error, parser.parser_mode)
@@ -211,7 +185,7 @@ class SelfSup3DCLI(LightningCLI):
                 try:
                     check_checkpoint(path)
                 except CheckpointCorruptError as err:
-                    _run_error(subcommand, err)
+                    run_error(subcommand, err)
         super()._parse_ckpt_path()
 
     def _report_user_error(self, err: BaseException, kinds: tuple[type[BaseException], ...]) -> None:
@@ -237,42 +211,16 @@ class SelfSup3DCLI(LightningCLI):
         except ConfigError as err:
             self._report_user_error(err, (ConfigError,))
         except RUN_ERRORS as err:
-            _run_error(subcommand, err)
+            run_error(subcommand, err)
 
 
-def _run_error(subcommand: str, err: BaseException) -> None:
+def run_error(subcommand: str, err: BaseException) -> None:
     """Report a run's error in one line and exit with status 1 (the checkpoint written on the way out stays)."""
-    print(f"{_prog()} {subcommand}: error: {err}", file=sys.stderr)
+    print(f"{prog()} {subcommand}: error: {err}", file=sys.stderr)
     raise SystemExit(1)
 
 
-def _prog() -> str:
+def prog() -> str:
     """The script's name in messages: ``selfsup3d`` or ``lightning`` (also when called from Python)."""
     name = Path(sys.argv[0]).name
     return name if name in ("selfsup3d", "lightning") else "selfsup3d"
-
-
-def _load_verb(target: str) -> Callable[[list[str]], int | None]:
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
-
-
-def main(args: Sequence[str] | None = None) -> int:
-    """Entry point of the ``selfsup3d`` and ``lightning`` scripts."""
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in TOOL_VERBS:
-        return int(_load_verb(TOOL_VERBS[argv[0]][0])(argv[1:]) or 0)
-    # TF32 matmuls on Ampere+; no effect on the CPU.
-    torch.set_float32_matmul_precision("high")
-    try:
-        SelfSup3DCLI(args=args)  # None: LightningCLI reads sys.argv itself
-    except SIGTERMException:
-        # Lightning stops at the next step, saves (ModelCheckpoint and EncoderExport's on_exception) and raises
-        # this SystemExit with no status, i.e. 0; a scheduler must see that the job did not finish.
-        print("selfsup3d: stopped by SIGTERM after saving; resume with --ckpt_path last", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -43,6 +43,7 @@ import numpy as np
 from tqdm import tqdm
 
 from selfsup3d.datamodules.format import Scene, ShardSink, encode_scene, make_key
+from selfsup3d.errors import require
 
 # family -> (train assets, val assets), paths relative to pybullet_data.getDataPath()
 _BLOBS = [f"random_urdfs/{i:03d}/{i:03d}.urdf" for i in range(1000)]
@@ -103,16 +104,13 @@ class RenderSettings:
     arc_deg: float = 360.0
 
     def __post_init__(self) -> None:
-        if self.trajectory not in TRAJECTORIES:
-            raise ValueError(f"trajectory must be one of {TRAJECTORIES}, got {self.trajectory!r}")
-        if not 0.0 < self.arc_deg <= 360.0:
-            raise ValueError(f"arc_deg must be in (0, 360], got {self.arc_deg}")
+        require(self.trajectory in TRAJECTORIES, "trajectory", f"one of {TRAJECTORIES}", self.trajectory, ValueError)
+        require(0.0 < self.arc_deg <= 360.0, "arc_deg", "in (0, 360]", self.arc_deg, ValueError)
 
 
 def assets_for(split: str) -> dict[str, list[str]]:
     """The assets of ``split`` by family (families without assets in that split are left out)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    require(split in SPLITS, "split", f"one of {SPLITS}", split, ValueError)
     index = SPLITS.index(split)
     return {family: pair[index] for family, pair in ASSET_FAMILIES.items() if pair[index]}
 
@@ -427,8 +425,8 @@ def render_dataset(
         progress: show a tqdm progress bar.
     """
     settings = settings or RenderSettings()
-    if settings.num_views < 1 or settings.size < 8:
-        raise ValueError(f"need num_views >= 1 and size >= 8, got {settings.num_views}, {settings.size}")
+    require(settings.num_views >= 1, "num_views", ">= 1", settings.num_views, ValueError)
+    require(settings.size >= 8, "size", ">= 8", settings.size, ValueError)
     workers = len(os.sched_getaffinity(0)) if workers is None else max(1, workers)
     jobs = [(split, i, settings) for split, n in (("train", train_scenes), ("val", val_scenes)) for i in range(n)]
     out = Path(out)

@@ -8,7 +8,8 @@ import kornia
 import pytest
 import torch
 
-from selfsup3d.eval.pose import (
+from selfsup3d.geometry.cameras import look_at, make_se3, spherical_to_cartesian
+from selfsup3d.metrics.pose import (
     align_trajectory,
     apply_similarity,
     camera_metrics,
@@ -18,7 +19,6 @@ from selfsup3d.eval.pose import (
     translation_direction_error,
     umeyama,
 )
-from selfsup3d.geometry.cameras import look_at, make_se3, spherical_to_cartesian
 
 
 def orbit(num_views: int = 6, seed: int = 0, batch: int = 2) -> torch.Tensor:

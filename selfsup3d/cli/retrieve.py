@@ -6,7 +6,7 @@
         --data 'data/embedded/val-*.tar' [--views 8] [--out retrieval.json]
 
 Every held-out scene (all of ``--data``, read once in order) is summarised as in
-:class:`~selfsup3d.eval.scene_retrieval.RetrievalProtocol`: view 0's 2D key points are the query, the 3D key
+:class:`~selfsup3d.metrics.keypoint_retrieval.RetrievalProtocol`: view 0's 2D key points are the query, the 3D key
 points of its other views the scene's entry in the database; two disjoint halves of those views give the
 duplicate pairs. Printed: top-1 and top-5 retrieval over all scenes beside chance (1 / scenes), and the ROC
 AUC of duplicate detection (0.5 is chance). The checkpoint is a ``FeatureConsensus`` run or a multi-task run
@@ -20,33 +20,22 @@ import json
 from pathlib import Path
 from typing import get_args
 
-import torch
-from tqdm import tqdm
-
-from selfsup3d.datamodules import MultiViewShards
-from selfsup3d.eval.scene_retrieval import RetrievalProtocol, SetSimilarity
+from selfsup3d.eval.held_out_retrieval import held_out_retrieval
+from selfsup3d.metrics.keypoint_retrieval import SetSimilarity
 from selfsup3d.objectives import FeatureConsensus
 from selfsup3d.objectives.base import load_objective
 
 
 def retrieve(checkpoint: str | Path, urls: str, views: int = 8, batch_size: int = 8, image_size: int | None = None,
              progress: bool = True, mode: SetSimilarity = "best_match") -> dict[str, dict[str, float]]:  # fmt: skip
-    """The retrieval and duplicate figures of every consensus objective of ``checkpoint`` on the scenes of ``urls``."""
+    """The retrieval and duplicate figures of every consensus objective of ``checkpoint`` on the scenes of ``urls``
+    (:func:`~selfsup3d.eval.held_out_retrieval.held_out_retrieval`)."""
     model = load_objective(checkpoint).eval()
-    components = [(name, c) for name, c in model.components() if isinstance(c, FeatureConsensus)]
+    components = {name or "consensus": c for name, c in model.components() if isinstance(c, FeatureConsensus)}
     if not components:
         raise ValueError(f"{checkpoint} holds no FeatureConsensus objective")
     size = image_size or int(model.encoder.config.get("img_size", 64))
-    data = MultiViewShards(urls, urls, batch_size=batch_size, num_workers=0, image_size=size, num_views=views,
-                           num_context_views=1, with_depth=True, with_masks=None)  # fmt: skip
-    data.setup("validate")
-    protocols = {name: RetrievalProtocol(mode) for name, _ in components}
-    with torch.no_grad():
-        for batch in tqdm(data.val_dataloader(), desc="scenes", unit="batch", disable=not progress):
-            batch = data.prepare_batch(batch, train=False)
-            for name, objective in components:
-                protocols[name].add(objective, batch, model.encoder)
-    return {name or "consensus": protocol.compute() for name, protocol in protocols.items()}
+    return held_out_retrieval(components, model.encoder, urls, views, batch_size, size, progress, mode)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         "--mode",
         choices=list(get_args(SetSimilarity)),
         default="best_match",
-        help="how key-point sets compare (selfsup3d.eval.scene_retrieval.set_similarity; default %(default)s)",
+        help="how key-point sets compare (selfsup3d.metrics.keypoint_retrieval.set_similarity; default %(default)s)",
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args(argv)

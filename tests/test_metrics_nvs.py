@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from selfsup3d.eval.nvs import (
+from selfsup3d.geometry.cameras import look_at, spherical_to_cartesian
+from selfsup3d.metrics.nvs import (
     MAX_PSNR,
     camera_distance,
     context_mean_baseline,
@@ -17,7 +18,6 @@ from selfsup3d.eval.nvs import (
     psnr,
     ssim,
 )
-from selfsup3d.geometry.cameras import look_at, spherical_to_cartesian
 
 
 def test_psnr_of_a_known_error():

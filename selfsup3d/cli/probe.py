@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from selfsup3d.errors import CheckpointMismatchError, ConfigError
+from selfsup3d.errors import CheckpointMismatchError, ConfigError, require
 from selfsup3d.eval.correspondence import THRESHOLDS
 from selfsup3d.eval.report import markdown_table, protocol_text, rotation_table, save_chart, write_json
 from selfsup3d.eval.scenes import decode_scenes, read_raw_scenes, split_scenes
@@ -105,8 +105,7 @@ def _settings(args: argparse.Namespace) -> ProbeSettings:
         ("--head-steps", args.head_steps, 0),
         ("--pose-steps", args.pose_steps, 0),
     ):
-        if value < low:
-            raise ConfigError(f"{name} must be >= {low}, got {value}")
+        require(value >= low, name, f">= {low}", value)
     try:
         return ProbeSettings(
             probes=probes,
@@ -145,8 +144,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     split = split_scenes(data, probe_data, args.test_scenes, args.probe_scenes)
     chosen = split.test + split.probe
     views = args.views or min(8, min(s.num_views for s in chosen))
-    if views < 2:
-        raise ConfigError(f"--views must be >= 2 (pairs of views), got {views}")
+    require(views >= 2, "--views", ">= 2 (pairs of views)", views)
     hw = (args.image_size, args.image_size) if args.image_size else split.test[0].size
     test = decode_scenes(split.test, views, hw)
     probe = decode_scenes(split.probe, views, hw)

@@ -30,10 +30,9 @@ percentile map (``TriplaneReconstruction(depth_normalization="percentile")``, se
 
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,7 @@ from selfsup3d.datamodules.format import (
     parse_meta,
     single_depth_scale,
 )
+from selfsup3d.datamodules.pipeline import expand_urls
 from selfsup3d.hub import fetch_pretrained
 
 DISPARITY_MODELS = ("dpt", "depth_anything")
@@ -129,8 +129,6 @@ def _is_shard_source(src: str) -> bool:
 
 
 def _shard_urls(src: str) -> list[str]:
-    from selfsup3d.datamodules.pipeline import expand_urls
-
     path = Path(src)
     if path.is_dir():
         return [str(p) for p in sorted(path.glob("*.tar"))]
@@ -265,69 +263,39 @@ class DepthModel:
         return out
 
 
-# ---------------------------------------------------------------------------- command
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``selfsup3d data pseudo-depth``."""
-    parser.add_argument(
-        "src", help="single-view shards (brace pattern, glob, or a folder of .tar files) or a folder of images"
-    )
-    parser.add_argument("--out", required=True, help="output folder for the annotated shards")
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="Hugging Face depth-estimation model: hub id or local folder (Depth Anything, DPT, ...)",
-    )
-    parser.add_argument("--batch-size", type=int, default=8, help="images per model call (default %(default)s)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "float16", "bfloat16"],
-        default="float32",
-        help="model precision (default %(default)s)",
-    )
-    parser.add_argument(
-        "--output-kind",
-        choices=["auto", "disparity", "depth"],
-        default="auto",
-        help="what the model predicts; auto: disparity for DPT and relative Depth Anything, depth otherwise",
-    )
-    parser.add_argument(
-        "--disparity-range",
-        type=float,
-        default=10.0,
-        help="far/near ratio of the depth stored for disparity models (default %(default)s)",
-    )
-    parser.add_argument(
-        "--split",
-        default="train",
-        help="output shard prefix for image folders and for shards whose names carry none (default %(default)s)",
-    )
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per output shard (default %(default)s)")
-    parser.add_argument(
-        "--image-format",
-        choices=["png", "jpg", "webp"],
-        default="jpg",
-        help="encoding of images that cannot pass through unchanged (default %(default)s)",
-    )
-    parser.add_argument("--replace", action="store_true", help="re-annotate samples that already have depth")
-    parser.add_argument("--limit", type=int, default=None, help="annotate at most this many samples")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output shards of the same split")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+# ---------------------------------------------------------------------------- annotation
+@dataclass
+class PseudoDepthReport:
+    """What :func:`annotate_pseudo_depth` wrote: samples in all, how many got new depth, what the model predicts
+    (``disparity`` or ``depth``), and per split ``(samples, shards, url)``."""
+
+    written: int
+    annotated: int
+    kind: str
+    splits: dict[str, tuple[int, int, str]]
+
+    def summary(self, model: str, out: str) -> str:
+        lines = [f"{self.written} samples written ({self.annotated} annotated with {model}, kind {self.kind}) to {out}"]
+        lines += [
+            f"  {split}: {n} samples in {shards} shard(s): {url}" for split, (n, shards, url) in self.splits.items()
+        ]
+        return "\n".join(lines)
 
 
-def _flush(batch: list[Item], model: DepthModel, sinks: dict[str, ShardSink], args: argparse.Namespace) -> None:
-    todo = [it for it in batch if it.depth is None or args.replace]
+def _flush(batch: list[Item], model: DepthModel, sinks: dict[str, ShardSink], out: str | Path, model_name: str,
+           replace: bool, shard_size: int, image_format: str, overwrite: bool) -> None:  # fmt: skip
+    todo = [it for it in batch if it.depth is None or replace]
     for item, depth in zip(todo, model([it.rgb for it in todo]) if todo else []):
         item.depth, item.depth_scale, item.depth_kind = depth, None, "relative"
-        item.meta["pseudo_depth"] = {"model": args.model, "kind": model.kind}
+        item.meta["pseudo_depth"] = {"model": model_name, "kind": model.kind}
     for item in batch:
         if item.split not in sinks:
             sinks[item.split] = ShardSink(
-                args.out,
+                out,
                 item.split,
-                samples_per_shard=args.shard_size,
-                image_format=args.image_format,
-                overwrite=args.overwrite,
+                samples_per_shard=shard_size,
+                image_format=image_format,
+                overwrite=overwrite,
             )
         sinks[item.split].write(
             ImageSample(
@@ -343,56 +311,72 @@ def _flush(batch: list[Item], model: DepthModel, sinks: dict[str, ShardSink], ar
         )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Annotate ``args.src`` into ``args.out``; returns the exit status."""
-    if args.batch_size < 1 or args.shard_size < 1:
-        print("selfsup3d data pseudo-depth: --batch-size and --shard-size must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        if _is_shard_source(args.src):
-            total: int | None = None
-            items = iter_shards(args.src, args.split)
-        else:
-            if not Path(args.src).is_dir():
-                raise FileNotFoundError(f"SRC {args.src} is neither shards nor a folder of images")
-            total, items = iter_folder(args.src, args.split)
-        if args.limit is not None and total is not None:
-            total = min(total, args.limit)
-        model = DepthModel(args.model, args.device, args.dtype, args.output_kind, args.disparity_range)
-        sinks: dict[str, ShardSink] = {}
-        batch: list[Item] = []
-        count = annotated = 0
-        with tqdm(total=total, unit="img", desc="pseudo depth", disable=args.no_progress) as bar:
-            for item in items:
-                if args.limit is not None and count >= args.limit:
-                    break
-                annotated += int(item.depth is None or args.replace)
-                batch.append(item)
-                count += 1
-                if len(batch) == args.batch_size:
-                    _flush(batch, model, sinks, args)
-                    bar.update(len(batch))
-                    batch = []
-            if batch:
-                _flush(batch, model, sinks, args)
+def annotate_pseudo_depth(
+    src: str,
+    out: str | Path,
+    model: str,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "float32",
+    output_kind: str = "auto",
+    disparity_range: float = 10.0,
+    split: str = "train",
+    shard_size: int = 1000,
+    image_format: str = "jpg",
+    replace: bool = False,
+    limit: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PseudoDepthReport:
+    """Annotate ``src`` (single-view shards or an image folder) with the pseudo depth of ``model`` into ``out``.
+
+    Args:
+        src: single-view shards (brace pattern, glob, or a folder of ``.tar`` files) or a folder of images.
+        out: output folder for the annotated shards.
+        model: Hugging Face depth-estimation model: hub id or local folder (Depth Anything, DPT, ...).
+        batch_size: images per model call.
+        device: ``cpu``, ``cuda``, ``cuda:1``, ... (``auto``: CUDA when available).
+        dtype: model precision (``float32``, ``float16``, ``bfloat16``).
+        output_kind: what the model predicts (``auto``, ``disparity``, ``depth``; see :func:`output_kind`).
+        disparity_range: far/near ratio of the depth stored for disparity models.
+        split: output shard prefix for image folders and for shards whose names carry none.
+        shard_size: samples per output shard.
+        image_format: encoding of images that cannot pass through unchanged.
+        replace: re-annotate samples that already have depth.
+        limit: annotate at most this many samples.
+        overwrite: replace existing output shards of the same split.
+        progress: show a progress bar.
+    """
+    if _is_shard_source(src):
+        total: int | None = None
+        items = iter_shards(src, split)
+    else:
+        if not Path(src).is_dir():
+            raise FileNotFoundError(f"SRC {src} is neither shards nor a folder of images")
+        total, items = iter_folder(src, split)
+    if limit is not None and total is not None:
+        total = min(total, limit)
+    depth_model = DepthModel(model, device, dtype, output_kind, disparity_range)
+    sinks: dict[str, ShardSink] = {}
+    batch: list[Item] = []
+    count = annotated = 0
+    options = dict(out=out, model_name=model, replace=replace, shard_size=shard_size, image_format=image_format,
+                   overwrite=overwrite)  # fmt: skip
+    with tqdm(total=total, unit="img", desc="pseudo depth", disable=not progress) as bar:
+        for item in items:
+            if limit is not None and count >= limit:
+                break
+            annotated += int(item.depth is None or replace)
+            batch.append(item)
+            count += 1
+            if len(batch) == batch_size:
+                _flush(batch, depth_model, sinks, **options)
                 bar.update(len(batch))
-        for sink in sinks.values():
-            sink.close()
-    except (FileExistsError, FileNotFoundError, ValueError, OSError) as err:
-        print(f"selfsup3d data pseudo-depth: error: {err}", file=sys.stderr)
-        return 2
-    print(f"{count} samples written ({annotated} annotated with {args.model}, kind {model.kind}) to {args.out}")
-    for split, sink in sinks.items():
-        print(f"  {split}: {sink.count} samples in {len(sink.shards)} shard(s): {sink.url}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m selfsup3d.datamodules.pseudo_depth``)."""
-    parser = argparse.ArgumentParser(prog="selfsup3d data pseudo-depth", description=__doc__.strip().split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+                batch = []
+        if batch:
+            _flush(batch, depth_model, sinks, **options)
+            bar.update(len(batch))
+    for sink in sinks.values():
+        sink.close()
+    splits = {name: (sink.count, len(sink.shards), sink.url) for name, sink in sinks.items()}
+    return PseudoDepthReport(count, annotated, depth_model.kind, splits)

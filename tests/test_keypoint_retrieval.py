@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfsup3d.eval.scene_retrieval import (
-    KeypointSet,
+from selfsup3d.heads.keypoints import KeypointSet
+from selfsup3d.metrics.keypoint_retrieval import (
     duplicate_auroc,
     duplicate_auroc_matrix,
     retrieval_accuracy,

@@ -15,11 +15,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 
 from selfsup3d.datamodules.format import IMAGE_EXTENSIONS
+from selfsup3d.datamodules.prepare import blender, colmap, images, pseudo_depth
+from selfsup3d.datamodules.prepare.render import RenderSettings, render_dataset
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser, shard_size: int, image_format: str) -> None:
@@ -37,8 +38,6 @@ def _add_output_arguments(parser: argparse.ArgumentParser, shard_size: int, imag
 
 
 def _render(args: argparse.Namespace) -> int:
-    from selfsup3d.datamodules.render import RenderSettings, render_dataset
-
     settings = RenderSettings(
         num_views=args.views, size=args.size, seed=args.seed, trajectory=args.trajectory, arc_deg=args.arc
     )
@@ -76,8 +75,6 @@ def _parse_background(text: str) -> tuple[int, int, int]:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from selfsup3d.datamodules import convert
-
     common = dict(
         split=args.split,
         max_size=args.max_size,
@@ -87,7 +84,7 @@ def _convert(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if args.source == "blender":
-        report = convert.convert_blender(
+        report = blender.convert_blender(
             args.src,
             args.out,
             scenes_per_shard=args.shard_size,
@@ -97,7 +94,7 @@ def _convert(args: argparse.Namespace) -> int:
             **common,
         )
     elif args.source == "colmap":
-        report = convert.convert_colmap(
+        report = colmap.convert_colmap(
             args.src,
             args.out,
             images=args.images,
@@ -108,7 +105,7 @@ def _convert(args: argparse.Namespace) -> int:
             **common,
         )
     else:
-        report = convert.convert_images(
+        report = images.convert_images(
             args.src,
             args.out,
             samples_per_shard=args.shard_size,
@@ -121,28 +118,88 @@ def _convert(args: argparse.Namespace) -> int:
     return 0 if report.written else 1
 
 
-def _pseudo_depth(argv: Sequence[str]) -> int:
-    """``pseudo-depth`` lives in ``selfsup3d.datamodules.pseudo_depth`` (``add_arguments``, ``run``)."""
-    try:
-        module = importlib.import_module("selfsup3d.datamodules.pseudo_depth")
-    except ModuleNotFoundError as err:
-        if err.name != "selfsup3d.datamodules.pseudo_depth":
-            raise
-        print(
-            "selfsup3d data pseudo-depth: not available in this installation "
-            "(selfsup3d.datamodules.pseudo_depth is missing)",
-            file=sys.stderr,
-        )
-        return 2
-    parser = argparse.ArgumentParser(
-        prog="selfsup3d data pseudo-depth", description=(module.__doc__ or "").strip().split("\n")[0] or None
+def _add_pseudo_depth_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``selfsup3d data pseudo-depth``
+    (:func:`~selfsup3d.datamodules.prepare.pseudo_depth.annotate_pseudo_depth`)."""
+    parser.add_argument(
+        "src", help="single-view shards (brace pattern, glob, or a folder of .tar files) or a folder of images"
     )
-    module.add_arguments(parser)
-    return int(module.run(parser.parse_args(list(argv))) or 0)
+    parser.add_argument("--out", required=True, help="output folder for the annotated shards")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="Hugging Face depth-estimation model: hub id or local folder (Depth Anything, DPT, ...)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="images per model call (default %(default)s)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="model precision (default %(default)s)",
+    )
+    parser.add_argument(
+        "--output-kind",
+        choices=["auto", "disparity", "depth"],
+        default="auto",
+        help="what the model predicts; auto: disparity for DPT and relative Depth Anything, depth otherwise",
+    )
+    parser.add_argument(
+        "--disparity-range",
+        type=float,
+        default=10.0,
+        help="far/near ratio of the depth stored for disparity models (default %(default)s)",
+    )
+    parser.add_argument(
+        "--split",
+        default="train",
+        help="output shard prefix for image folders and for shards whose names carry none (default %(default)s)",
+    )
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per output shard (default %(default)s)")
+    parser.add_argument(
+        "--image-format",
+        choices=["png", "jpg", "webp"],
+        default="jpg",
+        help="encoding of images that cannot pass through unchanged (default %(default)s)",
+    )
+    parser.add_argument("--replace", action="store_true", help="re-annotate samples that already have depth")
+    parser.add_argument("--limit", type=int, default=None, help="annotate at most this many samples")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output shards of the same split")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _pseudo_depth(args: argparse.Namespace) -> int:
+    """Annotate ``args.src`` into ``args.out``; errors are one line and exit status 2."""
+    if args.batch_size < 1 or args.shard_size < 1:
+        print("selfsup3d data pseudo-depth: --batch-size and --shard-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        report = pseudo_depth.annotate_pseudo_depth(
+            args.src,
+            args.out,
+            args.model,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            output_kind=args.output_kind,
+            disparity_range=args.disparity_range,
+            split=args.split,
+            shard_size=args.shard_size,
+            image_format=args.image_format,
+            replace=args.replace,
+            limit=args.limit,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (FileExistsError, FileNotFoundError, ValueError, OSError) as err:
+        print(f"selfsup3d data pseudo-depth: error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary(args.model, args.out))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``selfsup3d data`` argument parser (``pseudo-depth`` is parsed by its own module)."""
+    """The ``selfsup3d data`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="selfsup3d data",
         description="Build WebDataset shards in the selfsup3d format (docs/shard-format.md).",
@@ -218,15 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--no-shuffle", action="store_true", help="keep the sorted order (default: shuffled)")
     images.add_argument("--seed", type=int, default=0, help="seed of the shuffled order (default %(default)s)")
 
-    sub.add_parser("pseudo-depth", help="monocular pseudo depth for single-view shards", add_help=False)
+    annotate = sub.add_parser(
+        "pseudo-depth",
+        help="monocular pseudo depth for single-view shards",
+        description=(pseudo_depth.__doc__ or "").strip().split("\n")[0],
+    )
+    _add_pseudo_depth_arguments(annotate)
+    annotate.set_defaults(func=_pseudo_depth)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``selfsup3d data``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "pseudo-depth":
-        return _pseudo_depth(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

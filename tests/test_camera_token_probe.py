@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from selfsup3d.eval.camera_probe import fit_camera_probe, probe_figures, token_pairs
+from selfsup3d.eval.camera_token_probe import fit_camera_probe, probe_figures, token_pairs
 from selfsup3d.geometry.cameras import look_at, spherical_to_cartesian
 
 

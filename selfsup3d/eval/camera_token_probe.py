@@ -12,7 +12,7 @@ accuracy (RE10K: R@10° 99.6%, t@0.3 92.8%). Reimplemented from that description
 * ``R@10``: share of pairs with a rotation error below 10°; ``t@0.3``: share of pairs whose predicted and true
   unit translations are closer than 0.3 (our reading of RayZer's ``t@0.3``: a chord of 0.3 is an angle of
   about 17.3°; the paper's exact definition was not available);
-* chance: the same figures for the best constant answer (:func:`~selfsup3d.eval.pose_probe.prior_pose`).
+* chance: the same figures for the best constant answer (:func:`~selfsup3d.eval.feature_pose_probe.prior_pose`).
 
 :func:`fit_camera_probe` is the whole protocol as one pure function on tensors; the ``CameraTokenProbe``
 callback (``selfsup3d.callbacks``) runs it on a masked-view model's camera tokens at every validation.
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup3d.eval.dense import Standardize
+from selfsup3d.eval.feature_pose_probe import pose_errors, pose_loss, prior_pose, relative_pose_targets
 from selfsup3d.eval.fitting import fit_head
-from selfsup3d.eval.pose import pair_indices
-from selfsup3d.eval.pose_probe import pose_errors, pose_loss, prior_pose, relative_pose_targets
 from selfsup3d.geometry.cameras import rotation_6d_to_matrix
+from selfsup3d.metrics.pose import pair_indices
 
 ROT_THRESHOLD_DEG = 10.0
 TRANS_THRESHOLD = 0.3

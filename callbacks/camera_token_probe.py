@@ -5,7 +5,7 @@ The probe's labels are the probe split's true cameras; the model never sees them
 the validation pass, under ``no_grad``, and trains only its own head). Logs ``val/probe_r10``,
 ``val/probe_t03``, ``val/probe_rot_err``, ``val/probe_trans_err`` and the same with ``_chance`` (the best
 constant answer), under ``val/<name>/`` for a masked-view component of a multi-task run; see
-:mod:`selfsup3d.eval.camera_probe` for the protocol.
+:mod:`selfsup3d.eval.camera_token_probe` for the protocol.
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ import math
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
+from selfsup3d.callbacks.base import ObjectiveCallback
 from selfsup3d.datamodules.multiview import MultiViewShards
-from selfsup3d.eval.camera_probe import fit_camera_probe
-from selfsup3d.objectives.base import PretrainObjective, component_outputs
+from selfsup3d.errors import require
+from selfsup3d.eval.camera_token_probe import fit_camera_probe
+from selfsup3d.objectives.base import PretrainObjective
 from selfsup3d.objectives.masked_view import MaskedViewPrediction
 
 
-class CameraTokenProbe(Callback):
+class CameraTokenProbe(ObjectiveCallback):
     """Trains RayZer's pose probe on the camera tokens of ``probe_urls`` and reports it on the validation scenes.
 
     The probe split's samples take the validation view choice of the run's datamodule (its image size, view
@@ -48,8 +50,9 @@ class CameraTokenProbe(Callback):
         every_n_validations: int = 1,
     ) -> None:
         super().__init__()
-        if num_scenes < 1 or batch_size < 1 or steps < 1 or every_n_validations < 1:
-            raise ValueError("num_scenes, batch_size, steps and every_n_validations must be >= 1")
+        counts = {"num_scenes": num_scenes, "batch_size": batch_size, "steps": steps}
+        for name, value in {**counts, "every_n_validations": every_n_validations}.items():
+            require(value >= 1, f"CameraTokenProbe: {name}", ">= 1", value, ValueError)
         self.probe_urls = probe_urls
         self.num_scenes = num_scenes
         self.batch_size = batch_size
@@ -59,28 +62,22 @@ class CameraTokenProbe(Callback):
         self._held_out: dict[str, list[tuple[Tensor, Tensor]]] = {}
         self._validations = 0
 
+    objective = MaskedViewPrediction
+
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._held_out = {}
 
-    def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def on_validation_component(
+        self, trainer: Trainer, pl_module: PretrainObjective, name: str, component: Any, outputs: Any, batch: Any
     ) -> None:
-        if trainer.sanity_checking or not isinstance(pl_module, PretrainObjective):
-            return
-        for name, _, out in component_outputs(pl_module, outputs, MaskedViewPrediction):
-            tokens, c2w = out.get("camera_tokens"), out.get("gt_c2w")
-            if isinstance(tokens, Tensor) and isinstance(c2w, Tensor):
-                self._held_out.setdefault(name, []).append((tokens.float().cpu(), c2w.float().cpu()))
+        tokens, c2w = outputs.get("camera_tokens"), outputs.get("gt_c2w")
+        if isinstance(tokens, Tensor) and isinstance(c2w, Tensor):
+            self._held_out.setdefault(name, []).append((tokens.float().cpu(), c2w.float().cpu()))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not self._held_out or not isinstance(pl_module, PretrainObjective):
+        if not self.validating(trainer, pl_module) or not self._held_out:
             return
+        assert isinstance(pl_module, PretrainObjective)
         self._validations += 1
         if (self._validations - 1) % self.every_n_validations:
             return

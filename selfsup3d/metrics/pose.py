@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfsup3d.errors import require
 from selfsup3d.geometry.cameras import make_se3, relative_pose, rotation_angle
 
 RAD2DEG = 180.0 / math.pi
@@ -125,8 +126,13 @@ def pose_auc(rot_err: Tensor, trans_err: Tensor, threshold: float) -> Tensor:
         trans_err: translation direction errors in degrees, same shape.
         threshold: largest threshold in degrees (a positive integer: 5, 15, 30).
     """
-    if threshold < 1 or int(threshold) != threshold:
-        raise ValueError(f"threshold must be a positive whole number of degrees, got {threshold}")
+    require(
+        threshold >= 1 and int(threshold) == threshold,
+        "threshold",
+        "a positive whole number of degrees",
+        threshold,
+        ValueError,
+    )
     err = torch.maximum(rot_err, trans_err).flatten().float()
     ks = torch.arange(1, int(threshold) + 1, device=err.device, dtype=err.dtype)
     return (err[None, :] < ks[:, None]).float().mean(1).mean()

@@ -1,0 +1,13 @@
+"""Making shards (``selfsup3d data ...``): the reading side is :mod:`selfsup3d.datamodules`, the format both
+follow is :mod:`selfsup3d.datamodules.format` (``docs/shard-format.md``).
+
+* :mod:`~selfsup3d.datamodules.prepare.render`: the embedded data set, pybullet's objects rendered on the CPU;
+* one converter per source format: :mod:`~selfsup3d.datamodules.prepare.blender` (NeRF/Blender
+  ``transforms*.json``), :mod:`~selfsup3d.datamodules.prepare.colmap` (COLMAP text models),
+  :mod:`~selfsup3d.datamodules.prepare.images` (an image folder, single-view), on the shared
+  :mod:`~selfsup3d.datamodules.prepare.writer` (shard writing, skip lists, progress) and
+  :mod:`~selfsup3d.datamodules.prepare.frames` (image files, intrinsics, capture order);
+* :mod:`~selfsup3d.datamodules.prepare.pseudo_depth`: monocular pseudo depth for single-view shards.
+
+A new source is one module here with its ``convert_<source>`` function (and one test).
+"""

@@ -1,0 +1,159 @@
+"""Image files of converted scenes and images: loading, alpha masks, resizing with the intrinsics, capture
+order, and one multi-view scene encoded from its frames (shared by the Blender and COLMAP converters).
+
+Encoded images are copied unchanged when they need no change (JPEG/PNG/WebP, RGB, not resized). Views keep
+their capture order, so that a video's frames stay neighbours (the view-overlap curriculum of
+:class:`~selfsup3d.datamodules.MultiViewShards` picks windows of consecutive views): file names sort in natural
+order (``frame_2`` before ``frame_10``, :func:`capture_order_key`); ``max_views`` subsampling keeps every
+``n / max_views``-th view.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from selfsup3d.datamodules.format import EncodedImage, Scene, encode_scene, make_key
+from selfsup3d.datamodules.prepare.writer import Unit
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+_PASSTHROUGH_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+
+# ============================================================================ images
+def load_image(path: Path) -> tuple[Image.Image, bytes]:
+    data = path.read_bytes()
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image, data
+
+
+def _alpha(image: Image.Image) -> np.ndarray | None:
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        return np.asarray(image.convert("RGBA"))[..., 3]
+    return None
+
+
+def _rgb_and_mask(image: Image.Image, background: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+    """RGB array (alpha composited over ``background``) and the alpha mask (``None`` without alpha)."""
+    alpha = _alpha(image)
+    if alpha is None:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8), None
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+    a = rgba[..., 3:4] / 255.0
+    rgb = rgba[..., :3] * a + np.asarray(background, np.float32) * (1 - a)
+    return rgb.round().clip(0, 255).astype(np.uint8), alpha > 127
+
+
+def fit_size(size: tuple[int, int], max_size: int | None) -> tuple[int, int]:
+    w, h = size
+    if not max_size or max(w, h) <= max_size:
+        return w, h
+    s = max_size / max(w, h)
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def prepare_image(
+    image: Image.Image, data: bytes, target: tuple[int, int], background: tuple[int, int, int]
+) -> tuple[np.ndarray | EncodedImage, np.ndarray | None]:
+    """The image for the writer (original bytes when nothing changes) and its alpha mask, at ``target``."""
+    alpha = _alpha(image)
+    if alpha is None and image.size == target and image.format in _PASSTHROUGH_FORMATS and image.mode == "RGB":
+        return EncodedImage(data, _PASSTHROUGH_FORMATS[image.format]), None
+    rgb, mask = _rgb_and_mask(image, background)
+    if image.size != target:
+        rgb = np.asarray(Image.fromarray(rgb).resize(target, Image.Resampling.LANCZOS))
+        if mask is not None:
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(target, Image.Resampling.NEAREST)) > 0
+    return rgb, mask
+
+
+def scale_K(K: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """Intrinsics of an image resized by ``(sx, sy)`` (pixel centres at +0.5: exact)."""
+    out = np.array(K, dtype=np.float64)
+    out[0] *= sx
+    out[1] *= sy
+    return out
+
+
+def capture_order_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key of an image file name in natural order: digit runs compare as numbers (``frame_2`` before
+    ``frame_10``), the rest as lower-case text, so that numbered video frames sort in capture order."""
+    parts = re.split(r"(\d+)", name)
+    return tuple((0, int(p)) if p.isdigit() else (1, p.lower()) for p in parts if p)
+
+
+def _subsample(n: int, max_views: int | None) -> list[int]:
+    if not max_views or n <= max_views:
+        return list(range(n))
+    return [(i * n) // max_views for i in range(max_views)]
+
+
+def scene_record(
+    name: str, frames: list[tuple[str, Path, np.ndarray, np.ndarray]], source: str, opts: Mapping[str, Any], unit: Unit
+) -> Unit:
+    """Load the frames ``(what, path, K, c2w)`` of one scene, keep those of the first frame's size, resize,
+    and encode the scene (or skip it when fewer than ``min_views`` remain). ``opts``: the converter's options
+    (:func:`~selfsup3d.datamodules.prepare.writer.converter_options`: ``max_size``, ``max_views``, ``min_views``,
+    ``background``, ``image_format``)."""
+    max_size, max_views, min_views = opts["max_size"], opts["max_views"], opts["min_views"]
+    background, image_format = opts["background"], opts["image_format"]
+    loaded: list[tuple[str, Image.Image, bytes, np.ndarray, np.ndarray]] = []
+    for what, path, K, c2w in frames:
+        try:
+            image, data = load_image(path)
+        except Exception as err:
+            unit.skipped.append((what, f"unreadable image {path.name} ({type(err).__name__}: {err})"))
+            continue
+        loaded.append((what, image, data, K, c2w))
+    if not loaded:
+        unit.skipped.append((name, "scene skipped: no usable views"))
+        return unit
+    size = Counter(im.size for _, im, _, _, _ in loaded).most_common(1)[0][0]
+    kept = []
+    for item in loaded:
+        if item[1].size != size:
+            w, h = item[1].size
+            unit.skipped.append((item[0], f"image is {w}x{h}, the scene's are {size[0]}x{size[1]}"))
+        else:
+            kept.append(item)
+    kept = [kept[i] for i in _subsample(len(kept), max_views)]
+    if len(kept) < min_views:
+        unit.skipped.append((name, f"scene skipped: {len(kept)} usable view(s), fewer than {min_views}"))
+        return unit
+    target = fit_size(size, max_size)
+    images, masks, Ks, c2ws = [], [], [], []
+    for _, image, data, K, c2w in kept:
+        prepared, mask = prepare_image(image, data, target, background)
+        images.append(prepared)
+        masks.append(mask)
+        Ks.append(scale_K(K, target[0] / size[0], target[1] / size[1]))
+        c2ws.append(c2w)
+    has_masks = all(m is not None for m in masks)
+    if any(m is not None for m in masks) and not has_masks:
+        unit.notes.append((name, "only some views have alpha: masks left out"))
+    key = make_key(name)
+    scene = Scene(
+        key=key,
+        images=images,
+        K=np.stack(Ks),
+        c2w=np.stack(c2ws),
+        masks=masks if has_masks else None,  # type: ignore[arg-type]
+        meta={"source": source, "scene_id": name, "label": -1},
+    )
+    try:
+        unit.record = encode_scene(scene, image_format)
+    except ValueError as err:
+        unit.skipped.append((name, f"scene skipped: {err}"))
+        return unit
+    unit.views = len(images)
+    return unit
