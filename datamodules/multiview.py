@@ -314,6 +314,11 @@ class MultiViewShards(ShardDataModule):
                 f"{self.key('with_depth')}=true but the scenes of {urls} have no depth ({summary.where}): set it to "
                 "false or null"
             )
+        if self.with_masks and not summary.has_masks:
+            raise ConfigError(
+                f"{self.key('with_masks')}=true but the scenes of {urls} have no masks ({summary.where}): set it to "
+                "false or null"
+            )
         inventory = self.inventories.get(split)
         if inventory is not None and not inventory.unknown and inventory.scenes:
             posed = inventory.with_cameras == inventory.scenes

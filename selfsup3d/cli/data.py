@@ -203,7 +203,7 @@ def _add_pseudo_depth_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``selfsup3d data pseudo-depth``
     (:func:`~selfsup3d.datamodules.prepare.pseudo_depth.annotate_pseudo_depth`)."""
     parser.add_argument(
-        "src", help="single-view shards (brace pattern, glob, or a folder of .tar files) or a folder of images"
+        "src", help="shards of images or scenes (brace pattern, glob, a folder of .tar files) or an image folder"
     )
     parser.add_argument("--out", required=True, help="output folder for the annotated shards")
     parser.add_argument(
@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     annotate = sub.add_parser(
         "pseudo-depth",
-        help="monocular pseudo depth for single-view shards",
+        help="monocular pseudo depth for single-view samples and multi-view scenes (COLMAP captures, video)",
         description=(pseudo_depth.__doc__ or "").strip().split("\n")[0],
     )
     _add_pseudo_depth_arguments(annotate)
