@@ -6,7 +6,9 @@ image of its source into a :class:`Unit` in a worker process (an encoded record,
 :func:`pool_map` runs the workers behind a progress bar, :func:`write_units` writes the records with a
 :class:`~selfsup3d.datamodules.format.ShardSink`, lists every skipped item in the :class:`ConvertReport` and
 records the split in the output's ``info.json``. A new source is one module with its ``convert_<source>``
-function on these pieces (and :mod:`~selfsup3d.datamodules.prepare.frames` for image files).
+function on these pieces (and :mod:`~selfsup3d.datamodules.prepare.frames` for image files); one that must
+resume after an interruption and split across machines writes through
+:func:`~selfsup3d.datamodules.prepare.journal.convert_journaled` instead of :func:`write_units`.
 """
 
 from __future__ import annotations
