@@ -75,11 +75,12 @@ def plain_loop(paths: list[Path], fps: float, size: int, quality: int) -> int:
 
 def converter(paths: list[Path], out: Path, fps: float, size: int, quality: int) -> int:
     """``convert_video`` on the same videos (one worker); frames written as views."""
+    from selfsup3d.datamodules.prepare.clips import ClipOptions
     from selfsup3d.datamodules.prepare.video import convert_video
 
     shutil.rmtree(out, ignore_errors=True)
-    report = convert_video(paths[0].parent, out, fps=fps, size=(size, size), quality=quality, clip_frames=8,
-                           workers=1, progress=False)  # fmt: skip
+    clips = ClipOptions(clip_frames=8, size=(size, size), quality=quality)
+    report = convert_video(paths[0].parent, out, fps=fps, clips=clips, workers=1, progress=False)
     dropped = sum(n for reason, n in report.dropped.items() if reason.startswith("frames"))
     return report.views + dropped + 8 * sum(n for reason, n in report.dropped.items() if reason.endswith("clip"))
 

@@ -23,6 +23,7 @@ from videos import scene_frames, video_folder, write_video
 
 from selfsup3d.cli import main
 from selfsup3d.datamodules import MultiViewShards
+from selfsup3d.datamodules.prepare.clips import ClipOptions
 from selfsup3d.datamodules.prepare.journal import Part
 from selfsup3d.datamodules.prepare.sequences import convert_frames
 from selfsup3d.datamodules.prepare.video import convert_video
@@ -146,7 +147,7 @@ def test_a_conversion_killed_part_way_resumes_to_the_same_shards(tmp_path):
 
 def test_parts_together_hold_the_whole_conversion_and_other_options_are_refused(tmp_path):
     src = _many_videos(tmp_path / "src", n=5)
-    options = dict(clip_frames=6, size=(32, 32), fps=15, scenes_per_shard=3, workers=1, progress=False)
+    options = dict(clips=ClipOptions(6, (32, 32)), fps=15, scenes_per_shard=3, workers=1, progress=False)
     whole = convert_video(src, tmp_path / "whole", **options)
     parts = [convert_video(src, tmp_path / "parts", part=f"{i}/2", **options) for i in (1, 2)]
     assert sum(p.written for p in parts) == whole.written and all(p.written for p in parts)
@@ -163,7 +164,7 @@ def test_parts_together_hold_the_whole_conversion_and_other_options_are_refused(
 
     assert keys(tmp_path / "parts") == keys(tmp_path / "whole")
     with pytest.raises(FileExistsError, match=r"other options: clip_frames 6 -> 8"):
-        convert_video(src, tmp_path / "whole", **{**options, "clip_frames": 8})
+        convert_video(src, tmp_path / "whole", **{**options, "clips": ClipOptions(8, (32, 32))})
     assert Part.parse("3/8") == Part(3, 8) and Part.parse(None) == Part()
     with pytest.raises(ValueError, match="--part must be i/n"):
         Part.parse("0/4")
@@ -176,7 +177,7 @@ def test_frame_folders_become_clips_in_natural_order(tmp_path):
         for i, rgb in enumerate(frames):
             Image.fromarray(rgb).save(tmp_path / "seqs" / seq / f"frame_{i}.jpg")
     (tmp_path / "seqs" / "b" / "frame_12.jpg").write_bytes(b"not a jpeg")
-    report = convert_frames(tmp_path / "seqs", tmp_path / "out", clip_frames=8, size=(32, 32), workers=1,
+    report = convert_frames(tmp_path / "seqs", tmp_path / "out", clips=ClipOptions(8, (32, 32)), workers=1,
                             progress=False)  # fmt: skip
     # a: frames 0-23 in 3 clips; b: 0-7, then the broken frame 12 ends the clip of 8-11, then 13-20 and 21-28
     assert report.written == 6, report.summary()
@@ -195,7 +196,7 @@ def test_frame_folders_become_clips_in_natural_order(tmp_path):
 
 def test_an_objective_that_needs_cameras_refuses_unposed_scenes_in_one_line(tmp_path, capsys):
     write_video(tmp_path / "v.mp4", scene_frames(60, 64, 64, seed=3))
-    report = convert_video(tmp_path / "v.mp4", tmp_path / "out", clip_frames=6, size=(64, 64), workers=1,
+    report = convert_video(tmp_path / "v.mp4", tmp_path / "out", clips=ClipOptions(6, (64, 64)), workers=1,
                            progress=False)  # fmt: skip
     assert report.written
     config = str(ROOT / "configs" / "demo" / "consensus.yaml")
@@ -217,7 +218,7 @@ def test_clip_selection_drops_still_and_duplicate_clips(tmp_path):
     moving = scene_frames(30, 64, 48, seed=2)
     write_video(tmp_path / "loop.mp4", moving + moving)  # a loop: the second pass repeats the first
     write_video(tmp_path / "still.mp4", still)
-    report = convert_video(tmp_path, tmp_path / "out", fps=None, clip_frames=10, size=(32, 32), workers=1,
+    report = convert_video(tmp_path, tmp_path / "out", fps=None, clips=ClipOptions(10, (32, 32)), workers=1,
                            progress=False)  # fmt: skip
     assert report.dropped.get("still clip") == 3
     assert report.dropped.get("near-duplicate clip") == 3

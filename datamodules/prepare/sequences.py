@@ -86,14 +86,7 @@ def convert_frames(
     split: str = "train",
     stride: int = 1,
     fps: float | None = None,
-    clip_frames: int = 24,
-    size: tuple[int, int] = (256, 256),
-    max_clips: int | None = None,
-    image_format: str = "jpg",
-    quality: int = 90,
-    shot_threshold: float = 40.0,
-    still_threshold: float = 1.5,
-    duplicate_threshold: float = 2.0,
+    clips: ClipOptions | None = None,
     scenes_per_shard: int = 64,
     part: Part | str | None = None,
     workers: int | None = None,
@@ -108,14 +101,8 @@ def convert_frames(
         split: shard name prefix.
         stride: keep every ``stride``-th frame.
         fps: the frame rate of the kept frames, when known (recorded in ``meta.json`` with frame times).
-        clip_frames: frames (views) per clip, i.e. per scene.
-        size: ``(width, height)`` of the views (resized to cover it, centre-cropped).
-        max_clips: at most this many clips per sequence (the first ones).
-        image_format: ``jpg`` or ``webp`` (or ``png``).
-        quality: JPEG/WebP quality.
-        shot_threshold: shot-change threshold (see :class:`~selfsup3d.datamodules.prepare.clips.ClipOptions`).
-        still_threshold: still-clip threshold.
-        duplicate_threshold: near-duplicate-clip threshold.
+        clips: clip length, size, format and the shot, still and duplicate tests
+            (:class:`~selfsup3d.datamodules.prepare.clips.ClipOptions`; its defaults when ``None``).
         scenes_per_shard: clips per tar shard.
         part: ``"i/n"`` or a :class:`~selfsup3d.datamodules.prepare.journal.Part`: convert only this part.
         workers: processes (all cores when ``None``).
@@ -124,8 +111,7 @@ def convert_frames(
     """
     require(stride >= 1, "stride", ">= 1", stride, ValueError)
     require(fps is None or fps > 0, "fps", "> 0", fps, ValueError)
-    options = ClipOptions(clip_frames, tuple(size), max_clips, image_format, quality, shot_threshold,  # type: ignore[arg-type]
-                          still_threshold, duplicate_threshold)  # fmt: skip
+    options = clips or ClipOptions()
     sequences = list_sequences(Path(src))
     keys = unique_keys([name for _, name in sequences])
     jobs = [

@@ -163,14 +163,7 @@ def convert_video(
     out: str | os.PathLike[str],
     split: str = "train",
     fps: float | None = 10.0,
-    clip_frames: int = 24,
-    size: tuple[int, int] = (256, 256),
-    max_clips: int | None = None,
-    image_format: str = "jpg",
-    quality: int = 90,
-    shot_threshold: float = 40.0,
-    still_threshold: float = 1.5,
-    duplicate_threshold: float = 2.0,
+    clips: ClipOptions | None = None,
     scenes_per_shard: int = 64,
     part: Part | str | None = None,
     workers: int | None = None,
@@ -184,14 +177,8 @@ def convert_video(
         out: output folder.
         split: shard name prefix.
         fps: target frame rate (``None``: every frame).
-        clip_frames: frames (views) per clip, i.e. per scene.
-        size: ``(width, height)`` of the views (resized to cover it, centre-cropped).
-        max_clips: at most this many clips per video (the first ones).
-        image_format: ``jpg`` or ``webp`` (or ``png``).
-        quality: JPEG/WebP quality.
-        shot_threshold: shot-change threshold (see :class:`~selfsup3d.datamodules.prepare.clips.ClipOptions`).
-        still_threshold: still-clip threshold.
-        duplicate_threshold: near-duplicate-clip threshold.
+        clips: clip length, size, format and the shot, still and duplicate tests
+            (:class:`~selfsup3d.datamodules.prepare.clips.ClipOptions`; its defaults when ``None``).
         scenes_per_shard: clips per tar shard.
         part: ``"i/n"`` or a :class:`~selfsup3d.datamodules.prepare.journal.Part`: convert only this part.
         workers: processes (all cores when ``None``).
@@ -200,8 +187,7 @@ def convert_video(
     """
     require(fps is None or fps > 0, "fps", "> 0", fps, ValueError)
     _import_av()
-    options = ClipOptions(clip_frames, tuple(size), max_clips, image_format, quality, shot_threshold,  # type: ignore[arg-type]
-                          still_threshold, duplicate_threshold)  # fmt: skip
+    options = clips or ClipOptions()
     videos, others = list_videos(Path(src))
     names = [name for _, name in videos]
     if len(set(names)) != len(names):

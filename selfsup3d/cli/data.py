@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from selfsup3d.datamodules.format import IMAGE_EXTENSIONS
 from selfsup3d.datamodules.prepare import blender, colmap, images, pseudo_depth, sequences, video
-from selfsup3d.datamodules.prepare.clips import parse_size
+from selfsup3d.datamodules.prepare.clips import ClipOptions, parse_size
 from selfsup3d.datamodules.prepare.render import RenderSettings, render_dataset
 
 
@@ -79,16 +79,19 @@ def _parse_background(text: str) -> tuple[int, int, int]:
 
 def _convert(args: argparse.Namespace) -> int:
     if args.source in ("video", "frames"):
+        clips = ClipOptions(
+            args.clip_frames,
+            args.size,
+            args.max_clips,
+            args.image_format,
+            args.quality,
+            args.shot_threshold,
+            args.still_threshold,
+            args.duplicate_threshold,
+        )
         clip_args = dict(
             split=args.split,
-            clip_frames=args.clip_frames,
-            size=args.size,
-            max_clips=args.max_clips,
-            image_format=args.image_format,
-            quality=args.quality,
-            shot_threshold=args.shot_threshold,
-            still_threshold=args.still_threshold,
-            duplicate_threshold=args.duplicate_threshold,
+            clips=clips,
             scenes_per_shard=args.shard_size,
             part=args.part,
             workers=args.workers,
