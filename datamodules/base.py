@@ -24,16 +24,16 @@ from selfsup3d.datamodules.format import (
     CAMERAS_FIELD,
     DEPTH_SUFFIX,
     MASK_SUFFIX,
+    META_FIELD,
     SampleError,
     decode_depth,
     decode_mask,
     image_field,
     is_multiview,
-    parse_cameras,
     parse_meta,
+    parse_scene,
     sample_where,
     view_field,
-    view_indices,
 )
 from selfsup3d.datamodules.inventory import SplitInventory, check_training_data
 from selfsup3d.datamodules.pipeline import (
@@ -201,10 +201,12 @@ def read_view(
     return out
 
 
-def require_depth_scale(raw: Mapping[str, Any], scale: float | None, field: str = CAMERAS_FIELD) -> float:
-    """The depth scale of a sample whose depth was asked for; a bad sample when it has none."""
+def require_depth_scale(raw: Mapping[str, Any], scale: float | None, field: str | None = None) -> float:
+    """The depth scale of a sample whose depth was asked for; a bad sample when it has none (``field``: where
+    the scale lives, ``cameras.json`` or, for an unposed scene, ``meta.json``)."""
     if scale is None:
-        raise SampleError(*sample_where(raw), field, "depth requested (with_depth) but depth_scale is null")
+        field = field or (CAMERAS_FIELD if CAMERAS_FIELD in raw else META_FIELD)
+        raise SampleError(*sample_where(raw), field, "depth requested (with_depth) but the scene has no depth_scale")
     return scale
 
 
@@ -229,7 +231,7 @@ class Collate:
 # ============================================================================ the first sample
 @dataclass(frozen=True)
 class ShardSummary:
-    """What the first sample of a split shows (read at set-up): its kind, views, size, depth and masks."""
+    """What the first sample of a split shows (read at set-up): its kind, views, size, depth, masks, cameras."""
 
     multiview: bool
     num_views: int
@@ -238,6 +240,7 @@ class ShardSummary:
     has_depth: bool
     has_masks: bool
     where: str
+    has_cameras: bool = False
 
 
 def summarize_first_sample(urls: list[str]) -> ShardSummary | None:
@@ -253,16 +256,15 @@ def summarize_first_sample(urls: list[str]) -> ShardSummary | None:
     where = f"shard {url}, sample {key}"
     try:
         if is_multiview(raw):
-            cameras = parse_cameras(raw)
-            views = view_indices(raw)
+            scene = parse_scene(raw)
             return ShardSummary(
                 True,
-                len(views),
-                cameras.width,
-                cameras.height,
-                cameras.depth_scale is not None and any(k.endswith(".depth.png") for k in raw),
+                scene.num_views,
+                *scene.size,
+                scene.depth_scale is not None and any(k.endswith(".depth.png") for k in raw),
                 any(k.endswith(".mask.png") for k in raw),
                 where,
+                scene.cameras is not None,
             )
         meta = parse_meta(raw, required=False)
         image_field(raw)

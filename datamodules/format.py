@@ -9,8 +9,12 @@ Multi-view sample (one scene, ``V`` views, ``NNN`` = view index with at least th
     KEY.000.png | KEY.000.jpg | KEY.000.webp   one RGB image per view, all of one size
     KEY.000.depth.png                          optional: 16-bit z-depth, metres = value * depth_scale, 0 = none
     KEY.000.mask.png                           optional: 8-bit foreground mask, 0 = background
-    KEY.cameras.json                           width, height, depth_scale, views[i].K (3x3), views[i].c2w (4x4)
-    KEY.meta.json                              source, scene id, label (-1 = unknown), class_name, ...
+    KEY.cameras.json                           optional (none: an unposed scene, e.g. from video): width, height,
+                                               depth_scale, views[i].K (3x3), views[i].c2w (4x4)
+    KEY.sparse_depth.npy                       optional: float32 [M, 4] rows (view, u, v, z), the source's sparse
+                                               points (COLMAP's) as z-depth in the cameras' world units
+    KEY.meta.json                              source, scene id, label (-1 = unknown), class_name, depth_kind,
+                                               and depth_scale when the scene has depth but no cameras.json
 
 Single-view sample::
 
@@ -26,7 +30,8 @@ coordinates; ``K`` is in pixels with the image's top-left corner at ``(0, 0)``, 
 Depth is z-depth along the optical axis (not distance along the ray).
 
 Writers use :class:`ShardSink` with :class:`Scene` or :class:`ImageSample`; readers use
-:func:`parse_cameras`, :func:`view_indices`, :func:`decode_rgb`, :func:`decode_depth`, :func:`decode_mask`
+:func:`parse_scene` (views, size, cameras when present, depth scale), :func:`parse_cameras`,
+:func:`view_indices`, :func:`decode_rgb`, :func:`decode_depth`, :func:`decode_mask`
 and :func:`parse_meta`, which raise :class:`SampleError` naming the shard, the key and the field.
 """
 
@@ -56,7 +61,11 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 DEPTH_SUFFIX = "depth.png"
 MASK_SUFFIX = "mask.png"
 CAMERAS_FIELD = "cameras.json"
+SPARSE_DEPTH_FIELD = "sparse_depth.npy"
 META_FIELD = "meta.json"
+DEPTH_KINDS = ("metric", "relative")
+"""``metric``: z-depth in the scene's world units (metres for renders, the cameras' units for a COLMAP capture);
+``relative``: monocular pseudo depth of unknown scale (normalised per image or per scene)."""
 CLASS_FIELD = "cls"
 
 DEPTH_MAX_UNITS = 65535
@@ -225,23 +234,29 @@ class Scene:
 
     Args:
         key: sample key (no dots; see :func:`make_key`).
-        images: one RGB image per view: ``[H, W, 3]`` uint8 arrays or :class:`EncodedImage`, all one size.
-        K: ``[V, 3, 3]`` pixel intrinsics.
-        c2w: ``[V, 4, 4]`` camera-to-world, OpenCV axes.
-        depth: optional ``V`` z-depth maps ``[H, W]`` in world units (0 = none).
+        images: one RGB image per view: ``[H, W, 3]`` uint8 arrays or :class:`EncodedImage`, all one size, in
+            capture order.
+        K: ``[V, 3, 3]`` pixel intrinsics; ``None`` (with ``c2w``) for an unposed scene (no ``cameras.json``).
+        c2w: ``[V, 4, 4]`` camera-to-world, OpenCV axes; ``None`` for an unposed scene.
+        depth: optional ``V`` z-depth maps ``[H, W]`` (0 = none).
         masks: optional ``V`` foreground masks ``[H, W]``.
         meta: ``meta.json`` content; ``source``, ``scene_id`` and ``label`` are filled in when missing.
-        depth_scale: metres per unit of the depth PNGs; chosen from the data when ``None``.
+        depth_scale: world units per unit of the depth PNGs; chosen from the data when ``None``.
+        depth_kind: ``metric`` (the scene's world units) or ``relative`` (see :data:`DEPTH_KINDS`).
+        sparse_depth: optional ``[M, 4]`` rows ``(view, u, v, z)``: sparse points of the source (pixel
+            coordinates of the stored views, z-depth in world units), for scaling pseudo depth to them.
     """
 
     key: str
     images: list[np.ndarray | EncodedImage]
-    K: np.ndarray
-    c2w: np.ndarray
+    K: np.ndarray | None = None
+    c2w: np.ndarray | None = None
     depth: list[np.ndarray] | None = None
     masks: list[np.ndarray] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     depth_scale: float | None = None
+    depth_kind: str = "metric"
+    sparse_depth: np.ndarray | None = None
 
 
 @dataclass
@@ -279,6 +294,9 @@ def _encode_image_field(image: np.ndarray | EncodedImage, fmt: str, quality: int
 def encode_scene(scene: Scene, image_format: str = "png", quality: int = 95) -> dict[str, Any]:
     """Validate ``scene`` and turn it into the dict :class:`webdataset.ShardWriter` writes (bytes values).
 
+    A scene without ``K`` and ``c2w`` is unposed: it gets no ``cameras.json``, and its depth scale goes to
+    ``meta.json``.
+
     Raises:
         ValueError: naming the key and what is wrong.
     """
@@ -287,16 +305,23 @@ def encode_scene(scene: Scene, image_format: str = "png", quality: int = 95) -> 
     n = len(scene.images)
     if n < 1:
         raise ValueError(f"{where}: no views")
-    K = np.asarray(scene.K, dtype=np.float64)
-    c2w = np.asarray(scene.c2w, dtype=np.float64)
-    if K.shape != (n, 3, 3) or c2w.shape != (n, 4, 4):
-        raise ValueError(f"{where}: K must be [{n}, 3, 3] and c2w [{n}, 4, 4], got {list(K.shape)}, {list(c2w.shape)}")
+    if (scene.K is None) != (scene.c2w is None):
+        raise ValueError(f"{where}: give both K and c2w (a posed scene) or neither (an unposed one)")
+    posed = scene.K is not None
+    if posed:
+        K = np.asarray(scene.K, dtype=np.float64)
+        c2w = np.asarray(scene.c2w, dtype=np.float64)
+        if K.shape != (n, 3, 3) or c2w.shape != (n, 4, 4):
+            raise ValueError(
+                f"{where}: K must be [{n}, 3, 3] and c2w [{n}, 4, 4], got {list(K.shape)}, {list(c2w.shape)}"
+            )
     sizes = {_image_size(im) for im in scene.images}
     if len(sizes) != 1:
         raise ValueError(f"{where}: all views must have one size, got {sorted(sizes)}")
     width, height = sizes.pop()
-    for i in range(n):
-        check_camera(K[i], c2w[i], f"{where}, view {i}")
+    if posed:
+        for i in range(n):
+            check_camera(K[i], c2w[i], f"{where}, view {i}")
     out: dict[str, Any] = {"__key__": scene.key}
     for i, image in enumerate(scene.images):
         ext, data = _encode_image_field(image, image_format, quality)
@@ -305,6 +330,8 @@ def encode_scene(scene: Scene, image_format: str = "png", quality: int = 95) -> 
     if scene.depth is not None:
         if len(scene.depth) != n:
             raise ValueError(f"{where}: {len(scene.depth)} depth maps for {n} views")
+        require(scene.depth_kind in DEPTH_KINDS, f"{where}: depth_kind", f"one of {DEPTH_KINDS}", scene.depth_kind,
+                ValueError)  # fmt: skip
         depth_scale = scene.depth_scale or depth_scale_for(scene.depth)
         for i, d in enumerate(scene.depth):
             if np.shape(d) != (height, width):
@@ -317,19 +344,38 @@ def encode_scene(scene: Scene, image_format: str = "png", quality: int = 95) -> 
             if np.shape(m) != (height, width):
                 raise ValueError(f"{where}, view {i}: mask is {list(np.shape(m))}, image is [{height}, {width}]")
             out[view_field(i, MASK_SUFFIX)] = encode_mask(m)
-    cameras = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "width": width,
-        "height": height,
-        "depth_scale": depth_scale,
-        "views": [{"K": K[i].tolist(), "c2w": c2w[i].tolist()} for i in range(n)],
-    }
+    if scene.sparse_depth is not None:
+        out[SPARSE_DEPTH_FIELD] = encode_sparse_depth(scene.sparse_depth, n, where)
     meta = {"source": "unknown", "scene_id": scene.key, "label": -1, **scene.meta}
+    if depth_scale is not None:
+        meta["depth_kind"] = scene.depth_kind
+    if posed:
+        cameras = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "width": width,
+            "height": height,
+            "depth_scale": depth_scale,
+            "views": [{"K": K[i].tolist(), "c2w": c2w[i].tolist()} for i in range(n)],
+        }
+        out[CAMERAS_FIELD] = json.dumps(cameras).encode()
+    elif depth_scale is not None:
+        meta["depth_scale"] = depth_scale
     _check_label(meta.get("label"), where)
-    out[CAMERAS_FIELD] = json.dumps(cameras).encode()
     out[META_FIELD] = json.dumps(meta).encode()
     return out
+
+
+def encode_sparse_depth(rows: np.ndarray, num_views: int, where: str = "scene") -> bytes:
+    """``[M, 4]`` rows ``(view, u, v, z)`` as ``.npy`` bytes (float32), checked: views in range, ``z > 0``."""
+    rows = np.asarray(rows, dtype=np.float32).reshape(-1, 4)
+    if not np.isfinite(rows).all() or (rows[:, 3] <= 0).any():
+        raise ValueError(f"{where}: sparse_depth rows must be finite with z > 0")
+    if len(rows) and (rows[:, 0].min() < 0 or rows[:, 0].max() >= num_views):
+        raise ValueError(f"{where}: sparse_depth names views outside 0..{num_views - 1}")
+    buf = io.BytesIO()
+    np.save(buf, rows, allow_pickle=False)
+    return buf.getvalue()
 
 
 def encode_image_sample(sample: ImageSample, image_format: str = "jpg", quality: int = 95) -> dict[str, Any]:
@@ -348,7 +394,7 @@ def encode_image_sample(sample: ImageSample, image_format: str = "jpg", quality:
         if np.shape(sample.depth) != (height, width):
             raise ValueError(f"{where}: depth is {list(np.shape(sample.depth))}, image is [{height}, {width}]")
         require(
-            sample.depth_kind in ("metric", "relative"),
+            sample.depth_kind in DEPTH_KINDS,
             f"{where}: depth_kind",
             "'metric' or 'relative'",
             sample.depth_kind,
@@ -597,6 +643,82 @@ def check_views(sample: Mapping[str, Any], cameras: Cameras) -> None:
         if extra:
             problem += f"; image(s) without a camera: {extra[:8]}"
         raise SampleError(url, key, CAMERAS_FIELD, problem)
+
+
+def check_numbered_views(sample: Mapping[str, Any]) -> list[int]:
+    """The views of an unposed scene, ``0 .. N-1`` (raise :class:`SampleError` when there are none or one is
+    missing)."""
+    found = view_indices(sample)
+    if not found or found != list(range(len(found))):
+        missing = sorted(set(range(max(found, default=-1) + 1)) - set(found))
+        problem = "no views" if not found else f"views are numbered from 0 without gaps; missing {missing[:8]}"
+        raise SampleError(*sample_where(sample), None, problem)
+    return found
+
+
+@dataclass
+class SceneLayout:
+    """What a multi-view scene holds, from its JSON and image headers (no image decoded): ``num_views``, the
+    views' ``(width, height)``, its :class:`Cameras` (``None`` for an unposed scene), its depth scale (``None``
+    without depth) and ``depth_kind``, and ``meta.json``."""
+
+    num_views: int
+    size: tuple[int, int]
+    cameras: Cameras | None
+    depth_scale: float | None
+    depth_kind: str
+    meta: dict[str, Any]
+
+
+def _header_size(sample: Mapping[str, Any], name: str) -> tuple[int, int]:
+    try:
+        with Image.open(io.BytesIO(sample[name])) as image:
+            return image.size
+    except Exception as err:
+        raise SampleError(*sample_where(sample), name, f"cannot decode image ({type(err).__name__}: {err})") from None
+
+
+def parse_scene(sample: Mapping[str, Any]) -> SceneLayout:
+    """Read a raw multi-view sample's layout: ``cameras.json`` when present (validated, one image per camera),
+    otherwise the numbered views of an unposed scene (their size from the first image's header); the depth
+    scale from ``cameras.json``, or from ``meta.json`` for an unposed scene.
+
+    Raises:
+        SampleError: a malformed ``cameras.json`` or ``meta.json``, missing views, no positive depth scale where
+            the scene has depth.
+    """
+    meta = parse_meta(sample)
+    kind = meta.get("depth_kind", "metric")
+    if kind not in DEPTH_KINDS:
+        raise SampleError(*sample_where(sample), META_FIELD, f"'depth_kind' must be one of {DEPTH_KINDS}, got {kind!r}")
+    if CAMERAS_FIELD in sample:
+        cameras = parse_cameras(sample)
+        check_views(sample, cameras)
+        size = (cameras.width, cameras.height)
+        return SceneLayout(cameras.num_views, size, cameras, cameras.depth_scale, kind, meta)
+    views = check_numbered_views(sample)
+    scale = None
+    if "depth_scale" in meta:
+        scale = single_depth_scale(sample, meta)
+    return SceneLayout(len(views), _header_size(sample, image_field(sample, 0)), None, scale, kind, meta)
+
+
+def parse_sparse_depth(sample: Mapping[str, Any], num_views: int) -> np.ndarray | None:
+    """``sparse_depth.npy`` as float32 ``[M, 4]`` rows ``(view, u, v, z)``, or ``None`` when absent.
+
+    Raises:
+        SampleError: not a float ``[M, 4]`` array, views out of range or ``z <= 0``.
+    """
+    if SPARSE_DEPTH_FIELD not in sample:
+        return None
+    try:
+        rows = np.load(io.BytesIO(sample[SPARSE_DEPTH_FIELD]), allow_pickle=False)
+        if rows.ndim != 2 or rows.shape[1] != 4:
+            raise ValueError(f"shape {list(rows.shape)}, expected [M, 4]")
+        encode_sparse_depth(rows, num_views)
+    except ValueError as err:
+        raise SampleError(*sample_where(sample), SPARSE_DEPTH_FIELD, str(err).removeprefix("scene: ")) from None
+    return rows.astype(np.float32)
 
 
 def _open_image(sample: Mapping[str, Any], name: str) -> Image.Image:

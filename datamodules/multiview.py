@@ -17,7 +17,7 @@ from selfsup3d.datamodules.base import (
     read_view,
     require_depth_scale,
 )
-from selfsup3d.datamodules.format import SampleError, check_views, decode_rgb, parse_cameras, parse_meta, sample_where
+from selfsup3d.datamodules.format import CAMERAS_FIELD, SampleError, decode_rgb, parse_scene, sample_where
 from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.errors import ConfigError, require
 
@@ -109,7 +109,8 @@ BATCH_FIELDS = ("images", "K", "c2w", "depth", "mask")
 
 
 class MultiViewDecoder:
-    """Raw scene -> numpy ``images`` uint8 ``[V, 3, H, W]``, ``K``, ``c2w``, optional ``depth``/``mask``, label, key.
+    """Raw scene -> numpy ``images`` uint8 ``[V, 3, H, W]``, ``K`` and ``c2w`` (with ``with_cameras``), optional
+    ``depth``/``mask``, label, key.
 
     Args:
         num_views: views per sample.
@@ -124,6 +125,8 @@ class MultiViewDecoder:
         clock: the training step of the sample being decoded (:class:`StreamClock`; validation uses the final
             width).
         canonical: ``random`` or ``middle``: which context view comes first (the model's reference).
+        with_cameras: decode ``cameras.json`` into ``K`` and ``c2w`` (a scene without it is a bad sample); else
+            none is delivered, so posed and unposed scenes mix.
     """
 
     def __init__(
@@ -138,8 +141,10 @@ class MultiViewDecoder:
         window_steps: int = 0,
         clock: StreamClock | None = None,
         canonical: str = "random",
+        with_cameras: bool = True,
     ) -> None:
         self.num_views, self.num_context, self.out_hw = num_views, num_context, out_hw
+        self.with_cameras = with_cameras
         self.with_depth, self.with_masks, self.max_zoom = with_depth, with_masks, max_zoom
         self.view_window, self.window_steps, self.clock, self.canonical = view_window, window_steps, clock, canonical
 
@@ -164,31 +169,28 @@ class MultiViewDecoder:
 
     def __call__(self, raw: dict[str, Any], rng: random.Random | None) -> list[dict[str, Any]]:
         url, key = sample_where(raw)
-        cameras = parse_cameras(raw)
-        check_views(raw, cameras)
-        n = cameras.num_views
+        if self.with_cameras and CAMERAS_FIELD not in raw:
+            raise SampleError(url, key, CAMERAS_FIELD, "missing: the scene is unposed, the datamodule delivers cameras")
+        scene = parse_scene(raw)
+        n = scene.num_views
         if n < self.num_views:
             raise SampleError(url, key, None, f"too few views: the scene has {n}, data.num_views is {self.num_views}")
-        depth_scale = require_depth_scale(raw, cameras.depth_scale) if self.with_depth else None
-        meta = parse_meta(raw)
+        depth_scale = require_depth_scale(raw, scene.depth_scale) if self.with_depth else None
         order = self.view_order(n, rng)
-        size = (cameras.width, cameras.height)
         views, Ks = [], []
         for view in order:
             zoom = 1.0 if rng is None else rng.uniform(1.0, self.max_zoom)
-            box = crop_box(size, self.out_hw, zoom, rng)
+            box = crop_box(scene.size, self.out_hw, zoom, rng)
             fields = ViewFields.of(raw, view)
-            image = decode_rgb(raw, fields.image, size)
+            image = decode_rgb(raw, fields.image, scene.size)
             views.append(read_view(raw, fields, image, box, self.out_hw, depth_scale, self.with_masks))
-            Ks.append(crop_intrinsics(cameras.K[view], box, self.out_hw))
+            if self.with_cameras:
+                Ks.append(crop_intrinsics(scene.cameras.K[view], box, self.out_hw))  # type: ignore[union-attr]
         sample = {name: np.stack([v[name] for v in views]) for name in views[0]}
         sample["images"] = sample.pop("image")
-        sample.update(
-            K=np.stack(Ks).astype(np.float32),
-            c2w=cameras.c2w[order].astype(np.float32),
-            label=int(meta["label"]),
-            key=key,
-        )
+        if self.with_cameras:
+            sample.update(K=np.stack(Ks).astype(np.float32), c2w=scene.cameras.c2w[order].astype(np.float32))  # type: ignore[union-attr]
+        sample.update(label=int(scene.meta["label"]), key=key)
         return [sample]
 
 
@@ -200,9 +202,11 @@ class MultiViewShards(ShardDataModule):
 
     - ``images``: float32 ``[B, V, 3, H, W]`` in ``[0, 1]``.
     - ``K``: float32 ``[B, V, 3, 3]`` pixel intrinsics of the delivered (cropped/resized) images; the image's
-      top-left corner is ``(0, 0)``, the centre of pixel ``(row i, column j)`` is ``(j + 0.5, i + 0.5)``.
+      top-left corner is ``(0, 0)``, the centre of pixel ``(row i, column j)`` is ``(j + 0.5, i + 0.5)``
+      (with ``with_cameras``: by default when every scene carries ``cameras.json``; unposed scenes, e.g. from
+      video, have none).
     - ``c2w``: float32 ``[B, V, 4, 4]`` camera-to-world, OpenCV axes (x right, y down, z forward), in the
-      shard's world units.
+      shard's world units (with ``with_cameras``).
     - ``depth``: float32 ``[B, V, 1, H, W]`` metric z-depth, 0 = unknown (with ``with_depth``; by default when
       the shards have depth).
     - ``mask``: float32 ``[B, V, 1, H, W]`` in ``{0, 1}`` (with ``with_masks``).
@@ -236,6 +240,10 @@ class MultiViewShards(ShardDataModule):
         canonical_view: which context view comes first, the model's canonical reference: ``random`` or
             ``middle`` (the context view in the middle of the context views in capture order, as RayZer's
             middle frame).
+        with_cameras: deliver ``K`` and ``c2w``: ``true`` (scenes without ``cameras.json`` are bad samples; refused
+            at set-up when the shards' inventory finds none), ``false`` (never: posed and unposed scenes mix), or
+            ``null`` (deliver them when every scene of the shards carries them, as their inventory and first
+            sample show).
         **kwargs: the loader, size, depth/mask, jitter and epoch arguments of
             :class:`~selfsup3d.datamodules.base.ShardDataModule` (``batch_size`` is scenes per batch here).
     """
@@ -250,6 +258,7 @@ class MultiViewShards(ShardDataModule):
         view_window: tuple[int, int] | None = None,
         window_steps: int = 0,
         canonical_view: Literal["random", "middle"] = "random",
+        with_cameras: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(train_urls, val_urls, **kwargs)
@@ -280,6 +289,8 @@ class MultiViewShards(ShardDataModule):
         self.view_window = view_window
         self.window_steps = window_steps
         self.canonical_view = canonical_view
+        self.with_cameras = with_cameras
+        self._posed: dict[str, tuple[bool, str]] = {}  # split -> (every scene has cameras, what the shards hold)
 
     def _check_summary(self, summary: ShardSummary, split: str) -> None:
         urls = self.key(f"{split}_urls")
@@ -303,6 +314,32 @@ class MultiViewShards(ShardDataModule):
                 f"{self.key('with_depth')}=true but the scenes of {urls} have no depth ({summary.where}): set it to "
                 "false or null"
             )
+        if self.with_masks and not summary.has_masks:
+            raise ConfigError(
+                f"{self.key('with_masks')}=true but the scenes of {urls} have no masks ({summary.where}): set it to "
+                "false or null"
+            )
+        inventory = self.inventories.get(split)
+        if inventory is not None and not inventory.unknown and inventory.scenes:
+            posed = inventory.with_cameras == inventory.scenes
+            self._posed[split] = (posed, inventory.cameras_note())
+        else:  # shards that are not local: their first sample tells
+            note = "the first scene has cameras" if summary.has_cameras else f"no cameras.json in {summary.where}"
+            self._posed[split] = (summary.has_cameras, note)
+
+    def setup(self, stage: str | None = None) -> None:
+        """The base's set-up, then ``with_cameras: null`` resolved (cameras when every scene of every split carries
+        them); ``with_cameras: true`` on shards with unposed scenes is refused, naming them."""
+        super().setup(stage)
+        unposed = {split: note for split, (posed, note) in self._posed.items() if not posed}
+        if self.with_cameras is None:
+            self.with_cameras = bool(self._posed) and not unposed
+        elif self.with_cameras and unposed:
+            split, note = next(iter(unposed.items()))
+            raise ConfigError(
+                f"{self.key('with_cameras')}=true but the scenes of {self.key(f'{split}_urls')} do not all carry "
+                f"cameras.json ({note}): set it to null or false, or use posed scenes"
+            )
 
     def data_spec(self) -> DataSpec:
         return DataSpec(
@@ -313,7 +350,7 @@ class MultiViewShards(ShardDataModule):
             num_classes=self.num_classes,
             with_depth=bool(self.with_depth),
             with_masks=bool(self.with_masks),
-            has_cameras=True,
+            has_cameras=bool(self.with_cameras),
             key_prefix=self.key_prefix,
         )
 
@@ -329,6 +366,7 @@ class MultiViewShards(ShardDataModule):
             self.window_steps,
             StreamClock(self.batch_size, self.batches_per_epoch) if train else None,
             self.canonical_view,
+            bool(self.with_cameras),
         )
 
     def window_width(self, step: int) -> int | None:

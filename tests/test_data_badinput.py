@@ -72,7 +72,8 @@ def _wrong_size(r):
     [
         (_corrupt_image, r"field 001\.png: cannot decode image"),
         (_missing_view, r"field cameras\.json: cameras\.json lists 3 views; no image for view\(s\) \[2\]"),
-        (_missing_cameras, r"field cameras\.json: missing"),
+        # a scene without cameras.json is unposed, but this one has depth whose scale was in cameras.json
+        (_missing_cameras, r"field meta\.json: depth requested \(with_depth\) but the scene has no depth_scale"),
         (_malformed_json, r"field cameras\.json: not valid JSON"),
         (_malformed_camera, r"field cameras\.json: views\[1\]: the rotation part of c2w is not a rotation"),
         (_wrong_size, r"field 000\.png: image is 16x16, expected 20x16"),
@@ -113,7 +114,8 @@ def test_a_scene_without_depth_among_scenes_with_depth_is_a_bad_sample(tmp_path)
                                      split="val", seed=5)  # fmt: skip
     dm = MultiViewShards([with_depth, without], None, batch_size=2, num_workers=0, image_size=32, num_views=2)
     dm.val_urls = [with_depth, without]
-    with pytest.warns(BadSampleWarning, match=r"field cameras\.json: depth requested \(with_depth\) but depth_scale"):
+    no_scale = r"field cameras\.json: depth requested \(with_depth\) but the scene has no depth_scale"
+    with pytest.warns(BadSampleWarning, match=no_scale):
         assert len(_val_keys(dm)) == 1
     assert dm.with_depth  # null: the first scene has depth, so depth is read
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shards import render_scenes, reprojection_error
+from shards import render_scenes, reprojection_error, rotation_to_quaternion, write_colmap
 
 from selfsup3d.cli import main
 from selfsup3d.datamodules import BadSampleWarning, MultiViewShards, SingleViewShards
@@ -26,24 +25,6 @@ from selfsup3d.datamodules.prepare.images import convert_images
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 
 
-def _rotation_to_quaternion(rot: np.ndarray) -> np.ndarray:
-    """(w, x, y, z) of a rotation matrix (Shepperd's method), written independently of the converter."""
-    m = rot
-    trace = np.trace(m)
-    if trace > 0:
-        s = 2 * math.sqrt(1 + trace)
-        return np.array([s / 4, (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s])
-    i = int(np.argmax(np.diag(m)))
-    j, k = (i + 1) % 3, (i + 2) % 3
-    s = 2 * math.sqrt(1 + m[i, i] - m[j, j] - m[k, k])
-    q = np.zeros(4)
-    q[0] = (m[k, j] - m[j, k]) / s
-    q[1 + i] = s / 4
-    q[1 + j] = (m[j, i] + m[i, j]) / s
-    q[1 + k] = (m[k, i] + m[i, k]) / s
-    return q
-
-
 def test_quaternions_round_trip():
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -51,7 +32,7 @@ def test_quaternions_round_trip():
         q /= np.linalg.norm(q)
         rot = quaternion_to_rotation(q)
         assert np.allclose(rot @ rot.T, np.eye(3), atol=1e-12) and np.linalg.det(rot) > 0
-        assert np.allclose(quaternion_to_rotation(_rotation_to_quaternion(rot)), rot, atol=1e-10)
+        assert np.allclose(quaternion_to_rotation(rotation_to_quaternion(rot)), rot, atol=1e-10)
 
 
 def _read_scenes(url: str, num_views: int, size: int = 32) -> dict[str, dict]:
@@ -155,43 +136,10 @@ def test_blender_skips_and_reports_bad_frames(tmp_path):
 
 
 # ---------------------------------------------------------------------------- COLMAP
-def _write_colmap(
-    folder: Path, scene: Scene, model: str = "PINHOLE", extra: str = "", name: str = "view_{:02d}.png"
-) -> None:
-    (folder / "sparse" / "0").mkdir(parents=True)
-    (folder / "images").mkdir()
-    K = scene.K[0]
-    h, w = scene.images[0].shape[:2]
-    params = {
-        "PINHOLE": [K[0, 0], K[1, 1], K[0, 2], K[1, 2]],
-        "SIMPLE_PINHOLE": [K[0, 0], K[0, 2], K[1, 2]],
-        "SIMPLE_RADIAL": [K[0, 0], K[0, 2], K[1, 2], 0.05],
-        "OPENCV": [K[0, 0], K[1, 1], K[0, 2], K[1, 2], 0, 0, 0, 0],
-    }[model]
-    params = " ".join(repr(float(x)) for x in params)
-    (folder / "sparse" / "0" / "cameras.txt").write_text(f"# Camera list\n1 {model} {w} {h} {params}\n")
-    lines = [
-        "# Image list with two lines of data per image:",
-        "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME",
-    ]
-    views = list(range(len(scene.images)))
-    random.Random(0).shuffle(views)  # images.txt need not be sorted
-    for n, v in enumerate(views):
-        w2c = np.linalg.inv(scene.c2w[v])
-        q = _rotation_to_quaternion(w2c[:3, :3])
-        t = w2c[:3, 3]
-        numbers = " ".join(repr(float(x)) for x in [*q, *t])
-        lines.append(f"{n + 1} {numbers} 1 {name.format(v)}")
-        lines.append("" if n % 2 else "10.5 12.25 -1 3.0 4.0 7")  # the points line may be empty
-    (folder / "sparse" / "0" / "images.txt").write_text("\n".join(lines) + "\n" + extra)
-    for v, image in enumerate(scene.images):
-        Image.fromarray(image).save(folder / "images" / name.format(v))
-
-
 @pytest.mark.parametrize("model", ["PINHOLE", "SIMPLE_PINHOLE", "OPENCV"])
 def test_colmap_model_converts_to_the_same_cameras(tmp_path, model):
     (scene,) = render_scenes(num_scenes=1, num_views=5, size=32, start=7)
-    _write_colmap(tmp_path / "scene", scene, model)
+    write_colmap(tmp_path / "scene", scene, model)
     report = convert_colmap(tmp_path / "scene", tmp_path / "out", workers=1, progress=False)
     assert report.written == 1 and report.views == 5 and not report.skipped, report.summary()
     (got,) = _read_scenes(report.url, 5).values()
@@ -207,7 +155,7 @@ def test_converters_keep_capture_order():
 
 def test_colmap_video_frames_keep_their_order(tmp_path):
     (scene,) = render_scenes(num_scenes=1, num_views=11, size=32, start=3)
-    _write_colmap(tmp_path / "scene", scene, name="frame_{}.png")  # frame_10 sorts before frame_2 as text
+    write_colmap(tmp_path / "scene", scene, name="frame_{}.png")  # frame_10 sorts before frame_2 as text
     report = convert_colmap(tmp_path / "scene", tmp_path / "out", workers=1, progress=False)
     (got,) = _read_scenes(report.url, 11).values()
     order = eval_view_order(11, 11, 1)  # all views: the shard's view v is frame_v
@@ -216,8 +164,8 @@ def test_colmap_video_frames_keep_their_order(tmp_path):
 
 def test_colmap_distortion_is_ignored_with_a_note_or_refused(tmp_path):
     (scene,) = render_scenes(num_scenes=1, num_views=3, size=16)
-    _write_colmap(tmp_path / "scenes" / "a", scene, "SIMPLE_RADIAL")
-    _write_colmap(tmp_path / "scenes" / "b", scene, "PINHOLE")
+    write_colmap(tmp_path / "scenes" / "a", scene, "SIMPLE_RADIAL")
+    write_colmap(tmp_path / "scenes" / "b", scene, "PINHOLE")
     (tmp_path / "scenes" / "c" / "sparse" / "0").mkdir(parents=True)
     (tmp_path / "scenes" / "c" / "sparse" / "0" / "cameras.bin").write_bytes(b"\0" * 8)
     report = convert_colmap(tmp_path / "scenes", tmp_path / "out", workers=1, progress=False)
@@ -286,7 +234,7 @@ def test_convert_commands_print_summaries(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "wrote 6 samples to 1 shard(s)" in text and "2 classes: cat, dog" in text and "broken.jpg" in text
     (scene,) = render_scenes(num_scenes=1, num_views=3, size=16)
-    _write_colmap(tmp_path / "colmap", scene)
+    write_colmap(tmp_path / "colmap", scene)
     assert main(["data", "convert", "colmap", str(tmp_path / "colmap"), "--out", str(tmp_path / "c"), "--workers",
                  "1", "--no-progress"]) == 0  # fmt: skip
     assert "wrote 1 scenes (3 views)" in capsys.readouterr().out

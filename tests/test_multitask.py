@@ -335,6 +335,7 @@ def test_gpu_config_builds_at_its_sizes():
     model = cli.model
     assert isinstance(model, MultiTask) and model.encoder.embed_dim == 768 and model.encoder.patch_size == 16
     assert model.objectives["triplane"].teacher is not None
-    # the scenes' depth is known once the shards are read; here: scenes with depth, as the config asks for
-    model.configure_data({"data": replace(cli.datamodule.data_spec(), with_depth=True)})
+    # the scenes' depth and cameras are known once the shards are read; here: posed scenes with depth, as the config
+    # asks for
+    model.configure_data({"data": replace(cli.datamodule.data_spec(), with_depth=True, has_cameras=True)})
     assert model.objectives["triplane"].data_spec.kind == "single_view"

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shards import write_singleview_shards
+from shards import render_scenes, write_colmap, write_singleview_shards
 
 from selfsup3d.cli import main
-from selfsup3d.datamodules import SingleViewShards
-from selfsup3d.datamodules.prepare.pseudo_depth import disparity_to_depth
+from selfsup3d.datamodules import MultiViewShards, SingleViewShards
+from selfsup3d.datamodules.format import Scene, ShardSink
+from selfsup3d.datamodules.multiview import eval_view_order
+from selfsup3d.datamodules.prepare.pseudo_depth import annotate_pseudo_depth, disparity_to_depth
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +134,69 @@ def test_hub_model_unavailable_says_what_to_do(tmp_path, capsys, monkeypatch, re
     assert model in err and "--model" in err and "--local-dir" in err  # how to run it offline
     if network == "no network":
         assert len(tried) == 1  # one short probe, not minutes of retries
+
+
+# ---------------------------------------------------------------------------- multi-view scenes
+def _scene_metas(folder) -> dict[str, dict]:
+    import json
+    import tarfile
+
+    metas = {}
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            metas.update({m.name: json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")})
+    return metas
+
+
+def test_colmap_capture_gets_depth_scaled_to_its_sparse_points_and_trains_consensus(tmp_path, tiny_dpt, capsys):
+    """A converted COLMAP capture with pseudo depth trains configs/demo/consensus.yaml from the CLI."""
+    (scene,) = render_scenes(num_scenes=1, num_views=6, size=64, start=3)
+    write_colmap(tmp_path / "capture", scene, points=60)
+    converted, annotated = tmp_path / "converted", tmp_path / "annotated"
+    assert main(["data", "convert", "colmap", str(tmp_path / "capture"), "--out", str(converted), "--workers", "1",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert main(["data", "pseudo-depth", str(converted / "train-*.tar"), "--out", str(annotated), "--model", tiny_dpt,
+                 "--no-progress"]) == 0  # fmt: skip
+    assert "scenes' depth scaled to 1 sparse points" in capsys.readouterr().out
+    metas = _scene_metas(annotated)
+    (meta,) = [m for name, m in metas.items() if name.endswith("meta.json")]
+    assert meta["depth_kind"] == "metric" and meta["pseudo_depth"]["aligned"] == "sparse points"
+    url = str(annotated / "train-*.tar")
+    dm = MultiViewShards(url, url, num_views=6, num_context_views=3, image_size=64, num_workers=0, batch_size=1)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert "depth" in batch and "c2w" in batch
+    true = torch.from_numpy(np.stack(scene.depth)).float()[:, None]
+    order = eval_view_order(6, 6, 3)
+    fitted, truth = batch["depth"][0], true[order]
+    both = (fitted > 0) & (truth > 0)
+    # in the capture's units: the median depth within 25% of the true one (the tiny random model gives the shape)
+    assert abs(float(fitted[both].median() / truth[both].median()) - 1) < 0.25
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "consensus.yaml")
+    main(["fit", "--config", config, "--data.init_args.train_urls", url, "--data.init_args.val_urls", url,
+          "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2", "--trainer.max_steps", "2",
+          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
+    ckpt = tmp_path / "run" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2
+
+
+def test_unposed_scenes_get_depth_normalised_per_scene_and_marked_relative(tmp_path, tiny_dpt):
+    scenes = render_scenes(num_scenes=2, num_views=3, size=32)
+    with ShardSink(tmp_path / "src", "train") as sink:
+        for s in scenes:  # unposed, as a converted video's clips
+            sink.write(Scene(s.key, s.images, meta={"source": "video"}))
+    out = tmp_path / "out"
+    report = annotate_pseudo_depth(str(tmp_path / "src"), out, tiny_dpt, batch_size=2, progress=False)
+    assert report.scenes == {"per scene": 2} and report.annotated == 2
+    metas = _scene_metas(out)
+    for s in scenes:
+        meta = metas[f"{s.key}.meta.json"]
+        assert meta["depth_kind"] == "relative" and meta["depth_scale"] > 0 and f"{s.key}.cameras.json" not in metas
+    dm = MultiViewShards(str(out / "train-*.tar"), str(out / "train-*.tar"), num_views=3, image_size=32,
+                         num_workers=0, batch_size=2)  # fmt: skip
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert dm.with_depth and "c2w" not in batch
+    for depth in batch["depth"]:
+        assert float(depth[depth > 0].median()) == pytest.approx(1.0, rel=0.05)  # one scale for the whole scene

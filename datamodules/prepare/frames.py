@@ -99,12 +99,18 @@ def _subsample(n: int, max_views: int | None) -> list[int]:
 
 
 def scene_record(
-    name: str, frames: list[tuple[str, Path, np.ndarray, np.ndarray]], source: str, opts: Mapping[str, Any], unit: Unit
+    name: str,
+    frames: list[tuple[str, Path, np.ndarray, np.ndarray]],
+    source: str,
+    opts: Mapping[str, Any],
+    unit: Unit,
+    sparse: Mapping[str, np.ndarray] | None = None,
 ) -> Unit:
     """Load the frames ``(what, path, K, c2w)`` of one scene, keep those of the first frame's size, resize,
     and encode the scene (or skip it when fewer than ``min_views`` remain). ``opts``: the converter's options
     (:func:`~selfsup3d.datamodules.prepare.writer.converter_options`: ``max_size``, ``max_views``, ``min_views``,
-    ``background``, ``image_format``)."""
+    ``background``, ``image_format``). ``sparse``: per frame (by ``what``) the source's sparse points seen in it,
+    ``[N, 3]`` rows ``(u, v, z)`` in the image file's pixels, written as the scene's ``sparse_depth.npy``."""
     max_size, max_views, min_views = opts["max_size"], opts["max_views"], opts["min_views"]
     background, image_format = opts["background"], opts["image_format"]
     loaded: list[tuple[str, Image.Image, bytes, np.ndarray, np.ndarray]] = []
@@ -131,13 +137,16 @@ def scene_record(
         unit.skipped.append((name, f"scene skipped: {len(kept)} usable view(s), fewer than {min_views}"))
         return unit
     target = fit_size(size, max_size)
-    images, masks, Ks, c2ws = [], [], [], []
-    for _, image, data, K, c2w in kept:
+    images, masks, Ks, c2ws, rows = [], [], [], [], []
+    sx, sy = target[0] / size[0], target[1] / size[1]
+    for view, (what, image, data, K, c2w) in enumerate(kept):
         prepared, mask = prepare_image(image, data, target, background)
         images.append(prepared)
         masks.append(mask)
-        Ks.append(scale_K(K, target[0] / size[0], target[1] / size[1]))
+        Ks.append(scale_K(K, sx, sy))
         c2ws.append(c2w)
+        uvz = np.asarray(sparse.get(what, np.zeros((0, 3))) if sparse is not None else np.zeros((0, 3)))
+        rows.append(np.column_stack([np.full(len(uvz), view), uvz * [sx, sy, 1.0]]).reshape(-1, 4))
     has_masks = all(m is not None for m in masks)
     if any(m is not None for m in masks) and not has_masks:
         unit.notes.append((name, "only some views have alpha: masks left out"))
@@ -149,6 +158,7 @@ def scene_record(
         c2w=np.stack(c2ws),
         masks=masks if has_masks else None,  # type: ignore[arg-type]
         meta={"source": source, "scene_id": name, "label": -1},
+        sparse_depth=np.concatenate(rows) if sparse is not None else None,
     )
     try:
         unit.record = encode_scene(scene, image_format)

@@ -7,7 +7,9 @@
     selfsup3d data convert blender SRC --out DIR     NeRF/Blender transforms*.json scenes
     selfsup3d data convert colmap SRC --out DIR      COLMAP text models with their images
     selfsup3d data convert images SRC --out DIR      an image folder (class = sub-folder), single-view
-    selfsup3d data pseudo-depth ...                  monocular depth for single-view shards
+    selfsup3d data convert video SRC --out DIR       videos -> unposed clips (resumable, --part i/n)
+    selfsup3d data convert frames SRC --out DIR      folders of ordered frames -> unposed clips (the same)
+    selfsup3d data pseudo-depth ...                  monocular depth for single-view shards and scenes
 
 ``selfsup3d.cli`` dispatches ``selfsup3d data ARGS`` to :func:`main` before LightningCLI parses anything.
 """
@@ -19,7 +21,8 @@ import sys
 from collections.abc import Sequence
 
 from selfsup3d.datamodules.format import IMAGE_EXTENSIONS
-from selfsup3d.datamodules.prepare import blender, colmap, images, pseudo_depth
+from selfsup3d.datamodules.prepare import blender, colmap, images, pseudo_depth, sequences, video
+from selfsup3d.datamodules.prepare.clips import ClipOptions, parse_size
 from selfsup3d.datamodules.prepare.render import RenderSettings, render_dataset
 
 
@@ -75,6 +78,32 @@ def _parse_background(text: str) -> tuple[int, int, int]:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.source in ("video", "frames"):
+        clips = ClipOptions(
+            args.clip_frames,
+            args.size,
+            args.max_clips,
+            args.image_format,
+            args.quality,
+            args.shot_threshold,
+            args.still_threshold,
+            args.duplicate_threshold,
+        )
+        clip_args = dict(
+            split=args.split,
+            clips=clips,
+            scenes_per_shard=args.shard_size,
+            part=args.part,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+        if args.source == "video":
+            report = video.convert_video(args.src, args.out, fps=args.fps, **clip_args)
+        else:
+            report = sequences.convert_frames(args.src, args.out, stride=args.stride, fps=args.fps, **clip_args)
+        print(report.summary())
+        return 0 if report.written else 1
     common = dict(
         split=args.split,
         max_size=args.max_size,
@@ -118,11 +147,66 @@ def _convert(args: argparse.Namespace) -> int:
     return 0 if report.written else 1
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_clip_parsers(kinds: argparse._SubParsersAction) -> None:
+    """``convert video`` and ``convert frames``: unposed clips, resumable and by parts
+    (:mod:`~selfsup3d.datamodules.prepare.video`, :mod:`~selfsup3d.datamodules.prepare.sequences`)."""
+    clips_help = (
+        "Frames are resized to cover --size and centre-cropped, cut into clips of --clip-frames consecutive frames "
+        "(one unposed scene each: no cameras.json); shot changes split clips, still and near-duplicate clips are "
+        "dropped and counted. An interrupted run resumes where it stopped when run again (same shards, byte for "
+        "byte); --part i/n converts one of n parts (e.g. a SLURM array job), each into its own shards."
+    )
+    video_parser = kinds.add_parser(
+        "video",
+        help="videos (a file, a folder, or a list file) as unposed clips of frames (PyAV)",
+        description="SRC is a video, a folder of videos (searched recursively) or a .txt list of them. Frames are "
+        "resampled to --fps by their timestamps. Unreadable, truncated or unsupported files are listed as skipped "
+        "(or cut short, keeping what decoded). " + clips_help,
+    )
+    video_parser.add_argument("--fps", type=float, default=10.0, help="target frame rate (default %(default)s)")
+    frames_parser = kinds.add_parser(
+        "frames",
+        help="folders of ordered frames (one per sequence, natural sort) as unposed clips",
+        description="SRC is a folder of frames (one sequence) or a folder whose sub-folders are sequences. "
+        + clips_help,
+    )
+    frames_parser.add_argument("--stride", type=int, default=1, help="keep every n-th frame (default %(default)s)")
+    frames_parser.add_argument("--fps", type=float, default=None, help="frame rate of the kept frames, when known")
+    for p in (video_parser, frames_parser):
+        p.add_argument("src", help="source: see above")
+        p.add_argument("--split", default="train", help="shard name prefix (default %(default)s)")
+        p.add_argument("--clip-frames", type=int, default=24, help="frames (views) per clip (default %(default)s)")
+        p.add_argument("--size", type=_size, default=(256, 256), help="view size, N or WxH (default 256)")
+        p.add_argument("--max-clips", type=int, default=None, help="at most this many clips per input (the first)")
+        p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality (default %(default)s)")
+        p.add_argument(
+            "--shot-threshold",
+            type=float,
+            default=40.0,
+            help="a larger mean difference (0-255) of consecutive frames' thumbnails is a shot change; 0: none "
+            "(default %(default)s)",
+        )
+        still = "drop clips whose frames all stay this close to the first; 0: keep them (default %(default)s)"
+        p.add_argument("--still-threshold", type=float, default=1.5, help=still)
+        duplicate = "drop clips this close to an earlier clip of the same input; 0: keep them (default %(default)s)"
+        p.add_argument("--duplicate-threshold", type=float, default=2.0, help=duplicate)
+        p.add_argument("--part", default=None, help="i/n: convert part i of n (1-based), into its own shards")
+        _add_output_arguments(p, shard_size=64, image_format="jpg")
+        p.set_defaults(func=_convert)
+
+
 def _add_pseudo_depth_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``selfsup3d data pseudo-depth``
     (:func:`~selfsup3d.datamodules.prepare.pseudo_depth.annotate_pseudo_depth`)."""
     parser.add_argument(
-        "src", help="single-view shards (brace pattern, glob, or a folder of .tar files) or a folder of images"
+        "src", help="shards of images or scenes (brace pattern, glob, a folder of .tar files) or an image folder"
     )
     parser.add_argument("--out", required=True, help="output folder for the annotated shards")
     parser.add_argument(
@@ -234,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert Blender/NeRF scenes, COLMAP models or an image folder into shards",
         description="Convert data you have into selfsup3d shards; prints what was written and what was skipped.",
     )
-    kinds = convert.add_subparsers(dest="source", required=True, metavar="{blender,colmap,images}")
+    kinds = convert.add_subparsers(dest="source", required=True, metavar="{blender,colmap,images,video,frames}")
     blender = kinds.add_parser(
         "blender",
         help="NeRF/Blender scenes: transforms*.json (OpenGL c2w, camera_angle_x or fl_x/fl_y/cx/cy) + images",
@@ -260,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-size", type=int, default=None, help="downscale so the longer side is at most this")
         _add_output_arguments(p, shard_size=shard_size, image_format=fmt)
         p.set_defaults(func=_convert)
+    _add_clip_parsers(kinds)
     for p in (blender, colmap):
         p.add_argument("--max-views", type=int, default=None, help="at most this many views per scene, evenly spread")
         p.add_argument("--min-views", type=int, default=2, help="skip scenes with fewer views (default %(default)s)")
@@ -277,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     annotate = sub.add_parser(
         "pseudo-depth",
-        help="monocular pseudo depth for single-view shards",
+        help="monocular pseudo depth for single-view samples and multi-view scenes (COLMAP captures, video)",
         description=(pseudo_depth.__doc__ or "").strip().split("\n")[0],
     )
     _add_pseudo_depth_arguments(annotate)
@@ -292,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
+    except (FileExistsError, FileNotFoundError, ValueError, ImportError) as err:
         parser.exit(2, f"selfsup3d data {args.command}: error: {err}\n")
     return 0
 

@@ -155,6 +155,7 @@ class MultiTask(PretrainObjective):
             self._routes[name] = source
             with config_prefix(f"{self.key('objectives')}.{name}.init_args"):
                 component.data_spec = component.adapt_spec(specs[source])
+                component.check_cameras(component.data_spec)
                 component.check_data(component.data_spec)
                 component.check_image_size(component.data_spec, self.encoder)
         unused = sorted(set(specs) - set(self._routes.values()))
