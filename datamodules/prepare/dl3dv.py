@@ -90,7 +90,7 @@ def undistort(rgb: np.ndarray, K: np.ndarray, distortion: np.ndarray) -> np.ndar
 
     K_index = np.array(K, dtype=np.float64)
     K_index[:2, 2] -= 0.5  # kornia puts pixel (j, i) at (j, i); the shard format at (j + 0.5, i + 0.5)
-    image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].double()
+    image = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].double()
     out = undistort_image(image, torch.from_numpy(K_index)[None], torch.from_numpy(distortion)[None])
     return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
