@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +172,20 @@ def test_the_frame_gap_curriculum_is_a_typed_option_that_follows_the_training_st
         assert needle in str(err.value)
     with pytest.raises(ConfigError, match="not both"):
         MultiViewShards(url, num_views=3, frame_gap=[[2, 3], [4, 5]], view_window=[3, 5])
+
+
+@pytest.mark.parametrize(
+    ("name", "views", "gap"),
+    [("re10k", (10, 5), [[96, 128], [128, 192]]), ("dl3dv", (24, 16), [[48, 64], [64, 96]]), ("co3d", (10, 5), None)],
+)
+def test_the_paper_configs_parse_on_top_of_the_masked_view_config(name, views, gap, capsys):
+    root = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(root / "masked_view.yaml"), "--config", str(root / "papers" / f"{name}.yaml"),
+              "--print_config"])  # fmt: skip
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    data = printed["data"]["init_args"]
+    assert (data["num_views"], data["num_context_views"], data["image_size"]) == (*views, 256)
+    assert data["frame_gap"] == gap and data["train_urls"] == f"data/{name}/train-*.tar"
+    assert printed["model"]["init_args"]["dim"] == 768 and printed["trainer"]["default_root_dir"] == f"runs/{name}"
