@@ -8,6 +8,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -386,3 +388,18 @@ def test_co3d_set_lists_choose_the_frames(tmp_path, capsys):
         main(["data", "convert", "co3d", str(category), "--out", str(tmp_path / "o2"), "--set-list", "manyview"])
     assert exit_.value.code == 2
     assert "set_lists_manyview.json does not exist" in capsys.readouterr().err
+
+
+def test_the_readme_converts_re10k_with_the_commands_it_shows(tmp_path, capsys):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### The papers' data sets") : text.index("## The encoder")]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    commands = [shlex.split(line) for line in block.splitlines() if line.startswith("selfsup3d data convert re10k")]
+    assert len(commands) == 2
+    for split in ("train", "test"):
+        write_re10k(tmp_path / "re10k" / split)
+    for command in commands:
+        args = [a.replace("path/to/re10k", str(tmp_path / "re10k")).replace("data/re10k", str(tmp_path / "out"))
+                for a in command[1:]]  # fmt: skip
+        _convert(capsys, *args[2:])
+    assert {p.name for p in (tmp_path / "out").glob("*.tar")} == {"train-000000.tar", "test-000000.tar"}
