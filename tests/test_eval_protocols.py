@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_data_papers import write_re10k
+from papers import write_re10k
 from toy import tiny_encoder_config
 
 from selfsup3d.cli import main
