@@ -5,6 +5,7 @@ the writers of each source's files in its own convention (``write_re10k``, ``wri
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -70,12 +71,19 @@ def plane_depth(K: np.ndarray, c2w: np.ndarray, width: int = WIDTH, height: int 
     return t.reshape(height, width)
 
 
-def texture(width: int = WIDTH, height: int = HEIGHT, seed: int = 0) -> np.ndarray:
-    """A smooth RGB image (uint8) that differs per ``seed``."""
-    v, u = np.mgrid[0:height, 0:width] + 0.5
+def texture_at(u: np.ndarray, v: np.ndarray, seed: int = 0, frequency: float = 1.0) -> np.ndarray:
+    """A smooth RGB picture (uint8 ``[..., 3]``) at pixel positions ``(u, v)``, different per ``seed``, its detail
+    ``frequency`` times finer."""
+    u, v = u * frequency, v * frequency
     phase = seed * 0.7
     channels = [np.sin(u / 37 + phase) * np.cos(v / 29), np.cos(u / 53 - v / 41 + phase), np.sin((u + v) / 61)]
     return (127.5 + 100 * np.stack(channels, -1)).round().astype(np.uint8)
+
+
+def texture(width: int = WIDTH, height: int = HEIGHT, seed: int = 0, frequency: float = 1.0) -> np.ndarray:
+    """:func:`texture_at` at the pixel centres of a ``width x height`` image."""
+    v, u = np.mgrid[0:height, 0:width] + 0.5
+    return texture_at(u, v, seed, frequency)
 
 
 def jpeg(rgb: np.ndarray) -> bytes:
@@ -210,20 +218,28 @@ def write_lvsm(root: Path, tag: str = "") -> dict[str, tuple[np.ndarray, np.ndar
 DL3DV_APPLIED = np.array([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 0, -1, 0]])  # DL3DV's (older nerfstudio)
 NERFSTUDIO_APPLIED = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0]])  # what nerfstudio writes today
 DISTORTION = np.array([-0.06, 0.015, 0.0012, -0.0008])  # k1 k2 p1 p2
+DETAIL = 4.0
+"""The DL3DV pictures' detail (:func:`texture_at`'s ``frequency``): fine enough that an image left distorted (up
+to 10 pixels off at the corners) differs clearly."""
 
 
-def distorted_texture(K: np.ndarray, seed: int) -> np.ndarray:
-    """The image a camera with :data:`DISTORTION` takes of :func:`texture`'s pinhole picture: each distorted pixel
-    shows the pinhole image at its undistorted position (kornia's iterative inverse)."""
+@functools.cache
+def _pinhole_positions(K: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Where the pixel centres of a camera ``K`` (as bytes) with :data:`DISTORTION` lie in its pinhole image
+    (kornia's iterative inverse of the distortion)."""
     from kornia.geometry.calibration import undistort_points
 
     v, u = np.mgrid[0:HEIGHT, 0:WIDTH] + 0.5
     points = torch.from_numpy(np.stack([u.ravel(), v.ravel()], -1))[None]
-    pinhole = undistort_points(points, torch.from_numpy(K)[None], torch.from_numpy(DISTORTION)[None], num_iters=20)
-    pu, pv = pinhole[0, :, 0].numpy(), pinhole[0, :, 1].numpy()
-    phase = seed * 0.7
-    channels = [np.sin(pu / 37 + phase) * np.cos(pv / 29), np.cos(pu / 53 - pv / 41 + phase), np.sin((pu + pv) / 61)]
-    return (127.5 + 100 * np.stack(channels, -1)).round().astype(np.uint8).reshape(HEIGHT, WIDTH, 3)
+    K_matrix = torch.from_numpy(np.frombuffer(K).reshape(3, 3).copy())[None]
+    pinhole = undistort_points(points, K_matrix, torch.from_numpy(DISTORTION)[None], num_iters=20)[0].numpy()
+    return pinhole[:, 0].reshape(HEIGHT, WIDTH), pinhole[:, 1].reshape(HEIGHT, WIDTH)
+
+
+def distorted_texture(K: np.ndarray, seed: int) -> np.ndarray:
+    """The image a camera with :data:`DISTORTION` takes of :func:`texture`'s pinhole picture: each distorted pixel
+    shows the pinhole picture (:func:`texture` with ``frequency`` :data:`DETAIL`) at its undistorted position."""
+    return texture_at(*_pinhole_positions(np.asarray(K, dtype=np.float64).tobytes()), seed, DETAIL)
 
 
 def write_dl3dv(root: Path, tag: str = "") -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -83,15 +83,27 @@ def dl3dv_intrinsics(spec: dict[str, Any], width: int, height: int) -> tuple[np.
     return K, np.array([float(spec.get(k, 0.0) or 0.0) for k in DISTORTION])
 
 
-def undistort(rgb: np.ndarray, K: np.ndarray, distortion: np.ndarray) -> np.ndarray:
-    """``rgb`` ``[H, W, 3]`` uint8 of a camera ``K`` (pixel centres at +0.5) with OpenCV distortion ``k1 k2 p1 p2
-    k3``, resampled into the pinhole camera ``K`` (bilinear; black where the source is outside the image)."""
-    from kornia.geometry.calibration import undistort_image
+def undistortion_map(K: np.ndarray, distortion: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Where each pixel centre of the pinhole camera ``K`` (pixel centres at +0.5) lies in the image of the same
+    camera with OpenCV distortion ``k1 k2 p1 p2 k3``: ``[H, W, 2]`` pixel indices (kornia's ``distort_points``)."""
+    from kornia.geometry.calibration import distort_points
 
+    width, height = size
     K_index = np.array(K, dtype=np.float64)
     K_index[:2, 2] -= 0.5  # kornia puts pixel (j, i) at (j, i); the shard format at (j + 0.5, i + 0.5)
-    image = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].double()
-    out = undistort_image(image, torch.from_numpy(K_index)[None], torch.from_numpy(distortion)[None])
+    v, u = torch.meshgrid(torch.arange(height, dtype=torch.float64), torch.arange(width, dtype=torch.float64),
+                          indexing="ij")  # fmt: skip
+    points = torch.stack([u, v], -1).reshape(-1, 2)
+    return distort_points(points, torch.from_numpy(K_index), torch.from_numpy(distortion)).reshape(height, width, 2)
+
+
+def undistort(rgb: np.ndarray, where: torch.Tensor) -> np.ndarray:
+    """``rgb`` ``[H, W, 3]`` uint8 resampled (bilinear, kornia's ``remap``) at :func:`undistortion_map`'s ``where``:
+    the pinhole image (black where the source is outside the image)."""
+    from kornia.geometry.transform import remap
+
+    image = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)[None].float()
+    out = remap(image, where[None, ..., 0].float(), where[None, ..., 1].float(), align_corners=True)
     return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
@@ -105,7 +117,17 @@ def frame_image(scene: Path, file_path: str, images: str | None) -> Path:
 
 
 def _dl3dv_unit(args: tuple[str, str, dict[str, Any]]) -> Unit:
-    """One scene (its ``transforms.json``) into a unit (a worker's job)."""
+    """One scene (its ``transforms.json``) into a unit (a worker's job), on one thread: the workers are the
+    parallelism (torch's threads would fight over the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _scene_unit(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _scene_unit(args: tuple[str, str, dict[str, Any]]) -> Unit:
     path, name, opts = args
     transforms = Path(path)
     unit = Unit()
@@ -121,6 +143,7 @@ def _dl3dv_unit(args: tuple[str, str, dict[str, Any]]) -> Unit:
         unit.notes.append((name, "no applied_transform: the world is kept as transforms.json gives it"))
     to_colmap = np.linalg.inv(applied)
     frames = []
+    maps: dict[tuple[Any, ...], torch.Tensor] = {}
     distorted = False
     for i, frame in enumerate(sorted(spec["frames"], key=lambda f: capture_order_key(str(f.get("file_path", ""))))):
         what = f"{name}/{frame.get('file_path', i)}"
@@ -138,7 +161,10 @@ def _dl3dv_unit(args: tuple[str, str, dict[str, Any]]) -> Unit:
                 K, distortion = dl3dv_intrinsics({**spec, **frame}, *im.size)
                 source: Any = image_path
                 if np.any(distortion != 0):
-                    source = undistort(np.asarray(im.convert("RGB")), K, distortion)
+                    camera = (im.size, K.tobytes(), distortion.tobytes())
+                    if camera not in maps:  # one map per camera: a scene's frames share it
+                        maps[camera] = undistortion_map(K, distortion, im.size)
+                    source = undistort(np.asarray(im.convert("RGB")), maps[camera])
                     distorted = True
         except (KeyError, OSError, ValueError) as err:
             unit.skipped.append((what, f"{type(err).__name__}: {err}"))
