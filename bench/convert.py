@@ -99,6 +99,7 @@ def paper_converters(folder: Path, copies: int) -> None:
 
     from selfsup3d.datamodules.prepare.co3d import convert_co3d
     from selfsup3d.datamodules.prepare.dl3dv import convert_dl3dv
+    from selfsup3d.datamodules.prepare.journal import RunOptions
     from selfsup3d.datamodules.prepare.lvsm import convert_lvsm
     from selfsup3d.datamodules.prepare.re10k import convert_re10k
 
@@ -114,7 +115,7 @@ def paper_converters(folder: Path, copies: int) -> None:
         for copy in range(copies):
             write(root, f"x{copy}")
         start, wall = time.process_time(), time.perf_counter()
-        report = convert(root, folder / f"{name}_out", workers=1, progress=False, **options)
+        report = convert(root, folder / f"{name}_out", run=RunOptions(workers=1, progress=False), **options)
         seconds, wall = time.process_time() - start, time.perf_counter() - wall
         rates = f"{report.written / seconds:7.1f} scenes/s, {report.views / seconds:7.1f} views/s"
         print(f"  convert {name:6s} {report.written:4d} scenes ({report.views:4d} views) in {seconds:6.2f} CPU s "

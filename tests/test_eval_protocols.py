@@ -19,6 +19,7 @@ from toy import tiny_encoder_config
 from selfsup3d.cli import main
 from selfsup3d.datamodules import MultiViewShards
 from selfsup3d.datamodules.multiview import gap_range, gap_view_order
+from selfsup3d.datamodules.prepare.journal import RunOptions
 from selfsup3d.datamodules.prepare.re10k import convert_re10k
 from selfsup3d.errors import ConfigError
 
@@ -28,7 +29,7 @@ def re10k_shards(tmp_path_factory):
     """Three RE10K scenes (6, 5 and 7 frames) converted from pixelSplat chunks, with their source JPEGs."""
     root = tmp_path_factory.mktemp("re10k")
     truth = write_re10k(root / "chunks")
-    convert_re10k(root / "chunks", root / "shards", split="test", workers=1, progress=False)
+    convert_re10k(root / "chunks", root / "shards", split="test", run=RunOptions(workers=1, progress=False))
     return root, truth
 
 

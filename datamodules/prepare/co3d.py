@@ -36,8 +36,8 @@ import numpy as np
 from PIL import Image
 
 from selfsup3d.datamodules.prepare.frames import capture_order_key, rigid_inverse, scale_K, scene_record
-from selfsup3d.datamodules.prepare.journal import Job, Part, convert_journaled
-from selfsup3d.datamodules.prepare.writer import ConvertReport, Unit, converter_options
+from selfsup3d.datamodules.prepare.journal import RunOptions, SceneOptions, convert_scenes
+from selfsup3d.datamodules.prepare.writer import ConvertReport, Unit
 
 FRAMES_FILE = "frame_annotations.jgz"
 SEQUENCES_FILE = "sequence_annotations.jgz"
@@ -126,10 +126,11 @@ def _find(root: Path, category: Path, relative: str | None) -> Path | None:
     return next((p for p in (root / relative, category / relative) if p.is_file()), None)
 
 
-def _co3d_unit(args: tuple[str, str, str, list[int] | None, dict[str, Any]]) -> Unit:
-    """One sequence into a unit (a worker's job)."""
-    category_dir, sequence, name, keep, opts = args
+def _co3d_unit(args: tuple[tuple[str, str, list[int] | None], dict[str, Any]]) -> Unit:
+    """One sequence (category folder, sequence, frame numbers to keep or ``None``) into a unit (a worker's job)."""
+    (category_dir, sequence, keep), opts = args
     category = Path(category_dir)
+    name = f"{category.name}/{sequence}"
     root = category.parent
     unit = Unit()
     try:
@@ -229,32 +230,21 @@ def convert_co3d(
     set_list: str | None = None,
     subset: str | None = None,
     min_quality: float | None = None,
-    scenes_per_shard: int = 16,
-    max_size: int | None = None,
-    max_views: int | None = None,
-    min_views: int = 2,
-    image_format: str = "jpg",
-    part: Part | str | None = None,
-    workers: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
+    scenes: SceneOptions | None = None,
+    run: RunOptions | None = None,
 ) -> ConvertReport:
-    """Convert CO3Dv2 sequences into posed multi-view shards with depth.
+    """Convert CO3Dv2 sequences (the data set's root or one category folder) into posed multi-view shards with
+    depth.
 
     Args:
-        src: the data set's root or one category folder.
         set_list: convert only the frames of ``set_lists/set_lists_{set_list}.json`` (``fewview_dev``,
             ``manyview_dev_0``, ...) in ``subset``; ``None``: every frame.
         subset: ``train``, ``val`` or ``test`` of the set list (default: ``split``).
         min_quality: skip sequences with a lower ``viewpoint_quality_score`` (``None``: keep all).
         **others: as :func:`~selfsup3d.datamodules.prepare.re10k.convert_re10k`'s.
     """
-    opts = converter_options(max_size, max_views, min_views, (0, 0, 0), image_format)
     subset = subset or split
     sequences, skipped = list_sequences(Path(src), set_list, subset, min_quality)
-    jobs = [Job(f"{c.name}/{s}", (str(c), s, f"{c.name}/{s}", keep, opts)) for c, s, keep in sequences]
-    part = part if isinstance(part, Part) else Part.parse(part)
-    options = {**opts, "set_list": set_list, "subset": subset if set_list else None, "min_quality": min_quality}
-    return convert_journaled("co3d", jobs, _co3d_unit, out, split, part, options, scenes_per_shard,
-                             workers=workers, overwrite=overwrite, progress=progress,
-                             skipped=skipped if part.index == 1 else ())  # fmt: skip
+    inputs = [(f"{c.name}/{s}", (str(c), s, keep)) for c, s, keep in sequences]
+    extra = {"set_list": set_list, "subset": subset if set_list else None, "min_quality": min_quality}
+    return convert_scenes("co3d", inputs, _co3d_unit, out, split, scenes, run, extra, skipped)

@@ -23,7 +23,6 @@ z backward) in a world that nerfstudio rotated by ``applied_transform`` (``3x4``
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,15 @@ import torch
 from PIL import Image
 
 from selfsup3d.datamodules.prepare.blender import GL_TO_CV
-from selfsup3d.datamodules.prepare.frames import capture_order_key, orthonormal, scale_K, scene_record
-from selfsup3d.datamodules.prepare.journal import Job, Part, convert_journaled
-from selfsup3d.datamodules.prepare.writer import ConvertReport, Unit, converter_options
+from selfsup3d.datamodules.prepare.frames import (
+    capture_order_key,
+    orthonormal,
+    read_frames_json,
+    scale_K,
+    scene_record,
+)
+from selfsup3d.datamodules.prepare.journal import RunOptions, SceneOptions, convert_scenes
+from selfsup3d.datamodules.prepare.writer import ConvertReport, Unit
 
 APPLIED_TRANSFORMS = {
     "dl3dv": np.array([[0.0, 1, 0], [1, 0, 0], [0, 0, -1]]),
@@ -116,7 +121,7 @@ def frame_image(scene: Path, file_path: str, images: str | None) -> Path:
     return scene / file_path
 
 
-def _dl3dv_unit(args: tuple[str, str, dict[str, Any]]) -> Unit:
+def _dl3dv_unit(args: tuple[tuple[str, str], dict[str, Any]]) -> Unit:
     """One scene (its ``transforms.json``) into a unit (a worker's job), on one thread: the workers are the
     parallelism (torch's threads would fight over the cores)."""
     threads = torch.get_num_threads()
@@ -127,16 +132,14 @@ def _dl3dv_unit(args: tuple[str, str, dict[str, Any]]) -> Unit:
         torch.set_num_threads(threads)
 
 
-def _scene_unit(args: tuple[str, str, dict[str, Any]]) -> Unit:
-    path, name, opts = args
+def _scene_unit(args: tuple[tuple[str, str], dict[str, Any]]) -> Unit:
+    (path, name), opts = args
     transforms = Path(path)
     unit = Unit()
     try:
-        spec = json.loads(transforms.read_text())
-        if not isinstance(spec, dict) or not isinstance(spec.get("frames"), list):
-            raise ValueError("no 'frames' list")
+        spec = read_frames_json(transforms)
         applied, convention = applied_world(spec)
-    except (OSError, ValueError) as err:
+    except ValueError as err:
         unit.skipped.append((name, f"{type(err).__name__}: {err}"))
         return unit
     if convention == "none":
@@ -199,27 +202,12 @@ def convert_dl3dv(
     out: str | os.PathLike[str],
     split: str = "train",
     images: str | None = None,
-    scenes_per_shard: int = 16,
-    max_size: int | None = None,
-    max_views: int | None = None,
-    min_views: int = 2,
-    image_format: str = "jpg",
-    part: Part | str | None = None,
-    workers: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
+    scenes: SceneOptions | None = None,
+    run: RunOptions | None = None,
 ) -> ConvertReport:
-    """Convert DL3DV scenes (nerfstudio ``transforms.json``) into posed, undistorted multi-view shards.
-
-    Args:
-        src: a scene folder or a folder of them.
-        images: the image folder the frames are read from instead of the first folder of their ``file_path``
-            (``images_4`` for DL3DV's 960x540 images; ``None``: as ``file_path`` says).
-        **others: as :func:`~selfsup3d.datamodules.prepare.re10k.convert_re10k`'s.
-    """
-    opts = converter_options(max_size, max_views, min_views, (0, 0, 0), image_format)
-    opts["images"] = images
-    jobs = [Job(name, (str(path), name, opts)) for path, name in list_dl3dv_scenes(Path(src))]
-    part = part if isinstance(part, Part) else Part.parse(part)
-    return convert_journaled("dl3dv", jobs, _dl3dv_unit, out, split, part, opts, scenes_per_shard,
-                             workers=workers, overwrite=overwrite, progress=progress)  # fmt: skip
+    """Convert DL3DV scenes (a scene folder with nerfstudio's ``transforms.json``, or a folder of them) into posed,
+    undistorted multi-view shards; ``images``: the image folder the frames are read from instead of the first
+    folder of their ``file_path`` (``images_4`` for DL3DV's 960x540 images; ``None``: as ``file_path`` says). The
+    other arguments as :func:`~selfsup3d.datamodules.prepare.re10k.convert_re10k`'s."""
+    inputs = [(name, (str(path), name)) for path, name in list_dl3dv_scenes(Path(src))]
+    return convert_scenes("dl3dv", inputs, _dl3dv_unit, out, split, scenes, run, {"images": images})

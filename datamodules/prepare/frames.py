@@ -11,6 +11,7 @@ order (``frame_2`` before ``frame_10``, :func:`capture_order_key`); ``max_views`
 from __future__ import annotations
 
 import io
+import json
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -141,6 +142,21 @@ def list_files(src: Path, suffix: str, what: str) -> list[tuple[Path, str]]:
     if not found:
         raise FileNotFoundError(f"{src} holds no {what} (*{suffix})")
     return [(p, str(p.relative_to(src))) for p in found]
+
+
+def read_frames_json(path: Path) -> dict[str, Any]:
+    """A scene's JSON (``transforms.json``, an LVSM scene): an object with a non-empty ``frames`` list.
+
+    Raises:
+        ValueError: unreadable, not JSON, not an object, or no ``frames`` list.
+    """
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"unreadable JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("frames"), list) or not spec["frames"]:
+        raise ValueError("no 'frames' list")
+    return spec
 
 
 def _subsample(n: int, max_views: int | None) -> list[int]:

@@ -18,16 +18,16 @@ recursively for ``*.json`` or one JSON. One job per scene (resumable, ``--part i
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from selfsup3d.datamodules.prepare.frames import list_files, rigid_inverse, scale_K, scene_record
-from selfsup3d.datamodules.prepare.journal import Job, Part, convert_journaled
-from selfsup3d.datamodules.prepare.writer import ConvertReport, Unit, converter_options
+from selfsup3d.datamodules.prepare.frames import list_files, read_frames_json, rigid_inverse, scale_K, scene_record
+from selfsup3d.datamodules.prepare.journal import RunOptions, SceneOptions, convert_scenes
+from selfsup3d.datamodules.prepare.writer import ConvertReport, Unit
 
 SCHEMAS = {"lvsm": ("image_path", "fxfycxcy", "w2c"), "rayzer": ("file_path", "fx", "fy", "cx", "cy", "w2c")}
 """The fields a frame of each schema has."""
@@ -85,20 +85,15 @@ def find_image(json_path: Path, relative: str) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def _lvsm_unit(args: tuple[str, str, dict[str, Any]]) -> Unit:
-    """One scene JSON into a unit (a worker's job)."""
-    from PIL import Image
-
-    path, name, opts = args
+def _lvsm_unit(args: tuple[tuple[str, str], dict[str, Any]]) -> Unit:
+    """One scene JSON (path, id) into a unit (a worker's job)."""
+    (path, name), opts = args
     json_path = Path(path)
     unit = Unit()
     try:
-        spec = json.loads(json_path.read_text())
-    except (OSError, ValueError) as err:
-        unit.skipped.append((name, f"unreadable JSON ({err})"))
-        return unit
-    if not isinstance(spec, dict) or not isinstance(spec.get("frames"), list) or not spec["frames"]:
-        unit.skipped.append((name, "no 'frames' list"))
+        spec = read_frames_json(json_path)
+    except ValueError as err:
+        unit.skipped.append((name, str(err)))
         return unit
     try:
         schemas = {frame_schema(frame) for frame in spec["frames"]}
@@ -151,21 +146,11 @@ def convert_lvsm(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
     split: str = "train",
-    scenes_per_shard: int = 16,
-    max_size: int | None = None,
-    max_views: int | None = None,
-    min_views: int = 2,
-    image_format: str = "jpg",
-    part: Part | str | None = None,
-    workers: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
+    scenes: SceneOptions | None = None,
+    run: RunOptions | None = None,
 ) -> ConvertReport:
-    """Convert LVSM's or RayZer's per-scene JSON with their images into posed multi-view shards (the arguments
-    as :func:`~selfsup3d.datamodules.prepare.re10k.convert_re10k`'s; ``src``: ``full_list.txt``, a folder of JSON
-    files or one)."""
-    opts = converter_options(max_size, max_views, min_views, (0, 0, 0), image_format)
-    jobs = [Job(name, (str(path), name, opts)) for path, name in list_scenes(Path(src))]
-    part = part if isinstance(part, Part) else Part.parse(part)
-    return convert_journaled("lvsm", jobs, _lvsm_unit, out, split, part, opts, scenes_per_shard,
-                             workers=workers, overwrite=overwrite, progress=progress)  # fmt: skip
+    """Convert LVSM's or RayZer's per-scene JSON (``full_list.txt``, a folder of JSON files or one) with their
+    images into posed multi-view shards (the other arguments as
+    :func:`~selfsup3d.datamodules.prepare.re10k.convert_re10k`'s)."""
+    inputs = [(name, (str(path), name)) for path, name in list_scenes(Path(src))]
+    return convert_scenes("lvsm", inputs, _lvsm_unit, out, split, scenes, run)

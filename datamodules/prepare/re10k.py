@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 from selfsup3d.datamodules.prepare.frames import list_files, rigid_inverse, scene_record
-from selfsup3d.datamodules.prepare.journal import Job, Part, convert_journaled
-from selfsup3d.datamodules.prepare.writer import ConvertReport, Unit, converter_options
+from selfsup3d.datamodules.prepare.journal import RunOptions, SceneOptions, convert_scenes
+from selfsup3d.datamodules.prepare.writer import ConvertReport, Unit
 
 CAMERA_ROW = 18
 """Numbers per camera in a chunk: ``fx fy cx cy`` (normalised), two unused, a ``3x4`` world-to-camera matrix."""
@@ -97,9 +97,9 @@ def _scene_unit(scene: Any, where: str, opts: dict[str, Any]) -> Unit:
     return scene_record(name, frames, "re10k", opts, unit, meta=meta)
 
 
-def _chunk_unit(args: tuple[str, str, dict[str, Any]]) -> Unit:
-    """One chunk file into its scenes, in the chunk's order (a worker's job)."""
-    path, name, opts = args
+def _chunk_unit(args: tuple[tuple[str, str], dict[str, Any]]) -> Unit:
+    """One chunk file (path, id) into its scenes, in the chunk's order (a worker's job)."""
+    (path, name), opts = args
     unit = Unit()
     try:
         scenes = torch.load(path, map_location="cpu", weights_only=True)
@@ -118,35 +118,12 @@ def convert_re10k(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
     split: str = "train",
-    scenes_per_shard: int = 16,
-    max_size: int | None = None,
-    max_views: int | None = None,
-    min_views: int = 2,
-    image_format: str = "jpg",
-    part: Part | str | None = None,
-    workers: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
+    scenes: SceneOptions | None = None,
+    run: RunOptions | None = None,
 ) -> ConvertReport:
-    """Convert pixelSplat's RealEstate10K/ACID ``.torch`` chunks into posed multi-view shards.
-
-    Args:
-        src: a chunk or a folder of them (searched recursively).
-        out: output folder.
-        split: shard name prefix.
-        scenes_per_shard: scenes per tar shard.
-        max_size: downscale so the longer side is at most this (intrinsics follow).
-        max_views: keep at most this many views per scene, evenly spread (view indices then no longer match an
-            evaluation index).
-        min_views: skip scenes with fewer usable views.
-        image_format: encoding of re-encoded images (JPEGs are copied when not resized).
-        part: ``"i/n"``: convert only this part (every n-th chunk).
-        workers: processes (all cores when ``None``).
-        overwrite: discard this part's earlier output and start over (otherwise an interrupted run resumes).
-        progress: show a progress bar.
-    """
-    opts = converter_options(max_size, max_views, min_views, (0, 0, 0), image_format)
-    jobs = [Job(name, (str(path), name, opts)) for path, name in list_files(Path(src), ".torch", "pixelSplat chunks")]
-    part = part if isinstance(part, Part) else Part.parse(part)
-    return convert_journaled("re10k", jobs, _chunk_unit, out, split, part, opts, scenes_per_shard,
-                             workers=workers, overwrite=overwrite, progress=progress)  # fmt: skip
+    """Convert pixelSplat's RealEstate10K/ACID ``.torch`` chunks (a chunk or a folder of them, searched
+    recursively) into posed multi-view shards in ``out``, as shards ``split-*.tar``, with the sizes of ``scenes``
+    (``max_views`` subsamples, so that view indices no longer match an evaluation index), run as ``run`` says
+    (resumable, by parts)."""
+    inputs = [(name, (str(path), name)) for path, name in list_files(Path(src), ".torch", "pixelSplat chunks")]
+    return convert_scenes("re10k", inputs, _chunk_unit, out, split, scenes, run)

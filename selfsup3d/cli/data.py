@@ -38,6 +38,7 @@ from selfsup3d.datamodules.prepare import (
     video,
 )
 from selfsup3d.datamodules.prepare.clips import ClipOptions, parse_size
+from selfsup3d.datamodules.prepare.journal import RunOptions, SceneOptions
 from selfsup3d.datamodules.prepare.render import RenderSettings, render_dataset
 
 
@@ -103,21 +104,10 @@ _PAPER_CONVERTERS = {
 def _convert_paper(args: argparse.Namespace) -> int:
     """``convert re10k|lvsm|dl3dv|co3d``: posed scenes, resumable and by parts."""
     extra = {"dl3dv": ("images",), "co3d": ("set_list", "subset", "min_quality")}.get(args.source, ())
-    report = _PAPER_CONVERTERS[args.source](
-        args.src,
-        args.out,
-        split=args.split,
-        scenes_per_shard=args.shard_size,
-        max_size=args.max_size,
-        max_views=args.max_views,
-        min_views=args.min_views,
-        image_format=args.image_format,
-        part=args.part,
-        workers=args.workers,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        **{name: getattr(args, name) for name in extra},
-    )
+    scenes = SceneOptions(args.max_size, args.max_views, args.min_views, args.image_format, args.shard_size)
+    run = RunOptions(args.part, args.workers, args.overwrite, not args.no_progress)
+    kwargs = {name: getattr(args, name) for name in extra}
+    report = _PAPER_CONVERTERS[args.source](args.src, args.out, args.split, scenes=scenes, run=run, **kwargs)
     print(report.summary())
     return 0 if report.written else 1
 
