@@ -213,3 +213,18 @@ def test_the_readme_converts_re10k_with_the_commands_it_shows(tmp_path, capsys):
                 for a in command[1:]]  # fmt: skip
         _convert(capsys, *args[2:])
     assert {p.name for p in (tmp_path / "out").glob("*.tar")} == {"train-000000.tar", "test-000000.tar"}
+
+
+def test_co3d_max_size_scales_intrinsics_and_depth_with_the_images(tmp_path, capsys):
+    truth = write_co3d(tmp_path / "co3d")
+    _convert(capsys, "co3d", str(tmp_path / "co3d"), "--out", str(tmp_path / "out"), "--max-size", "320",
+             "--min-quality", "0.5")  # fmt: skip
+    sample = read_shards(tmp_path / "out")["teddybear-102_2_2"]
+    Ks, c2w, depths = truth["teddybear/102_2_2"]
+    half = np.diag([0.5, 0.5, 1.0])
+    check_cameras(sample, half @ Ks, c2w)
+    depth = shard_depth(sample, 1)
+    assert depth.shape == (HEIGHT // 2, WIDTH // 2)
+    # nearest neighbour: every stored depth is one of the full-size map's (within the float16 tolerance)
+    sampled = depths[1][1::2, 1::2]
+    assert np.all(np.abs(depth - sampled) <= sampled * 2.0**-11 + sample["cameras"]["depth_scale"])
