@@ -1,12 +1,19 @@
-"""Frames per second of ``selfsup3d data convert video`` against a plain PyAV decode-and-encode loop.
+"""Frames per second of ``selfsup3d data convert video`` against a plain PyAV decode-and-encode loop, and scenes per
+second of ``convert re10k``, ``lvsm``, ``dl3dv`` and ``co3d``.
 
 Both read the same videos (made here with PyAV: H.264 MP4, 640x360 at 30 fps, moving scenes), take frames at the
 same rate, resize them (FFmpeg's area scaler) to cover the same size, centre-crop and JPEG-encode them (Pillow,
 same quality), one process and one decoding thread each, so the ratio is per core. The converter does the rest
 of its work besides (thumbnails for the shot, still and duplicate tests, tar shards, the journal), which is what
-the ratio measures; goal: at least 0.8. Runs on the CPU (no GPU needed)::
+the ratio measures; goal: at least 0.8.
 
-    python bench/convert.py [--videos 4 --seconds 8 --size 256 --fps 10 --repeats 3]
+The papers' converters run on the sources the round-trip tests write (``tests/papers.py``: 640x360 views, 4-7 per
+scene, ``--copies`` times each test's scenes): RE10K chunks of JPEG bytes (copied into the shards), LVSM/RayZer
+JSON with JPEG files, DL3DV PNGs undistorted with kornia (the costly part), CO3D JPEGs with float16 depth PNGs and
+masks. One process (``--workers 1``), the time of the conversion alone (CPU seconds and wall seconds). Runs on the
+CPU (no GPU needed)::
+
+    python bench/convert.py [--videos 4 --seconds 8 --size 256 --fps 10 --repeats 3 --copies 4]
 """
 
 from __future__ import annotations
@@ -85,6 +92,36 @@ def converter(paths: list[Path], out: Path, fps: float, size: int, quality: int)
     return report.views + dropped + 8 * sum(n for reason, n in report.dropped.items() if reason.endswith("clip"))
 
 
+def paper_converters(folder: Path, copies: int) -> None:
+    """Scenes per second of ``convert re10k|lvsm|dl3dv|co3d`` on ``copies`` times the round-trip tests' sources."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import papers
+
+    from selfsup3d.datamodules.prepare.co3d import convert_co3d
+    from selfsup3d.datamodules.prepare.dl3dv import convert_dl3dv
+    from selfsup3d.datamodules.prepare.journal import RunOptions
+    from selfsup3d.datamodules.prepare.lvsm import convert_lvsm
+    from selfsup3d.datamodules.prepare.re10k import convert_re10k
+
+    sources = {
+        "re10k": (lambda root, tag: papers.write_re10k(root / tag, tag), convert_re10k, {}),
+        "lvsm": (papers.write_lvsm, convert_lvsm, {}),
+        "dl3dv": (papers.write_dl3dv, convert_dl3dv, {"images": "images_4"}),
+        "co3d": (papers.write_co3d, convert_co3d, {}),
+    }
+    print(f"papers' converters, {copies} copies of the round-trip tests' scenes (640x360); 1 process:")
+    for name, (write, convert, options) in sources.items():
+        root = folder / name
+        for copy in range(copies):
+            write(root, f"x{copy}")
+        start, wall = time.process_time(), time.perf_counter()
+        report = convert(root, folder / f"{name}_out", run=RunOptions(workers=1, progress=False), **options)
+        seconds, wall = time.process_time() - start, time.perf_counter() - wall
+        rates = f"{report.written / seconds:7.1f} scenes/s, {report.views / seconds:7.1f} views/s"
+        print(f"  convert {name:6s} {report.written:4d} scenes ({report.views:4d} views) in {seconds:6.2f} CPU s "
+              f"({wall:6.2f} s): {rates}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--videos", type=int, default=4, help="videos (default %(default)s)")
@@ -93,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=float, default=10.0, help="target frame rate (default %(default)s)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, best kept (default %(default)s)")
+    parser.add_argument("--copies", type=int, default=4, help="copies of each papers' source (default %(default)s)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "videos"
@@ -118,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         plain = best["plain PyAV loop"][1] / best["plain PyAV loop"][0]
         ours = best["convert video"][1] / best["convert video"][0]
         print(f"convert video / plain loop, frames per CPU second: {ours / plain:.2f} (goal >= 0.8)")
+        paper_converters(Path(tmp) / "papers", args.copies)
     return 0
 
 

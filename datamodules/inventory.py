@@ -48,6 +48,8 @@ class ShardInventory:
     damage: str | None = None
     scenes: int = 0
     with_cameras: int = 0
+    keys: frozenset[str] = frozenset()
+    """The keys of its intact samples."""
 
 
 def _sample_key(name: str) -> tuple[str, str]:
@@ -91,7 +93,7 @@ def inventory_shard(url: str) -> ShardInventory:
     if damage is not None:
         damage = f"{damage}; {whole} intact sample(s) before it"
     intact = {key for key, ok in keys.items() if ok}
-    return ShardInventory(url, whole, damage, len(scenes & intact), len(posed & intact))
+    return ShardInventory(url, whole, damage, len(scenes & intact), len(posed & intact), frozenset(intact))
 
 
 def listed_samples(urls: list[str], split: str) -> int | None:
@@ -143,6 +145,11 @@ class SplitInventory:
     def with_cameras(self) -> int:
         """Intact multi-view scenes in the local shards that carry ``cameras.json``."""
         return sum(s.with_cameras for s in self.shards)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """The keys of the intact samples in the local shards."""
+        return frozenset().union(*(s.keys for s in self.shards))
 
     def cameras_note(self) -> str:
         """How many scenes carry cameras, e.g. ``12 scene(s), none with cameras (unposed)``; empty without scenes."""

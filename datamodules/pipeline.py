@@ -359,6 +359,8 @@ class ValStage:
                 count = self.decoder.count(raw)
             except Exception:
                 count = 1
+            if count == 0:
+                continue  # a sample the decoder leaves out (not in an evaluation index): no share, not bad
             shares[owner] += count
             if owner != self.rank:
                 spare = spare or raw

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from selfsup3d.datamodules.format import ShardSink
-from selfsup3d.datamodules.prepare.frames import IMAGE_SUFFIXES, scale_K, scene_record
+from selfsup3d.datamodules.prepare.frames import IMAGE_SUFFIXES, orthonormal, scale_K, scene_record
 from selfsup3d.datamodules.prepare.writer import (
     ConvertReport,
     Unit,
@@ -31,19 +31,6 @@ from selfsup3d.datamodules.prepare.writer import (
 )
 
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
-
-
-def _orthonormal(c2w: np.ndarray, tol: float = 1e-3) -> np.ndarray | None:
-    """``c2w`` with its rotation snapped to the nearest rotation, or ``None`` when it is not one (scaled,
-    sheared or reflected beyond ``tol``)."""
-    rot = c2w[:3, :3]
-    if not np.all(np.isfinite(c2w)) or np.abs(rot @ rot.T - np.eye(3)).max() > tol or np.linalg.det(rot) < 0:
-        return None
-    u, _, vt = np.linalg.svd(rot)
-    out = np.array(c2w, dtype=np.float64)
-    out[:3, :3] = u @ vt
-    out[3] = [0, 0, 0, 1]
-    return out
 
 
 _BLENDER_ORDER = ("transforms.json", "transforms_train.json", "transforms_val.json", "transforms_test.json")
@@ -123,7 +110,7 @@ def _blender_unit(args: tuple[Path, str, dict[str, Any]]) -> Unit:
             except (KeyError, TypeError, ValueError) as err:
                 unit.skipped.append((what, f"bad transform_matrix ({err})"))
                 continue
-            c2w = _orthonormal(gl @ GL_TO_CV)
+            c2w = orthonormal(gl @ GL_TO_CV)
             if c2w is None:
                 unit.skipped.append((what, "transform_matrix is not a rigid transform"))
                 continue

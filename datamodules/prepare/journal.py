@@ -39,7 +39,7 @@ from typing import Any
 import webdataset as wds
 
 from selfsup3d.datamodules.format import check_key, shard_pattern
-from selfsup3d.datamodules.prepare.writer import ConvertReport, Unit, pool_map, update_info
+from selfsup3d.datamodules.prepare.writer import ConvertReport, Unit, converter_options, pool_map, update_info
 
 JOURNAL_VERSION = 1
 _PART_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -304,3 +304,53 @@ def _finished(report: ConvertReport, out: Path, prefix: str, position: _Position
     if write_info:
         update_info(out, report)
     return report
+
+
+@dataclass(frozen=True)
+class SceneOptions:
+    """What the converters of posed scenes (``convert re10k|lvsm|dl3dv|co3d``) write: at most ``max_size`` pixels
+    on the longer side (intrinsics follow), at most ``max_views`` views per scene (evenly spread), scenes with
+    fewer than ``min_views`` usable views skipped, re-encoded images as ``image_format`` (others copied),
+    ``scenes_per_shard`` scenes per tar shard."""
+
+    max_size: int | None = None
+    max_views: int | None = None
+    min_views: int = 2
+    image_format: str = "jpg"
+    scenes_per_shard: int = 16
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a conversion runs: only ``part`` (``"i/n"`` or a :class:`Part`), in ``workers`` processes (all cores
+    when ``None``), starting over with ``overwrite`` (otherwise an interrupted run resumes), with a progress bar."""
+
+    part: Part | str | None = None
+    workers: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+def convert_scenes(
+    kind: str,
+    inputs: Sequence[tuple[str, Any]],
+    fn: Callable[[Any], Unit],
+    out: str | os.PathLike[str],
+    split: str,
+    scenes: SceneOptions | None = None,
+    run: RunOptions | None = None,
+    extra: Mapping[str, Any] | None = None,
+    skipped: Sequence[tuple[str, str]] = (),
+) -> ConvertReport:
+    """:func:`convert_journaled` for a converter of posed scenes: ``inputs`` are ``(id, args)`` in a fixed order;
+    ``fn`` gets ``(args, options)``, the options a dict of ``scenes`` (see
+    :func:`~selfsup3d.datamodules.prepare.writer.converter_options`) and ``extra`` (the converter's own, which a
+    resumed run must repeat too); ``skipped`` is listed by the first part only."""
+    scenes, run = scenes or SceneOptions(), run or RunOptions()
+    opts = converter_options(scenes.max_size, scenes.max_views, scenes.min_views, (0, 0, 0), scenes.image_format)
+    opts.update(extra or {})
+    part = run.part if isinstance(run.part, Part) else Part.parse(run.part)
+    jobs = [Job(name, (args, opts)) for name, args in inputs]
+    return convert_journaled(kind, jobs, fn, out, split, part, opts, scenes.scenes_per_shard, workers=run.workers,
+                             overwrite=run.overwrite, progress=run.progress,
+                             skipped=skipped if part.index == 1 else ())  # fmt: skip

@@ -118,6 +118,16 @@ class Unit:
         """Count ``n`` samples left out for ``reason``."""
         self.dropped[reason] = self.dropped.get(reason, 0) + n
 
+    def absorb(self, other: Unit) -> None:
+        """Add ``other``'s records (after this unit's), views, skipped items, notes and drops: an input that holds
+        several scenes (a RE10K chunk, a CO3D category) gathers one unit per scene."""
+        self.records.extend(other.all_records())
+        self.views += other.views
+        self.skipped.extend(other.skipped)
+        self.notes.extend(other.notes)
+        for reason, n in other.dropped.items():
+            self.drop(reason, n)
+
 
 # ============================================================================ driver
 def pool_map(

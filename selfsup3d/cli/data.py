@@ -9,6 +9,10 @@
     selfsup3d data convert images SRC --out DIR      an image folder (class = sub-folder), single-view
     selfsup3d data convert video SRC --out DIR       videos -> unposed clips (resumable, --part i/n)
     selfsup3d data convert frames SRC --out DIR      folders of ordered frames -> unposed clips (the same)
+    selfsup3d data convert re10k SRC --out DIR       pixelSplat's RealEstate10K/ACID .torch chunks (resumable)
+    selfsup3d data convert lvsm SRC --out DIR        LVSM's or RayZer's per-scene JSON (the same)
+    selfsup3d data convert dl3dv SRC --out DIR       DL3DV nerfstudio transforms.json, undistorted (the same)
+    selfsup3d data convert co3d SRC --out DIR        CO3Dv2 annotations with depth (the same)
     selfsup3d data pseudo-depth ...                  monocular depth for single-view shards and scenes
 
 ``selfsup3d.cli`` dispatches ``selfsup3d data ARGS`` to :func:`main` before LightningCLI parses anything.
@@ -21,8 +25,20 @@ import sys
 from collections.abc import Sequence
 
 from selfsup3d.datamodules.format import IMAGE_EXTENSIONS
-from selfsup3d.datamodules.prepare import blender, colmap, images, pseudo_depth, sequences, video
+from selfsup3d.datamodules.prepare import (
+    blender,
+    co3d,
+    colmap,
+    dl3dv,
+    images,
+    lvsm,
+    pseudo_depth,
+    re10k,
+    sequences,
+    video,
+)
 from selfsup3d.datamodules.prepare.clips import ClipOptions, parse_size
+from selfsup3d.datamodules.prepare.journal import RunOptions, SceneOptions
 from selfsup3d.datamodules.prepare.render import RenderSettings, render_dataset
 
 
@@ -77,7 +93,28 @@ def _parse_background(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
+_PAPER_CONVERTERS = {
+    "re10k": re10k.convert_re10k,
+    "lvsm": lvsm.convert_lvsm,
+    "dl3dv": dl3dv.convert_dl3dv,
+    "co3d": co3d.convert_co3d,
+}
+
+
+def _convert_paper(args: argparse.Namespace) -> int:
+    """``convert re10k|lvsm|dl3dv|co3d``: posed scenes, resumable and by parts."""
+    extra = {"dl3dv": ("images",), "co3d": ("set_list", "subset", "min_quality")}.get(args.source, ())
+    scenes = SceneOptions(args.max_size, args.max_views, args.min_views, args.image_format, args.shard_size)
+    run = RunOptions(args.part, args.workers, args.overwrite, not args.no_progress)
+    kwargs = {name: getattr(args, name) for name in extra}
+    report = _PAPER_CONVERTERS[args.source](args.src, args.out, args.split, scenes=scenes, run=run, **kwargs)
+    print(report.summary())
+    return 0 if report.written else 1
+
+
 def _convert(args: argparse.Namespace) -> int:
+    if args.source in _PAPER_CONVERTERS:
+        return _convert_paper(args)
     if args.source in ("video", "frames"):
         clips = ClipOptions(
             args.clip_frames,
@@ -202,6 +239,63 @@ def _add_clip_parsers(kinds: argparse._SubParsersAction) -> None:
         p.set_defaults(func=_convert)
 
 
+def _add_paper_parsers(kinds: argparse._SubParsersAction) -> None:
+    """``convert re10k|lvsm|dl3dv|co3d``: the papers' data sets as posed scenes, resumable and by parts
+    (:mod:`~selfsup3d.datamodules.prepare.re10k`, ``lvsm``, ``dl3dv``, ``co3d``)."""
+    common = (
+        " Views keep capture order (view i is frame i of the source unless --max-views subsamples). An interrupted "
+        "run resumes where it stopped when run again; --part i/n converts one of n parts into its own shards."
+    )
+    parsers = {
+        "re10k": kinds.add_parser(
+            "re10k",
+            help="RealEstate10K/ACID in pixelSplat's .torch chunks (JPEG bytes, 18-number cameras)",
+            description="SRC is a .torch chunk or a folder of them (recursive): lists of scene dicts with key, "
+            "cameras [N, 18] (fx fy cx cy normalised by the image size, 2 unused, 3x4 world-to-camera, OpenCV "
+            "axes) and images (JPEG bytes, copied unchanged)." + common,
+        ),
+        "lvsm": kinds.add_parser(
+            "lvsm",
+            help="LVSM's or RayZer's per-scene JSON (full_list.txt, a folder, or one file)",
+            description="SRC is full_list.txt, a folder of scene JSON files (recursive) or one. Frames are "
+            "{image_path, fxfycxcy, w2c} (LVSM) or {file_path, w, h, fx, fy, cx, cy, w2c} (RayZer); w2c in OpenCV "
+            "axes; image paths absolute or relative to the JSON's folder or its parent." + common,
+        ),
+        "dl3dv": kinds.add_parser(
+            "dl3dv",
+            help="DL3DV scenes: nerfstudio transforms.json (OpenGL, applied_transform, k1 k2 p1 p2)",
+            description="SRC is a scene (transforms.json or nerfstudio/transforms.json) or a folder of them. "
+            "applied_transform is read, checked and undone; lens distortion is undone (kornia); intrinsics are "
+            "rescaled to the images read (--images images_4)." + common,
+        ),
+        "co3d": kinds.add_parser(
+            "co3d",
+            help="CO3Dv2: frame/sequence annotations (PyTorch3D cameras), images and float16 depth",
+            description="SRC is the CO3D root or one category. PyTorch3D row-vector cameras with NDC intrinsics "
+            "(ndc_norm_image_bounds or ndc_isotropic) become pixel K and OpenCV c2w; depth PNGs hold float16 bit "
+            "patterns (times scale_adjustment, masked by the depth masks)." + common,
+        ),
+    }
+    for p in parsers.values():
+        p.add_argument("src", help="source: see above")
+        p.add_argument("--split", default="train", help="shard name prefix (default %(default)s)")
+        p.add_argument("--max-size", type=int, default=None, help="downscale so the longer side is at most this")
+        p.add_argument("--max-views", type=int, default=None, help="at most this many views per scene, evenly spread")
+        p.add_argument("--min-views", type=int, default=2, help="skip scenes with fewer views (default %(default)s)")
+        p.add_argument("--part", default=None, help="i/n: convert part i of n (1-based), into its own shards")
+        _add_output_arguments(p, shard_size=16, image_format="jpg")
+        p.set_defaults(func=_convert)
+    parsers["dl3dv"].add_argument(
+        "--images", default=None, help="image folder read instead of file_path's first folder (e.g. images_4)"
+    )
+    co3d_parser = parsers["co3d"]
+    co3d_parser.add_argument("--set-list", default=None, help="convert the frames of set_lists_NAME.json only")
+    co3d_parser.add_argument("--subset", default=None, help="train, val or test of the set list (default: --split)")
+    co3d_parser.add_argument(
+        "--min-quality", type=float, default=None, help="skip sequences with a lower viewpoint_quality_score"
+    )
+
+
 def _add_pseudo_depth_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``selfsup3d data pseudo-depth``
     (:func:`~selfsup3d.datamodules.prepare.pseudo_depth.annotate_pseudo_depth`)."""
@@ -318,7 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert Blender/NeRF scenes, COLMAP models or an image folder into shards",
         description="Convert data you have into selfsup3d shards; prints what was written and what was skipped.",
     )
-    kinds = convert.add_subparsers(dest="source", required=True, metavar="{blender,colmap,images,video,frames}")
+    kinds = convert.add_subparsers(
+        dest="source", required=True, metavar="{blender,colmap,images,video,frames,re10k,lvsm,dl3dv,co3d}"
+    )
     blender = kinds.add_parser(
         "blender",
         help="NeRF/Blender scenes: transforms*.json (OpenGL c2w, camera_angle_x or fl_x/fl_y/cx/cy) + images",
@@ -345,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_output_arguments(p, shard_size=shard_size, image_format=fmt)
         p.set_defaults(func=_convert)
     _add_clip_parsers(kinds)
+    _add_paper_parsers(kinds)
     for p in (blender, colmap):
         p.add_argument("--max-views", type=int, default=None, help="at most this many views per scene, evenly spread")
         p.add_argument("--min-views", type=int, default=2, help="skip scenes with fewer views (default %(default)s)")
