@@ -9,6 +9,10 @@
 * Frozen teachers (:class:`~selfsup3d.encoders.FrozenTeacher`) that can be rebuilt from their source are left out
   of checkpoints and keep their rebuilt weights on load; a checkpoint's keys are checked before loading, naming
   what is missing or unexpected.
+* Lightning's loop counters are made to say where the run stopped, whatever stopped it
+  (:func:`continue_stopped_epoch`, :meth:`ResumeMixin.align_logging_step`): an epoch ended early by
+  ``trainer.should_stop`` (``max_time``, early stopping, a callback, ``max_steps``) is continued, not counted as
+  finished, and the logging step after a resume is the optimiser step, however the checkpoint was written.
 """
 
 from __future__ import annotations
@@ -27,6 +31,39 @@ RUN_STATE_KEY = "selfsup3d_run_state"
 """Where checkpoints keep an objective's run state (``run_state``)."""
 
 
+def continue_stopped_epoch(checkpoint: dict[str, Any]) -> bool:
+    """Restore an epoch that ``trainer.should_stop`` ended early as unfinished; return whether one was.
+
+    When a run stops mid-epoch (``max_time``, early stopping, a callback setting ``should_stop``, ``max_steps``),
+    Lightning's fit loop ends the epoch as if it were over (``on_train_epoch_end`` runs, the epoch counts as
+    processed and completed) and saves that. On resume it would start the *next* epoch, but with the stopped
+    epoch's batch count carried into it (iteration-based runs keep ``batch_progress.current``): every later
+    batch had another ``current_epoch`` than in the uninterrupted run (per-batch seeds, epoch-based schedules and
+    checks), and the progress bar read ``Epoch 1 20/10``, while the resumable data streams (which save their own
+    position) continued the stopped epoch. Here the saved epoch counters are put back to "started, not
+    processed" (Lightning's mid-epoch restart): the loop continues the stopped epoch where the streams do.
+
+    Only for checkpoints that hold the training loaders' positions (stateful loaders, such as
+    :class:`~selfsup3d.datamodules.resumable.ResumableLoader`): a loader that cannot resume mid-epoch starts
+    over, and Lightning's own handling applies.
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop", {})
+    epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
+    if not fit.get("state_dict", {}).get("combined_loader") or not epochs or not batches:
+        return False
+    current = epochs["current"]
+    stopped = (
+        not batches.get("is_last_batch", True)  # the epoch's last batch was not reached
+        and batches["current"]["ready"] > 0
+        and current["started"] > 0
+        and current["processed"] == current["started"]  # yet the fit loop ended the epoch
+    )
+    if stopped:
+        for progress in (epochs["total"], epochs["current"]):
+            progress["processed"] = progress["completed"] = progress["started"] - 1
+    return stopped
+
+
 def teacher_prefixes(module: nn.Module, reproducible_only: bool) -> list[str]:
     """State-dict prefixes (``name.``) of the frozen teachers inside ``module``."""
     return [
@@ -40,12 +77,31 @@ class ResumeMixin:
     """Seeding, run state and checkpoint keys of the module docstring. Reads the module's ``run_state``
     (``seed``: the run's seed, set at set-up)."""
 
+    _logging_step_to_align = False
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Seed the random generators (all devices) from the run seed, rank, epoch and batch: what a step draws
         (masks, rays, dropout) is a function of where it is in the run, so a resumed run draws the same."""
+        if self._logging_step_to_align:
+            self.align_logging_step()
         seed = self.run_state["seed"]
         seed = stream_seed("step", 0 if seed is None else seed, self.global_rank, self.current_epoch, batch_idx)
         torch.manual_seed(seed)
+
+    def align_logging_step(self) -> None:
+        """Log the first batch after a restore at the step the uninterrupted run logs it at.
+
+        Lightning logs a step at ``fit_loop.epoch_loop._batches_that_stepped``, the number of batches that made
+        an optimiser step so far, which equals ``global_step`` at every batch start (automatic optimisation,
+        with or without gradient accumulation). It does not save the count as of the restart point but
+        adjusts the saved one on restore by a guess of where the checkpoint was written (one added unless it
+        was written after a whole batch), which is one off after a stop between steps (Ctrl-C or a crash once
+        the next batch was fetched) or after a stop saved at a validation's end: every later step was logged
+        one step late. Called at the first batch after a restore, when that adjustment is done.
+        """
+        self._logging_step_to_align = False
+        if self.automatic_optimization:
+            self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """The module's state without the frozen teachers that can be rebuilt from their source."""
@@ -70,8 +126,11 @@ class ResumeMixin:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint's keys before loading, naming what is missing or unexpected (teachers that are
-        rebuilt from their source may be absent); take the run state back."""
+        rebuilt from their source may be absent); take the run state back; make the loop counters say where the
+        run stopped (:func:`continue_stopped_epoch`, :meth:`align_logging_step`)."""
         self.run_state.update(checkpoint.get(RUN_STATE_KEY, {}))
+        continue_stopped_epoch(checkpoint)
+        self._logging_step_to_align = True
         saved = set(checkpoint.get("state_dict", {}))
         expected = set(self.state_dict())
         rebuilt = tuple(teacher_prefixes(self, reproducible_only=True))
