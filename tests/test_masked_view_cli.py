@@ -175,3 +175,42 @@ def test_training_steps_run_on_nan_cameras(tmp_path, shard_urls):
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(after, before)), "training did not move the weights"
+
+
+def test_a_checkpoint_of_another_objective_is_refused_in_one_line(tmp_path, shard_urls, capsys):
+    """--ckpt_path with another objective's checkpoint: Lightning would rebuild the checkpoint's objective in place
+    of the config's and train it on the config's data (exit 0), or fail on data that does not fit it."""
+    (tmp_path / "mv").mkdir()
+    main(["fit", "--config", str(write_config(tmp_path / "mv", shard_urls)), "--trainer.max_steps", "1"])
+    ckpt = tmp_path / "mv/lightning_logs/version_0/checkpoints/last.ckpt"
+    other = tmp_path / "toy"
+    other.mkdir()
+    on_scenes = yaml.safe_load(write_config(other, shard_urls).read_text())  # the same multi-view shards
+    on_scenes["model"] = {"class_path": "toy.RotationPrediction", "init_args": {"encoder": ENCODER}}
+    on_images = {**on_scenes, "data": {"class_path": "toy.RandomImages", "init_args": {"batch_size": 2}}}
+    for name, cfg in (("scenes.yaml", on_scenes), ("images.yaml", on_images)):
+        (other / name).write_text(yaml.safe_dump(cfg))
+    cases = [("fit", "scenes.yaml", ckpt), ("fit", "images.yaml", ckpt), ("validate", "scenes.yaml", ckpt)]
+    for subcommand, config, path in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main([subcommand, "--config", str(other / config), "--ckpt_path", str(path)])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert f"--ckpt_path {ckpt} is a checkpoint of MaskedViewPrediction, but the config trains " in err
+        assert "RotationPrediction (model.class_path)" in err and f"init_encoder_from: {ckpt}" in err
+    assert not (other / "lightning_logs").exists()  # nothing ran
+    # `--ckpt_path last` finds the newest run under the same folder: a masked-view run there is refused alike
+    on_scenes["trainer"]["default_root_dir"] = str(tmp_path / "mv")
+    (other / "scenes.yaml").write_text(yaml.safe_dump(on_scenes))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(other / "scenes.yaml"), "--ckpt_path", "last"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and f"--ckpt_path {ckpt} is a checkpoint of MaskedViewPrediction" in err, err
+    # in Python (no CLI), loading it into another objective names both classes too
+    from toy import RotationPrediction
+
+    from selfsup3d.errors import CheckpointMismatchError
+
+    model = RotationPrediction(tiny_encoder(num_out_layers=0))
+    with pytest.raises(CheckpointMismatchError, match="checkpoint of MaskedViewPrediction, but the config trains Rot"):
+        model.on_load_checkpoint(torch.load(ckpt, weights_only=True))

@@ -14,8 +14,9 @@ import sys
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
@@ -41,6 +42,7 @@ from selfsup3d.errors import (
     WeightsUnavailableError,
 )
 from selfsup3d.objectives.base import PretrainObjective
+from selfsup3d.objectives.run.resume import foreign_checkpoint_message, foreign_objective, resolve_class
 
 DESCRIPTION = "selfsup3d: 3D-aware self-supervised pretraining of vision encoders."
 """The parser's description; :func:`selfsup3d.cli.main` adds the tool verbs."""
@@ -153,6 +155,7 @@ class SelfSup3DCLI(LightningCLI):
                     f"--ckpt_path last: no run under {runs} has a checkpoints/last.ckpt"
                 )
             return
+        self._refuse_foreign_checkpoint(self.subcommand, found[-1])
         if self.subcommand != "fit":
             cfg.ckpt_path = str(found[-1])
             rank_zero_info(f"evaluating {found[-1]}")
@@ -177,7 +180,8 @@ class SelfSup3DCLI(LightningCLI):
         return trainer
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning's (it reads the checkpoint's hyper-parameters), after checking that the file is whole."""
+        """Lightning's (it reads the checkpoint's hyper-parameters), after checking that the file is whole and that
+        it is a checkpoint of the config's objective."""
         subcommand = self.config.get("subcommand")
         if subcommand:
             path = self.config[subcommand].get("ckpt_path")
@@ -186,7 +190,24 @@ class SelfSup3DCLI(LightningCLI):
                     check_checkpoint(path)
                 except CheckpointCorruptError as err:
                     run_error(subcommand, err)
+                self._refuse_foreign_checkpoint(subcommand, Path(path))
         super()._parse_ckpt_path()
+
+    def _refuse_foreign_checkpoint(self, subcommand: str, path: Path) -> None:
+        """A usage error when ``path`` was written by another objective than the config's ``model.class_path``
+        (Lightning would rebuild the checkpoint's objective from its hyper-parameters in place of the config's,
+        and train or evaluate it on the config's data)."""
+        class_path = self.config[subcommand].get("model", {}).get("class_path")
+        cls = resolve_class(class_path) if isinstance(class_path, str) else None
+        if cls is None:
+            return
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001  (a file that does not load is reported by Lightning's own loading)
+            return
+        saved = foreign_objective(checkpoint, cls)
+        if saved is not None:  # one line (a usage error's pointer to --help would not help), status 2
+            run_error(subcommand, foreign_checkpoint_message(path, saved, cls), status=2)
 
     def _report_user_error(self, err: BaseException, kinds: tuple[type[BaseException], ...]) -> None:
         """Turn a user error raised while building or running the classes (jsonargparse wraps it) into a
@@ -214,10 +235,11 @@ class SelfSup3DCLI(LightningCLI):
             run_error(subcommand, err)
 
 
-def run_error(subcommand: str, err: BaseException) -> None:
-    """Report a run's error in one line and exit with status 1 (the checkpoint written on the way out stays)."""
+def run_error(subcommand: str, err: BaseException | str, status: int = 1) -> NoReturn:
+    """Report an error in one line and exit with ``status`` (1: a run's error, the checkpoint written on the way out
+    stays; 2: a usage error that ``--help`` would not help with)."""
     print(f"{prog()} {subcommand}: error: {err}", file=sys.stderr)
-    raise SystemExit(1)
+    raise SystemExit(status)
 
 
 def prog() -> str:

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,6 +63,41 @@ def continue_stopped_epoch(checkpoint: dict[str, Any]) -> bool:
         for progress in (epochs["total"], epochs["current"]):
             progress["processed"] = progress["completed"] = progress["started"] - 1
     return stopped
+
+
+def resolve_class(class_path: str) -> type | None:
+    """The class a ``module.Name`` path names, or ``None`` when it cannot be imported."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return found if isinstance(found, type) else None
+
+
+def foreign_objective(checkpoint: Mapping[str, Any], cls: type) -> str | None:
+    """The class path of the objective that wrote ``checkpoint`` (its ``_class_path`` hyper-parameter, written by
+    the CLI and by every objective) when it is not ``cls``; ``None`` when it is, or when the checkpoint does not
+    say."""
+    hparams = checkpoint.get("hyper_parameters")
+    saved = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
+    if not isinstance(saved, str) or not saved:
+        return None
+    found = resolve_class(saved)
+    same = found is cls if found is not None else saved.rpartition(".")[2] == cls.__name__
+    return None if same else saved
+
+
+def foreign_checkpoint_message(path: Any, saved: str, cls: type) -> str:
+    """One line: ``--ckpt_path`` names a checkpoint of another objective than the config's, and what to do."""
+    theirs, ours = saved.rpartition(".")[2], cls.__name__
+    if theirs == ours:
+        theirs, ours = saved, f"{cls.__module__}.{cls.__qualname__}"
+    return (
+        f"--ckpt_path {path} is a checkpoint of {theirs}, but the config trains {ours} (model.class_path): "
+        f"--ckpt_path continues or evaluates a run of the same objective; to start {ours} from that run's "
+        f"encoder, set model.init_args.init_encoder_from: {path} instead"
+    )
 
 
 def teacher_prefixes(module: nn.Module, reproducible_only: bool) -> list[str]:
@@ -128,6 +164,10 @@ class ResumeMixin:
         """Check the checkpoint's keys before loading, naming what is missing or unexpected (teachers that are
         rebuilt from their source may be absent); take the run state back; make the loop counters say where the
         run stopped (:func:`continue_stopped_epoch`, :meth:`align_logging_step`)."""
+        saved = foreign_objective(checkpoint, type(self))
+        if saved is not None:
+            path = getattr(self._trainer, "ckpt_path", None) or "(the checkpoint)"
+            raise CheckpointMismatchError(foreign_checkpoint_message(path, saved, type(self)))
         self.run_state.update(checkpoint.get(RUN_STATE_KEY, {}))
         continue_stopped_epoch(checkpoint)
         self._logging_step_to_align = True
