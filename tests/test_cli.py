@@ -224,8 +224,13 @@ def test_exported_encoder_loads_in_plain_timm_with_the_readme_line(tmp_path, cap
     assert torch.allclose(_features_in_plain_timm(folder, x), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "name,hub_id", [("test_vit", "test_vit.r160_in1k"), ("small", "vit_small_patch14_dinov2.lvd142m")]
+)
 @pytest.mark.parametrize("network", ["offline mode", "no network"])
-def test_pretrained_weights_unavailable_say_what_to_do_in_one_line(tmp_path, capsys, monkeypatch, request, network):
+def test_pretrained_weights_unavailable_say_what_to_do_in_one_line(
+    tmp_path, capsys, monkeypatch, request, network, name, hub_id
+):
     from huggingface_hub import constants
 
     if network == "no network":
@@ -233,14 +238,16 @@ def test_pretrained_weights_unavailable_say_what_to_do_in_one_line(tmp_path, cap
     else:
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     cfg = yaml.safe_load(write_config(tmp_path).read_text())
-    cfg["model"]["init_args"]["encoder"]["init_args"] = {"name": "test_vit", "img_size": 32, "pretrained": True}
+    cfg["model"]["init_args"]["encoder"]["init_args"] = {"name": name, "img_size": 28, "pretrained": True}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(tmp_path / "config.yaml")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "checkpoint_path" in err and "timm/test_vit.r160_in1k" in err  # the project's advice, not only the hub's
+    assert "checkpoint_path" in err and f"timm/{hub_id}" in err  # the project's advice, not only the hub's
     assert "Traceback" not in err
+    # the advice is whole (the why, quoting the network library's error, may be shortened; the advice never)
+    assert err.splitlines()[0].endswith("then set the encoder's checkpoint_path to the file and pretrained to false.")
 
 
 def test_sigterm_saves_checkpoint_and_encoder_then_exits_143(tmp_path):

@@ -283,6 +283,34 @@ def test_start_up_errors_name_the_keys(tmp_path, urls, capsys, override, needles
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("where", ["command line", "config file"])
+@pytest.mark.parametrize(
+    "section,entry,key,value,needle",
+    [
+        ("objectives", "masked_view", "dimm", 3, "not an argument of selfsup3d.objectives.MaskedViewPrediction"),
+        ("objectives", "triplane", "decoder_depth", "deep", "expected int, got 'deep'"),
+        ("sources", "posed", "num_viewz", 3, "not an argument of selfsup3d.datamodules.MultiViewShards"),
+        ("sources", "images", "image_size", "big", "expected int or tuple, got 'big'"),
+    ],
+)  # fmt: skip
+def test_a_typo_inside_an_objective_or_a_source_names_it(tmp_path, urls, capsys, where, section, entry, key, value,
+                                                         needle):  # fmt: skip
+    """jsonargparse explains a typo inside one entry of a mapping of components without the entry's name (and
+    with a dump of its type and value); the message names it as the single-objective case names its key."""
+    cfg = demo_config(tmp_path, urls)
+    top = "model" if section == "objectives" else "data"
+    override = []
+    if where == "command line":
+        override = [f"--{top}.init_args.{section}.{entry}.init_args.{key}", str(value)]
+    else:
+        cfg[top]["init_args"][section][entry]["init_args"][key] = value
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(_write(tmp_path, cfg)), *override, "--print_config"])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(err) == 2, err
+    assert err[0] == f"selfsup3d fit: error: {top}.init_args.{section}.{entry}.init_args.{key}: {needle}"
+
+
 # about 30 s a run on two cores (two spawned processes importing torch and Lightning): real DDP in `make test`
 def test_two_process_ddp_fit_of_the_demo_config_resumed_mid_epoch_is_the_whole_run(tmp_path, urls):
     """A 2-rank (gloo) fit of 4 steps that checkpoints at step 2 (mid-epoch), and a fit resumed from that
