@@ -190,13 +190,27 @@ _C2W_ROW = np.array([0.0, 0.0, 0.0, 1.0])
 _EYE3 = np.eye(3)
 
 
+def _require_matrix(matrix: np.ndarray, name: str, shape: tuple[int, int], what: str) -> None:
+    """Raise ``ValueError`` unless ``matrix`` has ``shape`` and only finite values (a shape problem and a non-finite
+    value are said apart: a NaN camera is not a bad shape)."""
+    if matrix.shape != shape:
+        raise ValueError(f"{what}: {name} must be a {shape[0]}x{shape[1]} matrix, got shape {list(matrix.shape)}")
+    bad = np.argwhere(~np.isfinite(matrix))
+    if len(bad):
+        row, col = (int(i) for i in bad[0])
+        raise ValueError(
+            f"{what}: {name} has {len(bad)} non-finite value(s) (NaN or infinite; a JSON null reads as NaN), the "
+            f"first {matrix[row, col]} at [{row}, {col}]"
+        )
+
+
 def check_camera(K: np.ndarray, c2w: np.ndarray, what: str = "camera") -> None:
     """Raise ``ValueError`` unless ``K`` is a finite 3x3 intrinsic matrix with positive focal lengths and
     ``c2w`` a finite 4x4 rigid transform (rotation with determinant +1, last row ``0 0 0 1``)."""
     K = np.asarray(K, dtype=np.float64)
     c2w = np.asarray(c2w, dtype=np.float64)
     # plain comparisons: np.allclose costs more than the rest of a view's decoding
-    require(K.shape == (3, 3) and np.isfinite(K).all(), f"{what}: K", "a finite 3x3 matrix", K.tolist(), ValueError)
+    _require_matrix(K, "K", (3, 3), what)
     require(
         K[0, 0] > 0 and K[1, 1] > 0 and np.abs(K[2] - _K_ROW).max() <= 1e-9 and K[1, 0] == 0,
         f"{what}: K",
@@ -204,8 +218,7 @@ def check_camera(K: np.ndarray, c2w: np.ndarray, what: str = "camera") -> None:
         K.tolist(),
         ValueError,
     )
-    if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
-        raise ValueError(f"{what}: c2w must be a finite 4x4 matrix, got shape {list(c2w.shape)}")
+    _require_matrix(c2w, "c2w", (4, 4), what)
     require(
         np.abs(c2w[3] - _C2W_ROW).max() <= 1e-6,
         f"{what}: the last row of c2w",

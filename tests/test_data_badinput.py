@@ -61,6 +61,24 @@ def _malformed_camera(r):
     r["cameras.json"] = json.dumps(cameras).encode()
 
 
+def _nan_camera(r):
+    cameras = json.loads(r["cameras.json"])
+    cameras["views"][1]["c2w"][2][3] = float("nan")  # written as NaN by json.dumps
+    r["cameras.json"] = json.dumps(cameras).encode()
+
+
+def _null_focal(r):
+    cameras = json.loads(r["cameras.json"])
+    cameras["views"][0]["K"][0][0] = None  # a writer that turns NaN into null
+    r["cameras.json"] = json.dumps(cameras).encode()
+
+
+def _short_c2w(r):
+    cameras = json.loads(r["cameras.json"])
+    cameras["views"][1]["c2w"] = cameras["views"][1]["c2w"][:3]
+    r["cameras.json"] = json.dumps(cameras).encode()
+
+
 def _wrong_size(r):
     cameras = json.loads(r["cameras.json"])
     cameras["width"] = 20
@@ -75,6 +93,13 @@ def _wrong_size(r):
         (_missing_cameras, r"field cameras\.json: missing"),
         (_malformed_json, r"field cameras\.json: not valid JSON"),
         (_malformed_camera, r"field cameras\.json: views\[1\]: the rotation part of c2w is not a rotation"),
+        (
+            _nan_camera,
+            r"field cameras\.json: views\[1\]: c2w has 1 non-finite value\(s\) \(NaN or infinite; a JSON "
+            r"null reads as NaN\), the first nan at \[2, 3\]",
+        ),
+        (_null_focal, r"field cameras\.json: views\[0\]: K has 1 non-finite value\(s\) .*, the first nan at \[0, 0\]"),
+        (_short_c2w, r"field cameras\.json: views\[1\]: c2w must be a 4x4 matrix, got shape \[3, 4\]"),
         (_wrong_size, r"field 000\.png: image is 16x16, expected 20x16"),
     ],
 )
