@@ -227,3 +227,26 @@ def test_the_requeue_signal_waits_for_the_end_of_the_step():
     requeue.on_train_batch_end(trainer, None)  # the step is over: Lightning's handler saves and requeues once
     requeue.on_train_batch_end(trainer, None)
     assert calls == [int(signal.SIGUSR1)]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoints_and_exports_get_the_permissions_of_the_umask(tmp_path, umask):
+    """Teammates on a shared cluster read a run's files as far as the umask lets them (the atomic writer's
+    temporary file used to keep mkstemp's 0600, and safetensors writes 0600 too); an existing file's mode stays."""
+    cfg = toy_config(tmp_path)
+    previous = os.umask(umask)
+    try:
+        main(["fit", "--config", str(cfg), "--trainer.max_steps", "2", "--checkpoint.every_n_train_steps", "1",
+              "--trainer.callbacks+=selfsup3d.callbacks.EncoderExport"])  # fmt: skip
+        run = tmp_path / "lightning_logs/version_0"
+        exported = tmp_path / "exported.safetensors"
+        assert main(["export", str(run / "checkpoints/last.ckpt"), "--out", str(exported)]) == 0
+        written = [*(run / "checkpoints").iterdir(), run / "encoder.safetensors", exported]
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written}
+        assert modes == {p.name: oct(0o666 & ~umask) for p in written}
+        (run / "checkpoints/last.ckpt").chmod(0o640)  # a file its owner chose the mode of: rewriting keeps it
+        main(["fit", "--config", str(cfg), "--trainer.max_steps", "3", "--ckpt_path", "last"])
+        assert (run / "checkpoints/last.ckpt").stat().st_mode & 0o777 == 0o640
+        assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporary left
+    finally:
+        os.umask(previous)
