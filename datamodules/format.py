@@ -32,11 +32,13 @@ and :func:`parse_meta`, which raise :class:`SampleError` naming the shard, the k
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,13 +89,35 @@ class SampleError(ValueError):
 
 # ============================================================================ keys
 def make_key(*parts: object) -> str:
-    """A valid sample key from ``parts``: joined by ``_``, characters other than ``[A-Za-z0-9_-]``
-    replaced by ``-`` (WebDataset splits member names at the first dot, so keys carry none)."""
+    """A valid sample key from ``parts``: joined by ``_``, letters with accents written without them (``café`` ->
+    ``cafe``), other characters than ``[A-Za-z0-9_-]`` replaced by ``-`` (WebDataset splits member names at the
+    first dot, so keys carry none). A name with nothing left (``写真/咖啡``) is named by a short hash of it
+    (``u`` and 8 hex digits): distinct names keep distinct keys. Names that differ only in what was dropped meet
+    in one key; :class:`SampleKeys` tells them apart."""
     text = "_".join(str(p) for p in parts if str(p) != "")
-    text = re.sub(r"[^A-Za-z0-9_\-]+", "-", text).strip("-")
     if not text:
         raise ValueError(f"cannot make a sample key from {parts!r}")
-    return text
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    key = re.sub(r"[^A-Za-z0-9_\-]+", "-", ascii_text).strip("-")
+    return key or "u" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+class SampleKeys:
+    """Distinct sample keys for the names of one conversion: :func:`make_key` of each name, and for a name whose
+    key an earlier name already has (``café`` and ``cafè``, ``a b`` and ``a-b``), that key with the next free
+    counter (``cafe``, ``cafe_2``). No file is lost or merged."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def key(self, *parts: object) -> str:
+        key = base = make_key(*parts)
+        n = 1
+        while key in self.used:
+            n += 1
+            key = f"{base}_{n}"
+        self.used.add(key)
+        return key
 
 
 def check_key(key: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from selfsup3d.datamodules.format import EncodedImage, Scene, encode_scene, make_key
+from selfsup3d.datamodules.format import EncodedImage, Scene, encode_scene
 from selfsup3d.datamodules.prepare.writer import Unit
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -99,10 +99,16 @@ def _subsample(n: int, max_views: int | None) -> list[int]:
 
 
 def scene_record(
-    name: str, frames: list[tuple[str, Path, np.ndarray, np.ndarray]], source: str, opts: Mapping[str, Any], unit: Unit
+    name: str,
+    key: str,
+    frames: list[tuple[str, Path, np.ndarray, np.ndarray]],
+    source: str,
+    opts: Mapping[str, Any],
+    unit: Unit,
 ) -> Unit:
-    """Load the frames ``(what, path, K, c2w)`` of one scene, keep those of the first frame's size, resize,
-    and encode the scene (or skip it when fewer than ``min_views`` remain). ``opts``: the converter's options
+    """Load the frames ``(what, path, K, c2w)`` of the scene ``name``, keep those of the first frame's size, resize,
+    and encode the scene as sample ``key`` (or skip it when fewer than ``min_views`` remain). ``opts``: the
+    converter's options
     (:func:`~selfsup3d.datamodules.prepare.writer.converter_options`: ``max_size``, ``max_views``, ``min_views``,
     ``background``, ``image_format``)."""
     max_size, max_views, min_views = opts["max_size"], opts["max_views"], opts["min_views"]
@@ -141,7 +147,6 @@ def scene_record(
     has_masks = all(m is not None for m in masks)
     if any(m is not None for m in masks) and not has_masks:
         unit.notes.append((name, "only some views have alpha: masks left out"))
-    key = make_key(name)
     scene = Scene(
         key=key,
         images=images,

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import ImageOps
 
-from selfsup3d.datamodules.format import ImageSample, ShardSink, encode_image_sample, make_key
+from selfsup3d.datamodules.format import ImageSample, SampleKeys, ShardSink, encode_image_sample
 from selfsup3d.datamodules.prepare.frames import IMAGE_SUFFIXES, fit_size, load_image, prepare_image
 from selfsup3d.datamodules.prepare.writer import ConvertReport, Unit, converter_options, pool_map, write_units
 
@@ -110,16 +110,11 @@ def convert_images(
         raise FileNotFoundError(f"{src_path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if shuffle:
         random.Random(seed).shuffle(files)
-    used: set[str] = set()
-    jobs = []
-    for path, label, class_name in files:
-        key = base = make_key(str(path.relative_to(src_path).with_suffix("")))
-        n = 1
-        while key in used:
-            n += 1
-            key = f"{base}_{n}"
-        used.add(key)
-        jobs.append((path, key, label, class_name, opts))
+    keys = SampleKeys()
+    jobs = [
+        (path, keys.key(str(path.relative_to(src_path).with_suffix(""))), label, class_name, opts)
+        for path, label, class_name in files
+    ]
     sink = ShardSink(out, split, samples_per_shard=samples_per_shard, image_format=image_format, overwrite=overwrite)
     return write_units(pool_map(_image_unit, jobs, workers, "convert images", progress), report, sink)
 

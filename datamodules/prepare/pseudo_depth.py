@@ -49,6 +49,7 @@ from selfsup3d.datamodules.format import (
     MASK_SUFFIX,
     EncodedImage,
     ImageSample,
+    SampleKeys,
     ShardSink,
     decode_depth,
     decode_mask,
@@ -56,7 +57,6 @@ from selfsup3d.datamodules.format import (
     depth_to_array,
     image_field,
     is_multiview,
-    make_key,
     parse_meta,
     single_depth_scale,
 )
@@ -182,6 +182,7 @@ def iter_folder(src: str, split: str) -> tuple[int, Iterator[Item]]:
     index = {name: i for i, name in enumerate(classes)}
 
     def items() -> Iterator[Item]:
+        keys = SampleKeys()
         for path in files:
             rel = path.relative_to(root)
             cls = rel.parts[0] if len(rel.parts) > 1 else None
@@ -195,7 +196,7 @@ def iter_folder(src: str, split: str) -> tuple[int, Iterator[Item]]:
             meta: dict[str, Any] = {"source": "images", "path": str(rel)}
             if cls is not None:
                 meta["class_name"] = cls
-            key = make_key(str(rel.with_suffix("")).replace("/", "_"))
+            key = keys.key(str(rel.with_suffix("")).replace("/", "_"))
             yield Item(key, split, image, rgb, index[cls] if cls is not None else -1, meta)
 
     return len(files), items()
