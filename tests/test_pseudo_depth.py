@@ -130,3 +130,32 @@ def test_hub_model_unavailable_says_what_to_do(tmp_path, capsys, monkeypatch, re
     assert model in err and "--model" in err and "--local-dir" in err  # how to run it offline
     if network == "no network":
         assert len(tried) == 1  # one short probe, not minutes of retries
+
+
+def test_a_folder_of_16_bit_and_turned_photos_is_annotated_as_shown(tmp_path, tiny_dpt):
+    """16-bit greyscale came out white (``convert("RGB")`` clips it); a photo whose EXIF orientation says it is turned
+    is annotated and written upright, as the image converter writes it."""
+    import io
+    import tarfile
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    grey = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    Image.fromarray(grey).save(folder / "grey.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 24 wide and 16 high, shown 16 wide and 24 high
+    Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(folder / "turned.jpg", exif=exif.tobytes())
+    out = tmp_path / "out"
+    assert main(["data", "pseudo-depth", str(folder), "--out", str(out), "--model", tiny_dpt, "--no-progress"]) == 0
+    images = {}
+    with tarfile.open(next(out.glob("train-*.tar"))) as tar:
+        for member in tar.getmembers():
+            key, _, field = member.name.partition(".")
+            if field in ("png", "jpg", "depth.png"):
+                images[(key, "depth" if field == "depth.png" else "image")] = Image.open(
+                    io.BytesIO(tar.extractfile(member).read())
+                )
+    written = np.asarray(images["grey", "image"].convert("L")).astype(int)
+    assert np.abs(written - np.round(grey / 257)).mean() < 2  # scaled (re-encoded as JPEG), not clipped to white
+    turned = [image.size for (key, _), image in images.items() if key == "turned"]
+    assert turned == [(16, 24), (16, 24)]  # the image and its depth, upright

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from selfsup3d.datamodules.format import EncodedImage, Scene, encode_scene
+from selfsup3d.datamodules.format import EncodedImage, Scene, eight_bit, encode_scene, png_bit_depth
 from selfsup3d.datamodules.prepare.writer import Unit
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -65,9 +65,18 @@ def fit_size(size: tuple[int, int], max_size: int | None) -> tuple[int, int]:
 def prepare_image(
     image: Image.Image, data: bytes, target: tuple[int, int], background: tuple[int, int, int]
 ) -> tuple[np.ndarray | EncodedImage, np.ndarray | None]:
-    """The image for the writer (original bytes when nothing changes) and its alpha mask, at ``target``."""
+    """The image for the writer (original bytes when nothing changes: an 8-bit RGB file of a format shards hold)
+    and its alpha mask, at ``target``. 16-bit greyscale is scaled to 8 bits (:func:`eight_bit`; ``ValueError`` for
+    a mode whose range is not known); a 16-bit RGB PNG, which Pillow opens scaled, is re-encoded."""
+    image = eight_bit(image)
     alpha = _alpha(image)
-    if alpha is None and image.size == target and image.format in _PASSTHROUGH_FORMATS and image.mode == "RGB":
+    if (
+        alpha is None
+        and image.size == target
+        and image.format in _PASSTHROUGH_FORMATS
+        and image.mode == "RGB"
+        and png_bit_depth(data) in (None, 8)
+    ):
         return EncodedImage(data, _PASSTHROUGH_FORMATS[image.format]), None
     rgb, mask = _rgb_and_mask(image, background)
     if image.size != target:
@@ -117,6 +126,7 @@ def scene_record(
     for what, path, K, c2w in frames:
         try:
             image, data = load_image(path)
+            eight_bit(image)  # a mode whose range is not known is said here, as a skipped view
         except Exception as err:
             unit.skipped.append((what, f"unreadable image {path.name} ({type(err).__name__}: {err})"))
             continue

@@ -11,9 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import ImageOps
-
-from selfsup3d.datamodules.format import ImageSample, SampleKeys, ShardSink, encode_image_sample
+from selfsup3d.datamodules.format import ImageSample, SampleKeys, ShardSink, encode_image_sample, upright
 from selfsup3d.datamodules.prepare.frames import IMAGE_SUFFIXES, fit_size, load_image, prepare_image
 from selfsup3d.datamodules.prepare.writer import ConvertReport, Unit, converter_options, pool_map, write_units
 
@@ -23,7 +21,7 @@ def _image_unit(args: tuple[Path, str, int, str | None, dict[str, Any]]) -> Unit
     unit = Unit(None)
     try:
         image, data = load_image(path)
-        image = ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
+        image = upright(image)
         prepared, mask = prepare_image(image, data, fit_size(image.size, opts["max_size"]), opts["background"])
         meta = {"source": "images", "path": opts["relative"](path)}
         if class_name is not None:

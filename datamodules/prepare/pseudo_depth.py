@@ -30,6 +30,7 @@ percentile map (``TriplaneReconstruction(depth_normalization="percentile")``, se
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,12 +54,16 @@ from selfsup3d.datamodules.format import (
     ShardSink,
     decode_depth,
     decode_mask,
-    decode_rgb,
+    decode_upright_rgb,
     depth_to_array,
+    eight_bit,
     image_field,
     is_multiview,
     parse_meta,
+    png_bit_depth,
     single_depth_scale,
+    turn,
+    upright,
 )
 from selfsup3d.datamodules.pipeline import expand_urls
 from selfsup3d.hub import fetch_pretrained
@@ -153,22 +158,23 @@ def iter_shards(src: str, default_split: str) -> Iterator[Item]:
                     "single-view samples (multi-view renders carry their own depth)"
                 )
             name = image_field(sample)
-            rgb = decode_rgb(sample, name)
+            rgb, how = decode_upright_rgb(sample, name)  # its depth and mask turned with it
             meta = parse_meta(sample, required=False)
             label = int(meta.pop("label", -1))
-            mask = np.asarray(decode_mask(sample, MASK_SUFFIX)) if MASK_SUFFIX in sample else None
+            mask = np.asarray(turn(decode_mask(sample, MASK_SUFFIX), how)) if MASK_SUFFIX in sample else None
             depth = scale = None
             kind = "relative"
             if DEPTH_SUFFIX in sample:
                 scale = single_depth_scale(sample, meta)
-                depth = depth_to_array(decode_depth(sample, DEPTH_SUFFIX), scale)
+                depth = depth_to_array(turn(decode_depth(sample, DEPTH_SUFFIX), how), scale)
                 kind = str(meta.get("depth_kind", "metric"))
             for field_name in ("depth_scale", "depth_kind"):
                 meta.pop(field_name, None)
             ext = name.rsplit(".", 1)[-1]
-            yield Item(
-                sample["__key__"], split, EncodedImage(sample[name], ext), rgb, label, meta, mask, depth, scale, kind
-            )
+            # the stored bytes when they read as they are (upright, 8-bit), else the image as read
+            stored = how == 1 and png_bit_depth(sample[name]) in (None, 8)
+            image = EncodedImage(sample[name], ext) if stored else np.asarray(rgb)
+            yield Item(sample["__key__"], split, image, rgb, label, meta, mask, depth, scale, kind)
 
 
 def iter_folder(src: str, split: str) -> tuple[int, Iterator[Item]]:
@@ -186,12 +192,16 @@ def iter_folder(src: str, split: str) -> tuple[int, Iterator[Item]]:
         for path in files:
             rel = path.relative_to(root)
             cls = rel.parts[0] if len(rel.parts) > 1 else None
-            with Image.open(path) as im:
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as im:
                 im.load()
-                rgb = im.convert("RGB")
-                passthrough = im.mode == "RGB" and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+                turned = upright(im)
+                rgb = eight_bit(turned).convert("RGB")
+                passthrough = (
+                    turned is im and im.mode == "RGB" and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+                ) and png_bit_depth(data) in (None, 8)
             image: EncodedImage | np.ndarray = (
-                EncodedImage(path.read_bytes(), path.suffix.lower().lstrip(".")) if passthrough else np.asarray(rgb)
+                EncodedImage(data, path.suffix.lower().lstrip(".")) if passthrough else np.asarray(rgb)
             )
             meta: dict[str, Any] = {"source": "images", "path": str(rel)}
             if cls is not None:
