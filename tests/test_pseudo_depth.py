@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
+
 import numpy as np
 import pytest
 import torch
@@ -135,8 +138,6 @@ def test_hub_model_unavailable_says_what_to_do(tmp_path, capsys, monkeypatch, re
 def test_a_folder_of_16_bit_and_turned_photos_is_annotated_as_shown(tmp_path, tiny_dpt):
     """16-bit greyscale came out white (``convert("RGB")`` clips it); a photo whose EXIF orientation says it is turned
     is annotated and written upright, as the image converter writes it."""
-    import io
-    import tarfile
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -159,3 +160,40 @@ def test_a_folder_of_16_bit_and_turned_photos_is_annotated_as_shown(tmp_path, ti
     assert np.abs(written - np.round(grey / 257)).mean() < 2  # scaled (re-encoded as JPEG), not clipped to white
     turned = [image.size for (key, _), image in images.items() if key == "turned"]
     assert turned == [(16, 24), (16, 24)]  # the image and its depth, upright
+
+
+def test_photos_of_mixed_aspect_ratio_are_annotated_at_the_default_batch_size(tmp_path, tiny_dpt):
+    """Depth Anything's processor keeps the aspect ratio, so photos of other shapes become inputs of other sizes,
+    which one batch cannot stack: images are batched by the size the processor gives them, each depth map at its
+    image's size. A tiny random Depth Anything with that processor, saved here."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    torch.manual_seed(0)
+    backbone = Dinov2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8,
+        out_indices=[1, 2, 3, 4], reshape_hidden_states=False,
+    )  # fmt: skip
+    config = DepthAnythingConfig(
+        backbone_config=backbone, patch_size=8, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16, head_hidden_size=8,
+    )  # fmt: skip
+    model = tmp_path / "model"
+    DepthAnythingForDepthEstimation(config).save_pretrained(model)
+    processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=True, ensure_multiple_of=8)
+    processor.save_pretrained(model)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = [(48, 32), (32, 64), (64, 32), (48, 32), (40, 40)]  # (width, height)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(folder / f"photo{i}.png")
+    out = tmp_path / "out"
+    assert main(["data", "pseudo-depth", str(folder), "--out", str(out), "--model", str(model), "--no-progress"]) == 0
+
+    with tarfile.open(next(out.glob("train-*.tar"))) as tar:
+        depth_sizes = {
+            member.name.split(".")[0]: Image.open(io.BytesIO(tar.extractfile(member).read())).size
+            for member in tar.getmembers()
+            if member.name.endswith(".depth.png")
+        }
+    assert depth_sizes == {f"photo{i}": size for i, size in enumerate(sizes)}

@@ -252,11 +252,26 @@ class DepthModel:
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> list[np.ndarray]:
-        """Depth-like maps (larger = farther), float32 ``[H, W]`` at each image's own size."""
-        inputs = self.processor(images=images, return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
-        outputs = self.model(pixel_values=pixel_values)
-        sizes = [(im.height, im.width) for im in images]
+        """Depth-like maps (larger = farther), float32 ``[H, W]`` at each image's own size.
+
+        Each image is prepared by the processor alone, then the model runs once per size the processor gave (a
+        processor that keeps the aspect ratio, as Depth Anything's, gives photos of other shapes other sizes,
+        which one batch cannot stack)."""
+        pixels = [self.processor(images=[image], return_tensors="pt")["pixel_values"][0] for image in images]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(pixels):
+            groups.setdefault(tuple(p.shape), []).append(i)
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(images)
+        for indices in groups.values():
+            batch = [images[i] for i in indices]
+            maps = self._predict(torch.stack([pixels[i] for i in indices]), [(im.height, im.width) for im in batch])
+            for i, depth in zip(indices, maps):
+                out[i] = depth
+        return out
+
+    def _predict(self, pixel_values: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        """The depth-like maps of a batch of processed images of one size, at ``sizes`` (``(height, width)``)."""
+        outputs = self.model(pixel_values=pixel_values.to(self.device, self.dtype))
         post = getattr(self.processor, "post_process_depth_estimation", None)
         if callable(post):
             maps = [d["predicted_depth"] for d in post(outputs, target_sizes=sizes)]
