@@ -26,7 +26,7 @@ from selfsup3d.cli import main
 from selfsup3d.datamodules import CombinedShards, DataSpec, MultiViewShards, SingleViewShards
 from selfsup3d.encoders.export import load_exported_encoder, read_export_config
 from selfsup3d.errors import ConfigError
-from selfsup3d.objectives import MaskedViewPrediction, MultiTask, TriplaneReconstruction
+from selfsup3d.objectives import FeatureConsensus, MaskedViewPrediction, MultiTask, TriplaneReconstruction
 from selfsup3d.objectives.run.recipe import RECIPE_ARGUMENTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,6 +363,43 @@ def test_gpu_config_builds_at_its_sizes():
     model = cli.model
     assert isinstance(model, MultiTask) and model.encoder.embed_dim == 768 and model.encoder.patch_size == 16
     assert model.objectives["triplane"].teacher is not None
+    assert model.objectives["consensus"].teacher is model.objectives["triplane"].teacher  # one frozen ViT-B, not two
     # the scenes' depth is known once the shards are read; here: scenes with depth, as the config asks for
     model.configure_data({"data": replace(cli.datamodule.data_spec(), with_depth=True)})
     assert model.objectives["triplane"].data_spec.kind == "single_view"
+
+
+def _triplane_and_consensus(consensus_teacher: str | None = None, **encoder_args) -> MultiTask:
+    from test_consensus import HEADS
+
+    torch.manual_seed(0)
+    objectives = {
+        "triplane": functools.partial(TriplaneReconstruction, **TRIPLANE),
+        "consensus": functools.partial(FeatureConsensus, **HEADS, teacher=consensus_teacher),
+    }
+    return MultiTask(tiny_encoder(num_out_layers=1, **encoder_args), objectives)
+
+
+def test_objectives_with_the_same_teacher_share_one_frozen_copy(tmp_path):
+    """configs/multitask.yaml built the same frozen ViT-B twice (the triplane's and the consensus's teacher)."""
+    shared = _triplane_and_consensus()
+    teacher = shared.objectives["triplane"].teacher
+    assert teacher is not None and shared.objectives["consensus"].teacher is teacher
+    separate = _triplane_and_consensus(consensus_teacher="ema")  # another teacher: its own copy
+    assert separate.objectives["consensus"].teacher is not separate.objectives["triplane"].teacher
+    size = sum(p.numel() for p in teacher.parameters())
+    assert sum(p.numel() for p in shared.parameters()) + size == sum(p.numel() for p in separate.parameters())
+    # the copy of a randomly initialised encoder cannot be rebuilt: saved, and loaded back into the one copy
+    state = shared.state_dict()
+    assert any(k.startswith("objectives.triplane.teacher.") for k in state)
+    again = _triplane_and_consensus()
+    torch.nn.init.zeros_(again.objectives["triplane"].teacher.module.vit.cls_token)
+    again.load_state_dict(state)
+    assert again.objectives["consensus"].teacher is again.objectives["triplane"].teacher
+    assert torch.equal(again.objectives["consensus"].teacher.module.vit.cls_token, teacher.module.vit.cls_token)
+    # a teacher rebuilt from its source (the encoder's weights file) is left out of checkpoints under either name
+    weights = tmp_path / "weights.pth"
+    torch.save(tiny_encoder(num_out_layers=1).export_state_dict(), weights)
+    rebuilt = _triplane_and_consensus(checkpoint_path=str(weights))
+    assert rebuilt.objectives["consensus"].teacher is rebuilt.objectives["triplane"].teacher
+    assert not any(".teacher." in k for k in rebuilt.state_dict())

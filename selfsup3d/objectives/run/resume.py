@@ -101,10 +101,10 @@ def foreign_checkpoint_message(path: Any, saved: str, cls: type) -> str:
 
 
 def teacher_prefixes(module: nn.Module, reproducible_only: bool) -> list[str]:
-    """State-dict prefixes (``name.``) of the frozen teachers inside ``module``."""
+    """State-dict prefixes (``name.``) of the frozen teachers inside ``module``, under every name a shared one has."""
     return [
         f"{name}."
-        for name, sub in module.named_modules()
+        for name, sub in module.named_modules(remove_duplicate=False)
         if isinstance(sub, FrozenTeacher) and (sub.reproducible or not reproducible_only)
     ]
 
