@@ -403,3 +403,37 @@ def test_objectives_with_the_same_teacher_share_one_frozen_copy(tmp_path):
     rebuilt = _triplane_and_consensus(checkpoint_path=str(weights))
     assert rebuilt.objectives["consensus"].teacher is rebuilt.objectives["triplane"].teacher
     assert not any(".teacher." in k for k in rebuilt.state_dict())
+
+
+def test_a_checkpoint_of_other_objectives_is_refused_naming_them(tmp_path, urls, capsys):
+    """A multi-task checkpoint whose objectives are not the config's: Lightning rebuilt the checkpoint's objectives
+    from its hyper-parameters in place of the config's, which failed on data that did not fit them (or trained
+    them); the checkpoint's objectives are named instead."""
+    cfg = demo_config(tmp_path / "a", urls)
+    cfg["trainer"]["max_steps"] = 1
+    (tmp_path / "a").mkdir()
+    main(["fit", "--config", str(_write(tmp_path / "a", cfg))])
+    ckpt = tmp_path / "a/lightning_logs/version_0/checkpoints/last.ckpt"
+    other = demo_config(tmp_path / "b", urls)  # the triplane objective and its image source left out
+    del other["model"]["init_args"]["objectives"]["triplane"]
+    for key in ("weights", "sources"):
+        other["model"]["init_args"].get(key, {}).pop("triplane", None)
+    del other["data"]["init_args"]["sources"]["images"]
+    (tmp_path / "b").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(_write(tmp_path / "b", other)), "--ckpt_path", str(ckpt)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    theirs = (
+        "MultiTask(consensus: FeatureConsensus, masked_view: MaskedViewPrediction, triplane: TriplaneReconstruction)"
+    )
+    assert f"--ckpt_path {ckpt} is a checkpoint of {theirs}, but the config trains " in err
+    assert (
+        "MultiTask(consensus: FeatureConsensus, masked_view: MaskedViewPrediction) (model.init_args.objectives)" in err
+    )
+    # in Python (no CLI), loading it into a module of other objectives names them too
+    from selfsup3d.errors import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint of MultiTask\(consensus: FeatureConsensus, mask"):
+        make_model().on_load_checkpoint(torch.load(ckpt, weights_only=True))
+    assert not (tmp_path / "b" / "lightning_logs").exists()  # nothing ran

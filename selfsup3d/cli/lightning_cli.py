@@ -42,7 +42,12 @@ from selfsup3d.errors import (
     WeightsUnavailableError,
 )
 from selfsup3d.objectives.base import PretrainObjective
-from selfsup3d.objectives.run.resume import foreign_checkpoint_message, foreign_objective, resolve_class
+from selfsup3d.objectives.run.resume import (
+    configured_components,
+    foreign_checkpoint_message,
+    foreign_objective,
+    resolve_class,
+)
 
 DESCRIPTION = "selfsup3d: 3D-aware self-supervised pretraining of vision encoders."
 """The parser's description; :func:`selfsup3d.cli.main` adds the tool verbs."""
@@ -205,9 +210,10 @@ class SelfSup3DCLI(LightningCLI):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # noqa: BLE001  (a file that does not load is reported by Lightning's own loading)
             return
-        saved = foreign_objective(checkpoint, cls)
-        if saved is not None:  # one line (a usage error's pointer to --help would not help), status 2
-            run_error(subcommand, foreign_checkpoint_message(path, saved, cls), status=2)
+        init_args = self.config[subcommand].get("model", {}).get("init_args") or {}
+        found = foreign_objective(checkpoint, cls, configured_components(init_args.get("objectives")))
+        if found is not None:  # one line (a usage error's pointer to --help would not help), status 2
+            run_error(subcommand, foreign_checkpoint_message(path, found), status=2)
 
     def _report_user_error(self, err: BaseException, kinds: tuple[type[BaseException], ...]) -> None:
         """Turn a user error raised while building or running the classes (jsonargparse wraps it) into a

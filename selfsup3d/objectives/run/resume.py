@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -75,28 +75,77 @@ def resolve_class(class_path: str) -> type | None:
     return found if isinstance(found, type) else None
 
 
-def foreign_objective(checkpoint: Mapping[str, Any], cls: type) -> str | None:
-    """The class path of the objective that wrote ``checkpoint`` (its ``_class_path`` hyper-parameter, written by
-    the CLI and by every objective) when it is not ``cls``; ``None`` when it is, or when the checkpoint does not
-    say."""
+def configured_components(objectives: Any) -> dict[str, str] | None:
+    """``{name: class path}`` of a multi-task module's ``objectives`` as configured or saved (``{name: {class_path,
+    init_args}}``, dicts or jsonargparse namespaces), or ``None`` when there is no such mapping."""
+    if hasattr(objectives, "as_dict"):  # a jsonargparse Namespace
+        objectives = objectives.as_dict()
+    if not isinstance(objectives, Mapping) or not objectives:
+        return None
+    found = {str(name): getattr(spec, "get", lambda _: None)("class_path") for name, spec in objectives.items()}
+    return found if all(isinstance(path, str) for path in found.values()) else None  # type: ignore[return-value]
+
+
+def _same_class(saved: str, cls: type | str) -> bool:
+    if isinstance(cls, str):
+        resolved = resolve_class(cls)
+        if resolved is None:
+            return saved.rpartition(".")[2] == cls.rpartition(".")[2]
+        cls = resolved
+    found = resolve_class(saved)
+    return found is cls if found is not None else saved.rpartition(".")[2] == cls.__name__
+
+
+def _describe(class_path: str, components: Mapping[str, str] | None) -> str:
+    name = class_path.rpartition(".")[2]
+    if not components:
+        return name
+    parts = ", ".join(f"{k}: {components[k].rpartition('.')[2]}" for k in sorted(components))
+    return f"{name}({parts})"
+
+
+class Foreign(NamedTuple):
+    """A checkpoint of another objective than the config's: both described in words, and the config key that
+    differs."""
+
+    theirs: str
+    ours: str
+    key: str
+
+
+def foreign_objective(
+    checkpoint: Mapping[str, Any], cls: type, components: Mapping[str, str] | None = None
+) -> Foreign | None:
+    """The checkpoint's objective and the config's (:class:`Foreign`) when the objective that wrote
+    ``checkpoint`` (its ``_class_path`` hyper-parameter, written by the CLI and by every objective) is not ``cls``
+    or, for a multi-task module, its objectives (``{name: class path}``, from its ``objectives`` hyper-parameter)
+    are not ``components``; ``None`` when they are, or when the checkpoint does not say."""
     hparams = checkpoint.get("hyper_parameters")
     saved = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
     if not isinstance(saved, str) or not saved:
         return None
-    found = resolve_class(saved)
-    same = found is cls if found is not None else saved.rpartition(".")[2] == cls.__name__
-    return None if same else saved
-
-
-def foreign_checkpoint_message(path: Any, saved: str, cls: type) -> str:
-    """One line: ``--ckpt_path`` names a checkpoint of another objective than the config's, and what to do."""
-    theirs, ours = saved.rpartition(".")[2], cls.__name__
-    if theirs == ours:
-        theirs, ours = saved, f"{cls.__module__}.{cls.__qualname__}"
+    ours = f"{cls.__module__}.{cls.__qualname__}"
+    if not _same_class(saved, cls):
+        if saved.rpartition(".")[2] == cls.__name__:  # alike by name: say the full paths
+            return Foreign(saved, ours, "model.class_path")
+        return Foreign(_describe(saved, None), _describe(ours, None), "model.class_path")
+    theirs = configured_components(hparams.get("objectives"))
+    if theirs is None or components is None:
+        return None
+    same = set(theirs) == set(components) and all(_same_class(theirs[k], components[k]) for k in theirs)
     return (
-        f"--ckpt_path {path} is a checkpoint of {theirs}, but the config trains {ours} (model.class_path): "
-        f"--ckpt_path continues or evaluates a run of the same objective; to start {ours} from that run's "
-        f"encoder, set model.init_args.init_encoder_from: {path} instead"
+        None if same else Foreign(_describe(saved, theirs), _describe(ours, components), "model.init_args.objectives")
+    )
+
+
+def foreign_checkpoint_message(path: Any, found: Foreign) -> str:
+    """One line: ``--ckpt_path`` names a checkpoint of another objective than the config's (``found``: what
+    :func:`foreign_objective` says), and what to do."""
+    theirs, ours = found.theirs, found.ours
+    return (
+        f"--ckpt_path {path} is a checkpoint of {theirs}, but the config trains {ours} ({found.key}): "
+        f"--ckpt_path continues or evaluates a run of the same objective; to start {ours.partition('(')[0]} from "
+        f"that run's encoder, set model.init_args.init_encoder_from: {path} instead"
     )
 
 
@@ -164,10 +213,11 @@ class ResumeMixin:
         """Check the checkpoint's keys before loading, naming what is missing or unexpected (teachers that are
         rebuilt from their source may be absent); take the run state back; make the loop counters say where the
         run stopped (:func:`continue_stopped_epoch`, :meth:`align_logging_step`)."""
-        saved = foreign_objective(checkpoint, type(self))
-        if saved is not None:
+        mine = {name: f"{type(c).__module__}.{type(c).__qualname__}" for name, c in self.components() if name}
+        found = foreign_objective(checkpoint, type(self), mine or None)
+        if found is not None:
             path = getattr(self._trainer, "ckpt_path", None) or "(the checkpoint)"
-            raise CheckpointMismatchError(foreign_checkpoint_message(path, saved, type(self)))
+            raise CheckpointMismatchError(foreign_checkpoint_message(path, found))
         self.run_state.update(checkpoint.get(RUN_STATE_KEY, {}))
         continue_stopped_epoch(checkpoint)
         self._logging_step_to_align = True
