@@ -93,12 +93,19 @@ def test_fit_bf16_then_validate_with_pictures_and_figures(tmp_path, shard_urls, 
 
     # evaluation of the checkpoint: another view count and split than in training, from the config alone
     capsys.readouterr()
+    saved_config = (run / "config.yaml").read_text()
     main(["validate", "--config", str(cfg), "--ckpt_path", str(ckpt), "--data.init_args.num_views", "5",
           "--data.init_args.num_context_views", "3"])  # fmt: skip
     printed = capsys.readouterr().out
     assert "validation scenes' novel views" in printed and "mean colour of the context views (model" in printed
     assert "per-pixel mean of the context views (model" in printed and "nearest context view" in printed
     assert "AUC@5/15/30" in printed
+    # a validation of a run's checkpoint is logged in that run (no new version_N without a checkpoint), whose
+    # config stays the one it was trained with
+    main(["validate", "--config", str(cfg), "--ckpt_path", "last"])
+    assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+    assert (run / "config.yaml").read_text() == saved_config
+    assert len(EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload().Scalars("val/psnr")) == 3
 
 
 @pytest.mark.parametrize(
@@ -121,6 +128,15 @@ def test_impossible_configs_fail_at_start_up_naming_the_keys(tmp_path, shard_url
     err = capsys.readouterr().err
     assert all(n in err for n in needles), err
     assert "Traceback" not in err
+    assert not list((tmp_path / "lightning_logs").glob("*"))  # a refused start leaves no empty version_N
+
+
+def test_a_start_refused_once_the_data_is_read_leaves_no_run_folder(tmp_path, shard_urls, capsys):
+    cfg = write_config(tmp_path, shard_urls)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(cfg), "--data.init_args.train_urls", str(tmp_path / "nothing-*.tar")])
+    assert exit_.value.code == 2 and "matches no file" in capsys.readouterr().err
+    assert not list((tmp_path / "lightning_logs").glob("*"))
 
 
 @pytest.mark.parametrize("name", ["configs/masked_view.yaml", "configs/demo/masked_view.yaml"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 
 # Lightning 2.6 still calls jsonargparse APIs that 4.49+ deprecates; the warnings are not actionable by users.
@@ -67,7 +68,13 @@ RUN_ERRORS: tuple[type[BaseException], ...] = (CheckpointCorruptError, NonFinite
 
 
 class ConfigLoggingSaveConfig(SaveConfigCallback):
-    """Writes ``config.yaml`` to the log directory (Lightning's behaviour) and also shows it in TensorBoard."""
+    """Writes ``config.yaml`` to the log directory (Lightning's behaviour) and also shows it in TensorBoard; an
+    evaluation logged into the run it evaluates leaves the run's ``config.yaml`` (its training config) as it is."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" and trainer.log_dir and (Path(trainer.log_dir) / self.config_filename).is_file():
+            return
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if isinstance(trainer.logger, TensorBoardLogger):
@@ -128,17 +135,21 @@ class SelfSup3DCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
-        """``--ckpt_path last`` means the newest run of this config.
+        """``--ckpt_path last`` means the newest run of this config, and an evaluated run's checkpoint is evaluated
+        in that run.
 
         Lightning looks for ``last.ckpt`` in the *current* run's checkpoint folder, which is a fresh
         ``version_N`` for every launch, so a plain ``--ckpt_path last`` would find nothing. Here the newest run
         under the same logger folder that has a ``last.ckpt`` is found: ``fit`` pins the logger to its version
         (logs, checkpoints and the saved config continue where they were); ``validate``, ``test`` and
-        ``predict`` evaluate that file."""
+        ``predict`` evaluate that file. They log into the run whose checkpoint they evaluate (any checkpoint of a
+        run under the logger folder), beside its training curves, rather than into a new ``version_N`` that
+        holds no checkpoint; the run's ``config.yaml`` stays the one it was trained with."""
         if self.subcommand not in ("fit", "validate", "test", "predict"):
             return
         cfg = self.config[self.subcommand]
-        if cfg.get("ckpt_path") != "last" or cfg.get("checkpoint", {}).get("dirpath"):
+        ckpt_path = cfg.get("ckpt_path")
+        if not ckpt_path or cfg.get("checkpoint", {}).get("dirpath"):
             return
         logger = cfg.trainer.get("logger")
         root = cfg.trainer.get("default_root_dir") or os.getcwd()
@@ -153,6 +164,15 @@ class SelfSup3DCLI(LightningCLI):
         if args.get("version") is not None or args.get("save_dir") is None:
             return
         runs = Path(args.save_dir) / (args.get("name") or "")
+        if ckpt_path != "last":
+            run = Path(ckpt_path).resolve().parent.parent
+            if (
+                self.subcommand != "fit"
+                and run.parent == runs.resolve()
+                and Path(ckpt_path).parent.name == "checkpoints"
+            ):
+                self._pin_logger(cfg, logger, run.name)
+            return
         found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
             if self.subcommand != "fit":
@@ -161,16 +181,20 @@ class SelfSup3DCLI(LightningCLI):
                 )
             return
         self._refuse_foreign_checkpoint(self.subcommand, found[-1])
+        self._pin_logger(cfg, logger, found[-1].parent.parent.name)
         if self.subcommand != "fit":
             cfg.ckpt_path = str(found[-1])
             rank_zero_info(f"evaluating {found[-1]}")
             return
-        folder = found[-1].parent.parent.name
+        rank_zero_info(f"resuming {found[-1]}")
+
+    @staticmethod
+    def _pin_logger(cfg: Namespace, logger: Namespace, folder: str) -> None:
+        """Log into the run folder ``folder`` (``version_N``) of the logger folder."""
         # TensorBoardLogger names an integer version "version_N"; a string is used as the folder name as is
         number = re.fullmatch(r"version_(\d+)", folder)
-        args.version = int(number.group(1)) if number else folder
+        logger.init_args.version = int(number.group(1)) if number else folder
         cfg.trainer.logger = logger
-        rank_zero_info(f"resuming {found[-1]}")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Lightning's, with selfsup3d's progress bar (:func:`~selfsup3d.callbacks.default_progress_bar`) unless
@@ -233,12 +257,34 @@ class SelfSup3DCLI(LightningCLI):
             self._report_user_error(err, USER_ERRORS)
 
     def _run_subcommand(self, subcommand: str) -> None:
+        logger = self.trainer.logger
+        before = (
+            set(Path(logger.root_dir).iterdir())
+            if logger and logger.root_dir and Path(logger.root_dir).is_dir()
+            else set()
+        )
         try:
             super()._run_subcommand(subcommand)
-        except ConfigError as err:
-            self._report_user_error(err, (ConfigError,))
-        except RUN_ERRORS as err:
-            run_error(subcommand, err)
+        except BaseException as err:
+            self._drop_unused_run_folder(before)
+            if isinstance(err, ConfigError):
+                self._report_user_error(err, (ConfigError,))
+            if isinstance(err, RUN_ERRORS):
+                run_error(subcommand, err)
+            raise
+
+    def _drop_unused_run_folder(self, before: set[Path]) -> None:
+        """After a start that was refused (no optimiser step, no checkpoint), remove the ``version_N`` folder this
+        launch made (it holds the saved config and an empty event file) and the logger folder when it made that
+        too, so that refused starts leave no run folders behind."""
+        logger = self.trainer.logger
+        if logger is None or not logger.log_dir or self.trainer.global_step or not self.trainer.is_global_zero:
+            return
+        run, root = Path(logger.log_dir), Path(logger.root_dir)
+        if run.is_dir() and run not in before and run.parent == root and not any(run.rglob("*.ckpt")):
+            shutil.rmtree(run, ignore_errors=True)
+            if not before and root.is_dir() and not any(root.iterdir()):
+                root.rmdir()
 
 
 def run_error(subcommand: str, err: BaseException | str, status: int = 1) -> NoReturn:
