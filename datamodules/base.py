@@ -435,11 +435,15 @@ class ShardDataModule(LightningDataModule):
             names = class_names_near(self._train_list or self._val_list or [])
             self.num_classes = len(names) if names else None
 
+    inventory_name: str | None = None
+    """What the shards are announced as (``training data: ...``); ``None``: the split's use (training or
+    validation). A reader of shards for another purpose (a probe's training scenes) names it."""
+
     def _take_inventory(self, split: str, urls: list[str]) -> None:
         """Say what the shards hold (one line); refuse a nearly broken training split (see ``inventory``)."""
         inventory = SplitInventory.of(urls, split)
         self.inventories[split] = inventory
-        name = "training" if split == "train" else "validation"
+        name = self.inventory_name or ("training" if split == "train" else "validation")
         if inventory.damaged:
             rank_zero_warn(inventory.summary(name))
         else:

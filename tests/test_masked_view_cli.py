@@ -149,11 +149,14 @@ def test_shipped_configs_parse(name, capsys):
     assert printed["data"]["class_path"] == "selfsup3d.datamodules.MultiViewShards"
 
 
-def test_pose_probe_and_view_window_through_the_cli(tmp_path, shard_urls, capsys):
+def test_pose_probe_and_view_window_through_the_cli(tmp_path, shard_urls, capsys, caplog):
     cfg = write_config(tmp_path, shard_urls, view_window=[4, 5], window_steps=2, canonical_view="middle")
-    probe = {"class_path": "selfsup3d.callbacks.CameraTokenProbe",
-             "init_args": {"probe_urls": shard_urls[0], "num_scenes": 4, "steps": 5}}  # fmt: skip
-    main(["fit", "--config", str(cfg), "--trainer.callbacks+", yaml.safe_dump(probe)])
+    # no probe_urls: the probe trains on the run's training shards, announced as what they are
+    probe = {"class_path": "selfsup3d.callbacks.CameraTokenProbe", "init_args": {"num_scenes": 4, "steps": 5}}
+    with caplog.at_level("INFO"):
+        main(["fit", "--config", str(cfg), "--trainer.callbacks+", yaml.safe_dump(probe)])
+    assert "camera-token probe training data: 2 shard(s), 4 intact sample(s)" in caplog.text, caplog.text
+    assert caplog.text.count("validation data:") == 1  # the run's own validation shards only
     events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"scalars": 0})
     events.Reload()
     for name in ("probe_r10", "probe_t03", "probe_r10_chance", "probe_t03_chance", "rot_err_identity"):
