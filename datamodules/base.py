@@ -560,3 +560,9 @@ class ShardDataModule(LightningDataModule):
     def read(self) -> dict[str, int]:
         """Samples read (decoded) so far in this process and its workers, per split."""
         return {split: counter.read for split, counter in self._counters.items()}
+
+    @property
+    def distinct(self) -> dict[str, int]:
+        """Intact samples the shards of each split hold (their inventory; splits with shards that cannot be counted
+        here, remote or piped, are left out): a pass that reads more (``val_batches`` cycles) reads some twice."""
+        return {split: inv.samples for split, inv in self.inventories.items() if not inv.unknown}

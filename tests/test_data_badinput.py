@@ -331,6 +331,14 @@ def test_validation_says_how_many_samples_it_evaluated(tmp_path, caplog):
         trainer.validate(_Consume(), datamodule=dm)
     assert "validation: 2 samples evaluated, 1 skipped as bad" in caplog.text
     assert trainer.callback_metrics["data/read_val"] == 2
+    # val_batches cycles the validation samples: the count says how many of them there are
+    caplog.clear()
+    dm = MultiViewShards(good, good, batch_size=2, num_workers=0, image_size=16, num_views=3, seed=0, val_batches=3)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[SkippedSamplesLogger()])  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        trainer.validate(_Consume(), datamodule=dm)
+    assert "validation: 6 samples evaluated (the 2 validation samples, some evaluated more than once" in caplog.text
 
 
 def test_cli_fit_on_a_truncated_only_shard_is_a_one_line_refusal(tmp_path, capsys):
