@@ -178,23 +178,27 @@ def test_init_encoder_from_a_file_that_is_not_weights_is_one_line(tmp_path, caps
 
 # The README's plain-timm line, verbatim (README.md, "Export the encoder"); only timm and safetensors.
 README_TIMM = """\
-import json, timm
+import json, timm, torch
 from safetensors import safe_open
 
 with safe_open("encoder.safetensors", "pt") as f:
     meta = f.metadata()
 model = timm.create_model(meta["timm_name"], checkpoint_path="encoder.safetensors", **json.loads(meta["timm_kwargs"]))
+# it expects ImageNet-normalised input, as selfsup3d fed it: images in [0, 1], less the mean, over the std
+mean, std = (torch.tensor(model.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+features = model.eval().forward_features((images - mean) / std)  # images: [B, 3, H, W] in [0, 1]
 """
 
 
-def _features_in_plain_timm(folder: Path, x: torch.Tensor) -> torch.Tensor:
-    """Run the README's line in a fresh interpreter that never imports selfsup3d; its features on ``x``."""
-    torch.save(x, folder / "x.pt")
-    script = README_TIMM + (
-        "import sys, torch\n"
+def _features_in_plain_timm(folder: Path, images: torch.Tensor) -> torch.Tensor:
+    """Run the README's lines in a fresh interpreter that never imports selfsup3d; their features of ``images``
+    (in ``[0, 1]``)."""
+    torch.save(images, folder / "images.pt")
+    script = (
+        "import torch\n"
+        "images = torch.load('images.pt')\n" + README_TIMM + "import sys\n"
         "assert not any(m.split('.')[0] == 'selfsup3d' for m in sys.modules), 'selfsup3d was imported'\n"
-        "model.eval()\n"
-        "torch.save(model.forward_features(torch.load('x.pt')), 'features.pt')\n"
+        "torch.save(features, 'features.pt')\n"
     )
     res = subprocess.run([sys.executable, "-c", script], cwd=folder, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -219,9 +223,9 @@ def test_exported_encoder_loads_in_plain_timm_with_the_readme_line(tmp_path, cap
         printed = capsys.readouterr().out
         assert line in printed and "num_heads=2" in printed and "init_values=1e-05" in printed
     encoder = load_exported_encoder(folder / "encoder.safetensors").eval()
-    x = encoder.normalize(torch.rand(2, 3, 32, 32))
-    expected = encoder.vit.forward_features(x)
-    assert torch.allclose(_features_in_plain_timm(folder, x), expected, atol=1e-6)
+    images = torch.rand(2, 3, 32, 32)
+    expected = encoder.vit.forward_features(encoder.normalize(images))  # what selfsup3d's encoder computes
+    assert torch.allclose(_features_in_plain_timm(folder, images), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -56,11 +56,12 @@ def test_a_dinov3_config_fits_and_its_export_loads_in_plain_timm(tmp_path):
     meta = read_metadata(export)
     assert meta["timm_name"] == NAME and json.loads(meta["timm_kwargs"])["init_values"] == 1e-5
     encoder = load_exported_encoder(export).eval()
-    x = encoder.normalize(torch.rand(2, 3, 32, 32))
+    images = torch.rand(2, 3, 32, 32)
     folder = tmp_path / "plain"
     folder.mkdir()
     (folder / "encoder.safetensors").write_bytes(export.read_bytes())
-    assert torch.allclose(_features_in_plain_timm(folder, x), encoder.vit.forward_features(x), atol=1e-6)
+    expected = encoder.vit.forward_features(encoder.normalize(images))
+    assert torch.allclose(_features_in_plain_timm(folder, images), expected, atol=1e-6)
     # the probe suite measures it as any other encoder
     data = write_plane_shards(tmp_path / "shards", 4, num_views=4, size=32, split="val")
     probe = write_plane_shards(tmp_path / "shards", 4, num_views=4, size=32, split="train", start=50)

@@ -437,3 +437,27 @@ def test_a_checkpoint_of_other_objectives_is_refused_naming_them(tmp_path, urls,
     with pytest.raises(CheckpointMismatchError, match=r"checkpoint of MultiTask\(consensus: FeatureConsensus, mask"):
         make_model().on_load_checkpoint(torch.load(ckpt, weights_only=True))
     assert not (tmp_path / "b" / "lightning_logs").exists()  # nothing ran
+
+
+def test_exporting_a_multitask_checkpoint_names_the_teacher_and_warns_of_nothing(tmp_path, urls, capsys):
+    """Loading a multi-task checkpoint warned that objectives=dict could not be saved; --teacher exported one of two
+    teachers without saying whose."""
+    import warnings
+
+    cfg = demo_config(tmp_path, urls)
+    cfg["trainer"]["max_steps"] = 1
+    cfg["model"]["init_args"]["objectives"]["consensus"]["init_args"]["teacher"] = "ema"  # two different teachers
+    main(["fit", "--config", str(_write(tmp_path, cfg))])
+    ckpt = str(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", ckpt, "--teacher", "--out", str(tmp_path / "t.safetensors")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "holds 2 different frozen teachers (" in err and "--teacher " in err, err
+    assert "triplane: copy of the encoder" in err and "consensus: moving average of the encoder" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning about hyper-parameters left out
+        assert main(["export", ckpt, "--teacher", "consensus", "--out", str(tmp_path / "t.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "the frozen teacher of consensus (moving average of the encoder" in out
+    assert "ImageNet-normalised" in out
