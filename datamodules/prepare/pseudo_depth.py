@@ -360,7 +360,7 @@ def annotate_pseudo_depth(
         src: single-view shards (brace pattern, glob, or a folder of ``.tar`` files) or a folder of images.
         out: output folder for the annotated shards.
         model: Hugging Face depth-estimation model: hub id or local folder (Depth Anything, DPT, ...).
-        batch_size: images per model call.
+        batch_size: images per batch (one model call per input size the processor gives them).
         device: ``cpu``, ``cuda``, ``cuda:1``, ... (``auto``: CUDA when available).
         dtype: model precision (``float32``, ``float16``, ``bfloat16``).
         output_kind: what the model predicts (``auto``, ``disparity``, ``depth``; see :func:`output_kind`).
