@@ -381,3 +381,18 @@ def test_validate_ckpt_path_last_evaluates_the_newest_run(tmp_path, capsys, capl
     with caplog.at_level("INFO"):
         main(["validate", "--config", str(cfg), "--ckpt_path", "last"])
     assert f"evaluating {run_dir(tmp_path) / 'checkpoints' / 'last.ckpt'}" in caplog.text
+
+
+def test_evaluating_a_run_stopped_before_its_max_steps_says_so(tmp_path):
+    """A demo stopped by its max_time safety net on a busy machine printed the figures of a much shorter run (126 of
+    2000 steps) as the demo's; an evaluation now says when the checkpoint is short of the config's max_steps."""
+    import warnings
+
+    cfg = write_config(tmp_path, max_steps=2)
+    main(["fit", "--config", str(cfg)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole run: nothing to say
+        warnings.filterwarnings("ignore", message=r"(?!.*max_steps).*")
+        main(["validate", "--config", str(cfg), "--ckpt_path", "last"])
+    with pytest.warns(UserWarning, match=r"last\.ckpt was written at step 2 of the config's max_steps 5 \(the run"):
+        main(["validate", "--config", str(cfg), "--ckpt_path", "last", "--trainer.max_steps", "5"])

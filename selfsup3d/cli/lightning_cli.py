@@ -23,7 +23,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import selfsup3d.callbacks  # noqa: F401  (short class names in YAML resolve for imported classes)
 import selfsup3d.datamodules  # noqa: F401
@@ -238,6 +238,20 @@ class SelfSup3DCLI(LightningCLI):
         found = foreign_objective(checkpoint, cls, configured_components(init_args.get("objectives")))
         if found is not None:  # one line (a usage error's pointer to --help would not help), status 2
             run_error(subcommand, foreign_checkpoint_message(path, found), status=2)
+        self._note_a_short_run(subcommand, path, checkpoint)
+
+    def _note_a_short_run(self, subcommand: str, path: Path, checkpoint: Any) -> None:
+        """An evaluation of a checkpoint written before the config's ``max_steps`` says so: a run that a clock
+        (``max_time``), a signal or a callback stopped early gives the figures of a shorter run."""
+        max_steps = (self.config[subcommand].get("trainer") or {}).get("max_steps")
+        step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+        if subcommand == "fit" or not isinstance(step, int) or not isinstance(max_steps, int) or max_steps <= 0:
+            return
+        if step < max_steps:
+            rank_zero_warn(
+                f"{path} was written at step {step} of the config's max_steps {max_steps} (the run stopped early: "
+                "max_time, a signal or a callback): these figures are those of a shorter run than the config's"
+            )
 
     def _report_user_error(self, err: BaseException, kinds: tuple[type[BaseException], ...]) -> None:
         """Turn a user error raised while building or running the classes (jsonargparse wraps it) into a
