@@ -37,11 +37,13 @@ and :func:`parse_meta`, which raise :class:`SampleError` naming the shard, the k
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +51,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 
 from selfsup3d.errors import require
 
@@ -96,13 +98,35 @@ class SampleError(ValueError):
 
 # ============================================================================ keys
 def make_key(*parts: object) -> str:
-    """A valid sample key from ``parts``: joined by ``_``, characters other than ``[A-Za-z0-9_-]``
-    replaced by ``-`` (WebDataset splits member names at the first dot, so keys carry none)."""
+    """A valid sample key from ``parts``: joined by ``_``, letters with accents written without them (``café`` ->
+    ``cafe``), other characters than ``[A-Za-z0-9_-]`` replaced by ``-`` (WebDataset splits member names at the
+    first dot, so keys carry none). A name with nothing left (``写真/咖啡``) is named by a short hash of it
+    (``u`` and 8 hex digits): distinct names keep distinct keys. Names that differ only in what was dropped meet
+    in one key; :class:`SampleKeys` tells them apart."""
     text = "_".join(str(p) for p in parts if str(p) != "")
-    text = re.sub(r"[^A-Za-z0-9_\-]+", "-", text).strip("-")
     if not text:
         raise ValueError(f"cannot make a sample key from {parts!r}")
-    return text
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    key = re.sub(r"[^A-Za-z0-9_\-]+", "-", ascii_text).strip("-")
+    return key or "u" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+class SampleKeys:
+    """Distinct sample keys for the names of one conversion: :func:`make_key` of each name, and for a name whose
+    key an earlier name already has (``café`` and ``cafè``, ``a b`` and ``a-b``), that key with the next free
+    counter (``cafe``, ``cafe_2``). No file is lost or merged."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def key(self, *parts: object) -> str:
+        key = base = make_key(*parts)
+        n = 1
+        while key in self.used:
+            n += 1
+            key = f"{base}_{n}"
+        self.used.add(key)
+        return key
 
 
 def check_key(key: str) -> None:
@@ -121,10 +145,78 @@ def view_field(index: int, suffix: str) -> str:
 
 # ============================================================================ encoding helpers
 class EncodedImage(NamedTuple):
-    """An already encoded image passed through unchanged (e.g. a JPEG from a COLMAP folder)."""
+    """An already encoded image passed through unchanged (e.g. a JPEG from a COLMAP folder); 8-bit (a 16-bit PNG is
+    refused when written: decode it with :func:`eight_bit` and pass the array)."""
 
     data: bytes
     ext: str
+
+
+# ============================================================================ image modes and orientation
+_SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """``image`` in a mode whose ``convert("RGB")``/``convert("RGBA")`` is faithful: 16-bit greyscale (``I;16``
+    and its byte orders, and ``I`` with values in ``[0, 65535]``, which is how Pillow opens 16-bit greyscale in
+    some formats) scaled to 8-bit ``L`` (``round(v / 257)``; Pillow's own conversion clips every value above 255
+    to white). 16-bit RGB(A) PNGs are opened by Pillow already scaled to 8-bit. Other modes are returned as they
+    are.
+
+    Raises:
+        ValueError: a mode whose range cannot be known (32-bit float ``F``, ``I`` with values beyond 16 bits),
+            saying what to do.
+    """
+    if image.mode in _SIXTEEN_BIT_GREY or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if low < 0 or high > 65535:
+            raise ValueError(
+                f"a 32-bit integer greyscale image with values in [{low:g}, {high:g}]: its range is not that of an "
+                "8- or 16-bit image; save it as an 8-bit image (or 16-bit, values in [0, 65535])"
+            )
+        return Image.fromarray(np.round(values / 257.0).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        raise ValueError("a 32-bit floating-point image: its range is not known; save it as an 8-bit (or 16-bit) image")
+    return image
+
+
+_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""EXIF orientation -> the transpose that shows the image upright (as ``PIL.ImageOps.exif_transpose``)."""
+
+
+def orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation (1: stored upright; 2-8: mirrored and/or rotated)."""
+    try:
+        value = int(image.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block: read the pixels as stored
+        return 1
+    return value if value in _TURNS else 1
+
+
+def turn(image: Image.Image, how: int) -> Image.Image:
+    """``image`` (an image, its depth or its mask) turned as the EXIF orientation ``how`` says."""
+    return image.transpose(_TURNS[how]) if how in _TURNS else image
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says (as image viewers show it), or itself when stored upright."""
+    return ImageOps.exif_transpose(image) if orientation(image) != 1 else image
+
+
+def png_bit_depth(data: bytes) -> int | None:
+    """Bits per channel of PNG bytes (their header), or ``None`` for another format."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) > 24:
+        return data[24]
+    return None
 
 
 def _image_ext(fmt: str) -> str:
@@ -199,13 +291,27 @@ _C2W_ROW = np.array([0.0, 0.0, 0.0, 1.0])
 _EYE3 = np.eye(3)
 
 
+def _require_matrix(matrix: np.ndarray, name: str, shape: tuple[int, int], what: str) -> None:
+    """Raise ``ValueError`` unless ``matrix`` has ``shape`` and only finite values (a shape problem and a non-finite
+    value are said apart: a NaN camera is not a bad shape)."""
+    if matrix.shape != shape:
+        raise ValueError(f"{what}: {name} must be a {shape[0]}x{shape[1]} matrix, got shape {list(matrix.shape)}")
+    bad = np.argwhere(~np.isfinite(matrix))
+    if len(bad):
+        row, col = (int(i) for i in bad[0])
+        raise ValueError(
+            f"{what}: {name} has {len(bad)} non-finite value(s) (NaN or infinite; a JSON null reads as NaN), the "
+            f"first {matrix[row, col]} at [{row}, {col}]"
+        )
+
+
 def check_camera(K: np.ndarray, c2w: np.ndarray, what: str = "camera") -> None:
     """Raise ``ValueError`` unless ``K`` is a finite 3x3 intrinsic matrix with positive focal lengths and
     ``c2w`` a finite 4x4 rigid transform (rotation with determinant +1, last row ``0 0 0 1``)."""
     K = np.asarray(K, dtype=np.float64)
     c2w = np.asarray(c2w, dtype=np.float64)
     # plain comparisons: np.allclose costs more than the rest of a view's decoding
-    require(K.shape == (3, 3) and np.isfinite(K).all(), f"{what}: K", "a finite 3x3 matrix", K.tolist(), ValueError)
+    _require_matrix(K, "K", (3, 3), what)
     require(
         K[0, 0] > 0 and K[1, 1] > 0 and np.abs(K[2] - _K_ROW).max() <= 1e-9 and K[1, 0] == 0,
         f"{what}: K",
@@ -213,8 +319,7 @@ def check_camera(K: np.ndarray, c2w: np.ndarray, what: str = "camera") -> None:
         K.tolist(),
         ValueError,
     )
-    if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
-        raise ValueError(f"{what}: c2w must be a finite 4x4 matrix, got shape {list(c2w.shape)}")
+    _require_matrix(c2w, "c2w", (4, 4), what)
     require(
         np.abs(c2w[3] - _C2W_ROW).max() <= 1e-6,
         f"{what}: the last row of c2w",
@@ -286,6 +391,12 @@ class ImageSample:
 
 def _encode_image_field(image: np.ndarray | EncodedImage, fmt: str, quality: int) -> tuple[str, bytes]:
     if isinstance(image, EncodedImage):
+        depth = png_bit_depth(image.data)
+        if depth is not None and depth > 8:
+            raise ValueError(
+                f"a {depth}-bit PNG: images in shards are 8-bit (docs/shard-format.md); decode it (eight_bit) and "
+                "pass the array"
+            )
         return _image_ext(image.ext), image.data
     ext = _image_ext(fmt)
     return ext, encode_rgb(image, ext, quality)
@@ -734,17 +845,42 @@ def _open_image(sample: Mapping[str, Any], name: str) -> Image.Image:
 
 
 def decode_rgb(sample: Mapping[str, Any], name: str, size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode an image field to an RGB PIL image; ``size`` = expected ``(width, height)``.
+    """Decode an image field, as stored, to an 8-bit RGB PIL image (:func:`eight_bit`: 16-bit greyscale is scaled,
+    not clipped); ``size`` = expected ``(width, height)``. A view of a scene is read so: its ``cameras.json``
+    describes the stored pixels (an EXIF orientation tag is not applied). See :func:`decode_upright_rgb`.
 
     Raises:
-        SampleError: missing, undecodable or of the wrong size.
+        SampleError: missing, undecodable, of a mode with no known range, or of the wrong size.
     """
+    return _rgb(sample, name, _open_image(sample, name), size)
+
+
+def decode_upright_rgb(sample: Mapping[str, Any], name: str) -> tuple[Image.Image, int]:
+    """Decode a single-view image (no camera describes its pixels) as :func:`decode_rgb` does, turned upright by its
+    EXIF orientation as the image converter and image viewers do; returns it and that orientation (1: none), by
+    which the sample's depth and mask are turned too (:func:`turn`), so they stay aligned."""
     image = _open_image(sample, name)
+    how = orientation(image)
+    return _rgb(sample, name, turn(image, how), None), how
+
+
+def _rgb(sample: Mapping[str, Any], name: str, image: Image.Image, size: tuple[int, int] | None) -> Image.Image:
+    url, key = sample_where(sample)
     if size is not None and image.size != tuple(size):
-        url, key = sample_where(sample)
-        raise SampleError(url, key, name, f"image is {image.size[0]}x{image.size[1]}, expected {size[0]}x{size[1]}")
+        turned = " (as stored; its EXIF orientation tag, not applied to views of scenes, says it is turned)"
+        raise SampleError(
+            url,
+            key,
+            name,
+            f"image is {image.size[0]}x{image.size[1]}, expected {size[0]}x{size[1]}"
+            + (turned if orientation(image) != 1 else ""),
+        )
     if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
-        raise SampleError(*sample_where(sample), name, "has an alpha channel; writers composite it (see converters)")
+        raise SampleError(url, key, name, "has an alpha channel; writers composite it (see converters)")
+    try:
+        image = eight_bit(image)
+    except ValueError as err:
+        raise SampleError(url, key, name, str(err)) from None
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

@@ -20,6 +20,7 @@ from selfsup3d.datamodules.base import (
 )
 from selfsup3d.datamodules.format import (
     decode_rgb,
+    decode_upright_rgb,
     is_multiview,
     make_key,
     parse_meta,
@@ -96,13 +97,15 @@ class SingleViewDecoder:
         key: str,
         rng: random.Random | None,
     ) -> dict[str, Any]:
-        image = decode_rgb(raw, fields.image, size)
+        # a single-view image is turned upright by its EXIF orientation (its depth and mask with it); a view of a
+        # scene (size: its camera's) is read as stored, which its camera describes
+        image, how = decode_upright_rgb(raw, fields.image) if size is None else (decode_rgb(raw, fields.image, size), 1)
         if rng is not None and self.random_crop:
             box = random_resized_box(image.size, self.out_hw, rng, self.crop_scale, self.crop_ratio)
         else:
             box = crop_box(image.size, self.out_hw)
         flip = rng is not None and self.hflip and rng.random() < 0.5
-        arrays = read_view(raw, fields, image, box, self.out_hw, depth_scale, self.with_masks)
+        arrays = read_view(raw, fields, image, box, self.out_hw, depth_scale, self.with_masks, how)
         item: dict[str, Any] = {
             name: np.ascontiguousarray(array[..., ::-1] if flip else array) for name, array in arrays.items()
         }

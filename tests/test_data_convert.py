@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -256,3 +257,56 @@ def test_image_folder_lists_the_files_it_does_not_convert(tmp_path):
     summary = report.summary()
     assert "cat/anim.gif" in summary and "dog/sub/notes.txt" in summary
     assert report.written == 6  # the readable images are still all written
+
+
+# ---------------------------------------------------------------------------- names without ASCII letters
+def _keys_and_paths(out: Path) -> dict[str, str]:
+    """``{key: the source path recorded in its meta.json}`` of every sample in the shards under ``out``."""
+    import tarfile
+
+    found = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, _, field = member.name.partition(".")
+                if field == "meta.json":
+                    assert key not in found, key
+                    found[key] = json.loads(tar.extractfile(member).read())["path"]
+    return found
+
+
+@pytest.mark.parametrize("classes", [True, False], ids=["class folders", "files at the top"])
+def test_every_file_gets_a_distinct_key_whatever_its_name(tmp_path, capsys, classes):
+    """Names with no ASCII letter (a class folder named in Chinese, such files at the top) stopped the whole
+    conversion; accented names lost their letters (café, cafè -> caf, caf_2). Every file now has its own key,
+    with the letters it has (accents dropped), none lost or merged."""
+    names = ["咖啡.png", "紅茶.png", "café.png", "cafè.png", "a b.png", "a-b.png", "Ärger.png", "IMG_1.png"]
+    src = tmp_path / "src"
+    folder = src / "写真" if classes else src
+    folder.mkdir(parents=True)
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(folder / name)
+    if classes:
+        (src / "cats").mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "cats" / "咖啡.png")
+    out = tmp_path / "out"
+    assert main(["data", "convert", "images", str(src), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    assert f"wrote {len(names) + classes} samples" in capsys.readouterr().out
+    keys = _keys_and_paths(out)
+    assert len(keys) == len(names) + classes  # distinct keys: none lost, none merged
+    expected = {str(Path("写真" if classes else "") / n) for n in names} | ({"cats/咖啡.png"} if classes else set())
+    assert set(keys.values()) == expected
+    by_path = {Path(path).name if Path(path).parent.name != "cats" else path: key for key, path in keys.items()}
+    assert {by_path["café.png"], by_path["cafè.png"]} == {"cafe", "cafe_2"}  # the letters are kept
+    assert {by_path["a b.png"], by_path["a-b.png"]} == {"a-b", "a-b_2"} and by_path["Ärger.png"] == "Arger"
+    assert by_path["IMG_1.png"] == "IMG_1"
+    assert re.fullmatch(r"u[0-9a-f]{8}", by_path["咖啡.png"]) and by_path["咖啡.png"] != by_path["紅茶.png"]
+
+
+def test_scenes_named_without_ascii_letters_or_alike_convert_each(tmp_path):
+    scenes = render_scenes(num_scenes=3, num_views=3, size=16, start=20)
+    for name, scene in zip(("客厅", "a b", "a-b"), scenes):
+        _write_blender(tmp_path / "src" / name, scene, "ngp")
+    report = convert_blender(tmp_path / "src", tmp_path / "out", workers=1, progress=False)
+    assert report.written == 3 and not report.skipped, report.summary()
+    assert set(_read_scenes(report.url, 3)) >= {"a-b", "a-b_2"}

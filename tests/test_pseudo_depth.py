@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +202,67 @@ def test_unposed_scenes_get_depth_normalised_per_scene_and_marked_relative(tmp_p
     assert dm.with_depth and "c2w" not in batch
     for depth in batch["depth"]:
         assert float(depth[depth > 0].median()) == pytest.approx(1.0, rel=0.05)  # one scale for the whole scene
+
+
+def test_a_folder_of_16_bit_and_turned_photos_is_annotated_as_shown(tmp_path, tiny_dpt):
+    """16-bit greyscale came out white (``convert("RGB")`` clips it); a photo whose EXIF orientation says it is turned
+    is annotated and written upright, as the image converter writes it."""
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    grey = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    Image.fromarray(grey).save(folder / "grey.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 24 wide and 16 high, shown 16 wide and 24 high
+    Image.fromarray(np.zeros((16, 24, 3), np.uint8)).save(folder / "turned.jpg", exif=exif.tobytes())
+    out = tmp_path / "out"
+    assert main(["data", "pseudo-depth", str(folder), "--out", str(out), "--model", tiny_dpt, "--no-progress"]) == 0
+    images = {}
+    with tarfile.open(next(out.glob("train-*.tar"))) as tar:
+        for member in tar.getmembers():
+            key, _, field = member.name.partition(".")
+            if field in ("png", "jpg", "depth.png"):
+                images[(key, "depth" if field == "depth.png" else "image")] = Image.open(
+                    io.BytesIO(tar.extractfile(member).read())
+                )
+    written = np.asarray(images["grey", "image"].convert("L")).astype(int)
+    assert np.abs(written - np.round(grey / 257)).mean() < 2  # scaled (re-encoded as JPEG), not clipped to white
+    turned = [image.size for (key, _), image in images.items() if key == "turned"]
+    assert turned == [(16, 24), (16, 24)]  # the image and its depth, upright
+
+
+def test_photos_of_mixed_aspect_ratio_are_annotated_at_the_default_batch_size(tmp_path, tiny_dpt):
+    """Depth Anything's processor keeps the aspect ratio, so photos of other shapes become inputs of other sizes,
+    which one batch cannot stack: images are batched by the size the processor gives them, each depth map at its
+    image's size. A tiny random Depth Anything with that processor, saved here."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    torch.manual_seed(0)
+    backbone = Dinov2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8,
+        out_indices=[1, 2, 3, 4], reshape_hidden_states=False,
+    )  # fmt: skip
+    config = DepthAnythingConfig(
+        backbone_config=backbone, patch_size=8, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16, head_hidden_size=8,
+    )  # fmt: skip
+    model = tmp_path / "model"
+    DepthAnythingForDepthEstimation(config).save_pretrained(model)
+    processor = DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=True, ensure_multiple_of=8)
+    processor.save_pretrained(model)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = [(48, 32), (32, 64), (64, 32), (48, 32), (40, 40)]  # (width, height)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(folder / f"photo{i}.png")
+    out = tmp_path / "out"
+    assert main(["data", "pseudo-depth", str(folder), "--out", str(out), "--model", str(model), "--no-progress"]) == 0
+
+    with tarfile.open(next(out.glob("train-*.tar"))) as tar:
+        depth_sizes = {
+            member.name.split(".")[0]: Image.open(io.BytesIO(tar.extractfile(member).read())).size
+            for member in tar.getmembers()
+            if member.name.endswith(".depth.png")
+        }
+    assert depth_sizes == {f"photo{i}": size for i, size in enumerate(sizes)}

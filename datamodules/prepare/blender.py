@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from selfsup3d.datamodules.format import ShardSink
+from selfsup3d.datamodules.format import SampleKeys, ShardSink
 from selfsup3d.datamodules.prepare.frames import IMAGE_SUFFIXES, orthonormal, scale_K, scene_record
 from selfsup3d.datamodules.prepare.writer import (
     ConvertReport,
@@ -77,8 +77,8 @@ _BLENDER_CAMERA_KEYS = ("camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "cx"
 _DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
 
 
-def _blender_unit(args: tuple[Path, str, dict[str, Any]]) -> Unit:
-    scene_dir, name, opts = args
+def _blender_unit(args: tuple[Path, str, str, dict[str, Any]]) -> Unit:
+    scene_dir, name, key, opts = args
     unit = Unit(None)
     frames: list[tuple[str, Path, np.ndarray, np.ndarray]] = []
     for tf in _blender_files(scene_dir):
@@ -124,7 +124,7 @@ def _blender_unit(args: tuple[Path, str, dict[str, Any]]) -> Unit:
                 unit.skipped.append((what, f"{type(err).__name__}: {err}"))
                 continue
             frames.append((what, path, K, c2w))
-    return scene_record(name, frames, "blender", opts, unit)
+    return scene_record(name, frames, "blender", opts, unit, key=key)
 
 
 def convert_blender(
@@ -160,7 +160,9 @@ def convert_blender(
     src_path = Path(src)
     scenes = scene_dirs(src_path, lambda p: bool(_blender_files(p)), "transforms*.json")
     opts = converter_options(max_size, max_views, min_views, background, image_format)
-    jobs = [(d, d.name if d != src_path else src_path.resolve().name, opts) for d in scenes]
+    names = [d.name if d != src_path else src_path.resolve().name for d in scenes]
+    keys = SampleKeys()
+    jobs = [(d, name, keys.key(name), opts) for d, name in zip(scenes, names)]
     report = ConvertReport("blender", str(out), split)
     sink = ShardSink(out, split, samples_per_shard=scenes_per_shard, image_format=image_format, overwrite=overwrite)
     return write_units(pool_map(_blender_unit, jobs, workers, "convert blender", progress), report, sink)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from selfsup3d.datamodules.format import ShardSink
+from selfsup3d.datamodules.format import SampleKeys, ShardSink
 from selfsup3d.datamodules.prepare.frames import capture_order_key, scale_K, scene_record
 from selfsup3d.datamodules.prepare.writer import (
     ConvertReport,
@@ -143,8 +143,8 @@ def colmap_pinhole(model: str, params: list[float]) -> tuple[np.ndarray, list[fl
     return np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]], dtype=np.float64), list(distortion)
 
 
-def _colmap_unit(args: tuple[Path, str, dict[str, Any]]) -> Unit:
-    scene_dir, name, opts = args
+def _colmap_unit(args: tuple[Path, str, str, dict[str, Any]]) -> Unit:
+    scene_dir, name, key, opts = args
     unit = Unit(None)
     model_dir = _colmap_model_dir(scene_dir)
     images_dir = scene_dir / opts["images"]
@@ -216,7 +216,7 @@ def _colmap_unit(args: tuple[Path, str, dict[str, Any]]) -> Unit:
                 "pass --refuse-distortion to skip them",
             )
         )
-    return scene_record(name, frames, "colmap", opts, unit, sparse if points else None)
+    return scene_record(name, frames, "colmap", opts, unit, sparse if points else None, key=key)
 
 
 def convert_colmap(
@@ -262,6 +262,7 @@ def convert_colmap(
     opts.update(images=images, refuse_distortion=refuse_distortion)
     report = ConvertReport("colmap", str(out), split)
     jobs = []
+    keys = SampleKeys()
     for d in scenes:
         name = d.name if d != src_path else src_path.resolve().name
         if _colmap_model_dir(d) is None:
@@ -269,6 +270,6 @@ def convert_colmap(
             hint = f"colmap model_converter --input_path {binary} --output_path {binary} --output_type TXT"
             report.skipped.append((name, f"binary COLMAP model only; convert it to text with `{hint}`"))
             continue
-        jobs.append((d, name, opts))
+        jobs.append((d, name, keys.key(name), opts))
     sink = ShardSink(out, split, samples_per_shard=scenes_per_shard, image_format=image_format, overwrite=overwrite)
     return write_units(pool_map(_colmap_unit, jobs, workers, "convert colmap", progress), report, sink)

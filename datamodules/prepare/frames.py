@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from selfsup3d.datamodules.format import EncodedImage, Scene, encode_scene, make_key
+from selfsup3d.datamodules.format import EncodedImage, Scene, eight_bit, encode_scene, make_key, png_bit_depth
 from selfsup3d.datamodules.prepare.writer import Unit
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -101,9 +101,18 @@ def fit_size(size: tuple[int, int], max_size: int | None) -> tuple[int, int]:
 def prepare_image(
     image: Image.Image, data: bytes, target: tuple[int, int], background: tuple[int, int, int]
 ) -> tuple[np.ndarray | EncodedImage, np.ndarray | None]:
-    """The image for the writer (original bytes when nothing changes) and its alpha mask, at ``target``."""
+    """The image for the writer (original bytes when nothing changes: an 8-bit RGB file of a format shards hold)
+    and its alpha mask, at ``target``. 16-bit greyscale is scaled to 8 bits (:func:`eight_bit`; ``ValueError`` for
+    a mode whose range is not known); a 16-bit RGB PNG, which Pillow opens scaled, is re-encoded."""
+    image = eight_bit(image)
     alpha = _alpha(image)
-    if alpha is None and image.size == target and image.format in _PASSTHROUGH_FORMATS and image.mode == "RGB":
+    if (
+        alpha is None
+        and image.size == target
+        and image.format in _PASSTHROUGH_FORMATS
+        and image.mode == "RGB"
+        and png_bit_depth(data) in (None, 8)
+    ):
         return EncodedImage(data, _PASSTHROUGH_FORMATS[image.format]), None
     rgb, mask = _rgb_and_mask(image, background)
     if image.size != target:
@@ -174,6 +183,7 @@ def scene_record(
     sparse: Mapping[str, np.ndarray] | None = None,
     depth: Mapping[str, np.ndarray] | None = None,
     meta: Mapping[str, Any] | None = None,
+    key: str | None = None,
 ) -> Unit:
     """Load the frames ``(what, image, K, c2w)`` of one scene (``image``: an :data:`ImageSource`), keep those of
     the most common size, resize, and encode the scene (or skip it when fewer than ``min_views`` remain).
@@ -182,13 +192,16 @@ def scene_record(
     ``what``) the source's sparse points seen in it, ``[N, 3]`` rows ``(u, v, z)`` in the image file's pixels,
     written as the scene's ``sparse_depth.npy``. ``depth``: per frame (by ``what``) metric z-depth ``[H, W]`` at
     the image's size (0 = none), resized with the image (nearest neighbour); the scene has depth when every
-    kept view has. ``meta``: more ``meta.json`` entries."""
+    kept view has. ``meta``: more ``meta.json`` entries. ``key``: the sample key (a converter's
+    :class:`~selfsup3d.datamodules.format.SampleKeys` keeps keys of one conversion distinct; default
+    :func:`~selfsup3d.datamodules.format.make_key` of ``name``)."""
     max_size, max_views, min_views = opts["max_size"], opts["max_views"], opts["min_views"]
     background, image_format = opts["background"], opts["image_format"]
     loaded: list[tuple[str, Image.Image, bytes, np.ndarray, np.ndarray]] = []
     for what, path, K, c2w in frames:
         try:
             image, data = load_image(path)
+            eight_bit(image)  # a mode whose range is not known is said here, as a skipped view
         except Exception as err:
             name = f" {path.name}" if isinstance(path, Path) else ""
             unit.skipped.append((what, f"unreadable image{name} ({type(err).__name__}: {err})"))
@@ -233,9 +246,8 @@ def scene_record(
     has_depth = depth is not None and all(z is not None for z in depths)
     if depth is not None and not has_depth:
         unit.notes.append((name, "only some views have depth: depth left out"))
-    key = make_key(name)
     scene = Scene(
-        key=key,
+        key=key or make_key(name),
         images=images,
         K=np.stack(Ks),
         c2w=np.stack(c2ws),

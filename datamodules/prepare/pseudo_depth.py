@@ -46,6 +46,7 @@ percentile map (``TriplaneReconstruction(depth_normalization="percentile")``, se
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterator
@@ -68,20 +69,25 @@ from selfsup3d.datamodules.format import (
     META_FIELD,
     EncodedImage,
     ImageSample,
+    SampleKeys,
     ShardSink,
     decode_depth,
     decode_mask,
     decode_rgb,
+    decode_upright_rgb,
     depth_scale_for,
     depth_to_array,
+    eight_bit,
     encode_depth,
     image_field,
     is_multiview,
-    make_key,
     parse_meta,
     parse_scene,
     parse_sparse_depth,
+    png_bit_depth,
     single_depth_scale,
+    turn,
+    upright,
     view_field,
 )
 from selfsup3d.datamodules.pipeline import expand_urls
@@ -184,22 +190,23 @@ def iter_shards(src: str, default_split: str) -> Iterator[Item | SceneItem]:
                 yield SceneItem(sample, split)
                 continue
             name = image_field(sample)
-            rgb = decode_rgb(sample, name)
+            rgb, how = decode_upright_rgb(sample, name)  # its depth and mask turned with it
             meta = parse_meta(sample, required=False)
             label = int(meta.pop("label", -1))
-            mask = np.asarray(decode_mask(sample, MASK_SUFFIX)) if MASK_SUFFIX in sample else None
+            mask = np.asarray(turn(decode_mask(sample, MASK_SUFFIX), how)) if MASK_SUFFIX in sample else None
             depth = scale = None
             kind = "relative"
             if DEPTH_SUFFIX in sample:
                 scale = single_depth_scale(sample, meta)
-                depth = depth_to_array(decode_depth(sample, DEPTH_SUFFIX), scale)
+                depth = depth_to_array(turn(decode_depth(sample, DEPTH_SUFFIX), how), scale)
                 kind = str(meta.get("depth_kind", "metric"))
             for field_name in ("depth_scale", "depth_kind"):
                 meta.pop(field_name, None)
             ext = name.rsplit(".", 1)[-1]
-            yield Item(
-                sample["__key__"], split, EncodedImage(sample[name], ext), rgb, label, meta, mask, depth, scale, kind
-            )
+            # the stored bytes when they read as they are (upright, 8-bit), else the image as read
+            stored = how == 1 and png_bit_depth(sample[name]) in (None, 8)
+            image = EncodedImage(sample[name], ext) if stored else np.asarray(rgb)
+            yield Item(sample["__key__"], split, image, rgb, label, meta, mask, depth, scale, kind)
 
 
 def iter_folder(src: str, split: str) -> tuple[int, Iterator[Item]]:
@@ -213,20 +220,25 @@ def iter_folder(src: str, split: str) -> tuple[int, Iterator[Item]]:
     index = {name: i for i, name in enumerate(classes)}
 
     def items() -> Iterator[Item]:
+        keys = SampleKeys()
         for path in files:
             rel = path.relative_to(root)
             cls = rel.parts[0] if len(rel.parts) > 1 else None
-            with Image.open(path) as im:
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as im:
                 im.load()
-                rgb = im.convert("RGB")
-                passthrough = im.mode == "RGB" and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+                turned = upright(im)
+                rgb = eight_bit(turned).convert("RGB")
+                passthrough = (
+                    turned is im and im.mode == "RGB" and path.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS
+                ) and png_bit_depth(data) in (None, 8)
             image: EncodedImage | np.ndarray = (
-                EncodedImage(path.read_bytes(), path.suffix.lower().lstrip(".")) if passthrough else np.asarray(rgb)
+                EncodedImage(data, path.suffix.lower().lstrip(".")) if passthrough else np.asarray(rgb)
             )
             meta: dict[str, Any] = {"source": "images", "path": str(rel)}
             if cls is not None:
                 meta["class_name"] = cls
-            key = make_key(str(rel.with_suffix("")).replace("/", "_"))
+            key = keys.key(str(rel.with_suffix("")).replace("/", "_"))
             yield Item(key, split, image, rgb, index[cls] if cls is not None else -1, meta)
 
     return len(files), items()
@@ -272,11 +284,26 @@ class DepthModel:
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> list[np.ndarray]:
-        """Depth-like maps (larger = farther), float32 ``[H, W]`` at each image's own size."""
-        inputs = self.processor(images=images, return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(self.device, self.dtype)
-        outputs = self.model(pixel_values=pixel_values)
-        sizes = [(im.height, im.width) for im in images]
+        """Depth-like maps (larger = farther), float32 ``[H, W]`` at each image's own size.
+
+        Each image is prepared by the processor alone, then the model runs once per size the processor gave (a
+        processor that keeps the aspect ratio, as Depth Anything's, gives photos of other shapes other sizes,
+        which one batch cannot stack)."""
+        pixels = [self.processor(images=[image], return_tensors="pt")["pixel_values"][0] for image in images]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(pixels):
+            groups.setdefault(tuple(p.shape), []).append(i)
+        out: list[np.ndarray] = [np.empty(0, np.float32)] * len(images)
+        for indices in groups.values():
+            batch = [images[i] for i in indices]
+            maps = self._predict(torch.stack([pixels[i] for i in indices]), [(im.height, im.width) for im in batch])
+            for i, depth in zip(indices, maps):
+                out[i] = depth
+        return out
+
+    def _predict(self, pixel_values: Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+        """The depth-like maps of a batch of processed images of one size, at ``sizes`` (``(height, width)``)."""
+        outputs = self.model(pixel_values=pixel_values.to(self.device, self.dtype))
         post = getattr(self.processor, "post_process_depth_estimation", None)
         if callable(post):
             maps = [d["predicted_depth"] for d in post(outputs, target_sizes=sizes)]
@@ -449,7 +476,7 @@ def annotate_pseudo_depth(
             files) or a folder of images.
         out: output folder for the annotated shards.
         model: Hugging Face depth-estimation model: hub id or local folder (Depth Anything, DPT, ...).
-        batch_size: images per model call.
+        batch_size: images per batch (one model call per input size the processor gives them).
         device: ``cpu``, ``cuda``, ``cuda:1``, ... (``auto``: CUDA when available).
         dtype: model precision (``float32``, ``float16``, ``bfloat16``).
         output_kind: what the model predicts (``auto``, ``disparity``, ``depth``; see :func:`output_kind`).

@@ -308,7 +308,13 @@ def _add_pseudo_depth_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="Hugging Face depth-estimation model: hub id or local folder (Depth Anything, DPT, ...)",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="images per model call (default %(default)s)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="images per batch, run in one model call per input size the processor gives them, so photos of "
+        "mixed aspect ratio work at any size (default %(default)s)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     parser.add_argument(
         "--dtype",

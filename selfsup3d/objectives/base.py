@@ -45,6 +45,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -336,7 +337,15 @@ def load_objective(checkpoint: str | Path, map_location: str = "cpu") -> Pretrai
     cls = getattr(importlib.import_module(module), name)
     if not (isinstance(cls, type) and issubclass(cls, PretrainObjective)):
         raise ValueError(f"{checkpoint} holds a {class_path}, not a selfsup3d objective")
-    return cls.load_from_checkpoint(str(checkpoint), map_location=map_location, weights_only=True)
+    instantiator = hparams.get("_instantiator")
+    if not isinstance(instantiator, str):
+        return cls.load_from_checkpoint(str(checkpoint), map_location=map_location, weights_only=True)
+    # rebuilt by the CLI's instantiator, as the CLI built it: the hyper-parameters are the checkpoint's (else
+    # save_hyperparameters would see a multi-task module's objectives as the instantiator's factories, which
+    # are not plain data, and leave them out with a warning)
+    given = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    with _given_hyperparameters_context(given, instantiator):
+        return cls.load_from_checkpoint(str(checkpoint), map_location=map_location, weights_only=True)
 
 
 def component_outputs(
