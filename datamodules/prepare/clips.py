@@ -4,7 +4,9 @@ A source (:mod:`~selfsup3d.datamodules.prepare.video`, :mod:`~selfsup3d.datamodu
 the frames of one input, already resampled to the target rate and resized and centre-cropped to the clip size,
 into a :class:`ClipCutter`, which cuts them into clips of ``clip_frames`` consecutive frames and encodes each
 kept clip as one unposed multi-view scene (no ``cameras.json``; views ``000.jpg``, ... in capture order, so the
-view-overlap curriculum of :class:`~selfsup3d.datamodules.MultiViewShards` picks windows of neighbouring frames):
+view-overlap curriculum of :class:`~selfsup3d.datamodules.MultiViewShards` picks windows of neighbouring frames;
+with ``store="mp4"`` the clip's frames are one H.264 MP4 member, ``KEY.mp4``, that the reader decodes into the
+same views, as RayDer stores video):
 
 * **shot changes** split clips: a frame whose small grey thumbnail differs from the previous frame's by more than
   ``shot_threshold`` (mean absolute difference, 0-255) starts a new clip; the frames before it that do not fill
@@ -14,7 +16,8 @@ view-overlap curriculum of :class:`~selfsup3d.datamodules.MultiViewShards` picks
 * consecutive clips do not overlap; ``max_clips`` keeps the first clips of an input (and its source stops
   decoding there).
 
-Encoding is deterministic (Pillow's JPEG/WebP encoders), so a converted input gives the same bytes every time.
+Encoding is deterministic (Pillow's JPEG/WebP encoders; x264 on one thread), so a converted input gives the same
+bytes every time.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from selfsup3d.datamodules.format import EncodedImage, Scene, encode_rgb, encode_scene, make_key
+from selfsup3d.datamodules.format import EncodedImage, Scene, encode_clip_scene, encode_rgb, encode_scene, make_key
 from selfsup3d.datamodules.prepare.writer import Unit
 from selfsup3d.errors import require
 
 THUMBNAIL = 32
 """Side of the grey thumbnails the shot, still and duplicate tests compare."""
+STORES = ("frames", "mp4")
+"""How a clip is stored: ``frames`` (one image per view, ``image_format``) or ``mp4`` (one H.264 MP4 member)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,9 @@ class ClipOptions:
         still_threshold: a clip whose frames all stay within this of its first frame is still (0: keep all).
         duplicate_threshold: a clip within this of an earlier kept clip of the same input is a near-duplicate
             (0: keep all).
+        store: ``frames`` (one ``image_format`` image per view) or ``mp4`` (the clip as one H.264 MP4, decoded by
+            the reader with PyAV: smaller shards, more decoding per sample; needs even ``size`` sides).
+        crf: x264's constant rate factor for ``store="mp4"`` (0 lossless .. 51; lower is better and larger).
     """
 
     clip_frames: int = 24
@@ -58,6 +66,8 @@ class ClipOptions:
     shot_threshold: float = 40.0
     still_threshold: float = 1.5
     duplicate_threshold: float = 2.0
+    store: str = "frames"
+    crf: int = 18
 
     def __post_init__(self) -> None:
         require(self.clip_frames >= 2, "clip_frames", ">= 2", self.clip_frames, ValueError)
@@ -68,6 +78,11 @@ class ClipOptions:
         require(1 <= self.quality <= 100, "quality", "in 1..100", self.quality, ValueError)
         for name in ("shot_threshold", "still_threshold", "duplicate_threshold"):
             require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name), ValueError)
+        require(self.store in STORES, "store", " or ".join(STORES), self.store, ValueError)
+        require(0 <= self.crf <= 51, "crf", "in 0..51", self.crf, ValueError)
+        if self.store == "mp4":
+            require(self.size[0] % 2 == 0 and self.size[1] % 2 == 0, "size", "even on both sides with store mp4 "
+                    "(H.264 halves the colour resolution)", "x".join(map(str, self.size)), ValueError)  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         """The options as plain data (what a resumed conversion must repeat)."""
@@ -148,7 +163,8 @@ class ClipCutter:
         self.name, self.source, self.opts, self.unit = name, source, options, unit
         self.meta = dict(meta or {})
         self.key = key or make_key(name)
-        self._frames: list[tuple[bytes, np.ndarray, int, float | None]] = []  # encoded, thumbnail, index, time
+        # per frame: its view (encoded, or the array for store mp4), thumbnail, index and time
+        self._frames: list[tuple[bytes | np.ndarray, np.ndarray, int, float | None]] = []
         self._previous: np.ndarray | None = None
         self._kept: list[np.ndarray] = []  # thumbnails [F, T, T] of the kept clips
         self.clips = 0  # clips cut (kept or dropped)
@@ -165,7 +181,8 @@ class ClipCutter:
         if shot and float(np.abs(thumb - self._previous).mean()) > self.opts.shot_threshold:
             self.break_clip("frames before a shot change")
         self._previous = thumb
-        data = encode_rgb(rgb, self.opts.image_format, self.opts.quality)
+        mp4 = self.opts.store == "mp4"  # the clip is encoded as a whole when it is kept
+        data = rgb.copy() if mp4 else encode_rgb(rgb, self.opts.image_format, self.opts.quality)
         self._frames.append((data, thumb, index, time))
         if len(self._frames) == self.opts.clip_frames:
             self._finish_clip()
@@ -218,6 +235,9 @@ class ClipCutter:
             **({"times": [round(t, 4) for t in times]} if all(t is not None for t in times) else {}),  # type: ignore[arg-type]
             **self.meta,
         }
-        scene = Scene(key, [EncodedImage(f[0], ext) for f in frames], meta=meta)
-        self.unit.records.append(encode_scene(scene))
+        if self.opts.store == "mp4":
+            self.unit.records.append(encode_clip_scene(key, [f[0] for f in frames], meta, self.opts.crf))  # type: ignore[misc]
+        else:
+            scene = Scene(key, [EncodedImage(f[0], ext) for f in frames], meta=meta)  # type: ignore[arg-type]
+            self.unit.records.append(encode_scene(scene))
         self.unit.views += len(frames)
