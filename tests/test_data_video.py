@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from videos import scene_frames, video_folder, write_video
+from videos import recoloured, scene_frames, video_folder, write_video
 
 from selfsup3d.cli import main
 from selfsup3d.datamodules import MultiViewShards
@@ -269,3 +269,44 @@ def test_clips_stored_as_mp4_deliver_the_views_of_frames_in_smaller_shards_and_t
         main([*common, "--size", "47", "--store", "mp4", "--out", str(tmp_path / "odd")])
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "size must be even on both sides with store mp4" in err, err
+
+
+def _clips(folder: Path) -> dict[str, list[int]]:
+    """The decoded-frame indices of every clip written to ``folder``, by key."""
+    clips = {}
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                if m.name.endswith(".meta.json"):
+                    clips[m.name.split(".", 1)[0]] = json.loads(tar.extractfile(m).read())["frames"]
+    return clips
+
+
+def test_scenedetect_splits_clips_at_a_hard_cut_as_the_difference_test_does_and_sees_a_colour_cut(tmp_path, capsys):
+    """``--shot-detector scenedetect`` (PySceneDetect's ContentDetector): on a hard cut (frame 45: another scene)
+    the same clips as the grey-thumbnail difference test; on a cut to the same brightness in other colours it
+    splits where the difference test, blind to colour, lets a clip run across the cut."""
+    pytest.importorskip("scenedetect")
+    write_video(tmp_path / "v" / "hard.mp4", scene_frames(45, 96, 64, 2, 1.0) + scene_frames(45, 96, 64, 3, 1.0))
+    pan = scene_frames(90, 96, 64, 4, 1.0)  # one pan, its colours turned from frame 45 on
+    write_video(tmp_path / "v" / "colour.mp4", pan[:45] + recoloured(pan[45:]))
+    clips = {}
+    for detector in ("difference", "scenedetect"):
+        options = ClipOptions(8, (48, 48), shot_detector=detector)
+        report = convert_video(tmp_path / "v", tmp_path / detector, fps=15, clips=options, workers=1, progress=False)
+        assert report.dropped.get("frames before a shot change", 0) >= 1, report.summary()
+        clips[detector] = _clips(tmp_path / detector)
+
+    def across(frames: list[int]) -> bool:
+        return min(frames) < 45 <= max(frames)
+
+    hard = {d: {k: f for k, f in c.items() if k.startswith("hard")} for d, c in clips.items()}
+    assert len(hard["scenedetect"]) >= 4 and hard["scenedetect"] == hard["difference"]
+    assert not any(across(f) for f in hard["scenedetect"].values())
+    colour = {d: [f for k, f in c.items() if k.startswith("colour")] for d, c in clips.items()}
+    assert not any(across(f) for f in colour["scenedetect"]) and any(across(f) for f in colour["difference"])
+
+    with pytest.raises(SystemExit):
+        main(["data", "convert", "video", str(tmp_path / "v"), "--out", str(tmp_path / "x"), "--shot-detector",
+              "pyscenedetect"])  # fmt: skip
+    assert "argument --shot-detector: invalid choice: 'pyscenedetect'" in capsys.readouterr().err
