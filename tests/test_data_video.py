@@ -22,7 +22,7 @@ from PIL import Image
 from videos import recoloured, scene_frames, video_folder, write_video
 
 from selfsup3d.cli import main
-from selfsup3d.datamodules import MultiViewShards
+from selfsup3d.datamodules import MultiViewShards, SingleViewShards
 from selfsup3d.datamodules.prepare.clips import ClipOptions
 from selfsup3d.datamodules.prepare.journal import Part
 from selfsup3d.datamodules.prepare.sequences import convert_frames
@@ -252,12 +252,15 @@ def test_clips_stored_as_mp4_deliver_the_views_of_frames_in_smaller_shards_and_t
         assert mp4[key].shape == views.shape == (8, 3, 48, 48)
         difference = np.abs(mp4[key] - views).mean()  # JPEG q90 and x264 crf 18 are each ~5/255 off the source
         assert difference < 6 / 255, (key, difference * 255)  # (textured frames, 4:2:0 colour): not further apart
+    single = SingleViewShards(url := str(tmp_path / "mp4" / "*.tar"), url, image_size=32, num_workers=0,
+                              batch_size=64)  # fmt: skip
+    single.setup("validate")  # a single-view objective reads each decoded view as an image
+    assert sum(len(b["key"]) for b in single.val_dataloader()) == 16 * len(frames)
     size = {name: sum(p.stat().st_size for p in (tmp_path / name).glob("*.tar")) for name in ("frames", "mp4")}
     assert size["mp4"] < 0.7 * size["frames"], size
     print(f"shards: frames {size['frames']} bytes, mp4 {size['mp4']} bytes")
 
     config = str(ROOT / "configs" / "demo" / "masked_view.yaml")
-    url = str(tmp_path / "mp4" / "train-*.tar")
     main(["fit", "--config", config, "--data.init_args.train_urls", url, "--data.init_args.val_urls", url,
           "--trainer.max_steps", "2", "--data.init_args.batches_per_epoch", "2",
           "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0", "--trainer.enable_progress_bar",
