@@ -285,7 +285,9 @@ def _clips(folder: Path) -> dict[str, list[int]]:
     return clips
 
 
-def test_scenedetect_splits_clips_at_a_hard_cut_as_the_difference_test_does_and_sees_a_colour_cut(tmp_path, capsys):
+def test_scenedetect_splits_clips_at_a_hard_cut_as_the_difference_test_does_and_sees_a_colour_cut(
+    tmp_path, capsys, monkeypatch
+):
     """``--shot-detector scenedetect`` (PySceneDetect's ContentDetector): on a hard cut (frame 45: another scene)
     the same clips as the grey-thumbnail difference test; on a cut to the same brightness in other colours it
     splits where the difference test, blind to colour, lets a clip run across the cut."""
@@ -313,3 +315,9 @@ def test_scenedetect_splits_clips_at_a_hard_cut_as_the_difference_test_does_and_
         main(["data", "convert", "video", str(tmp_path / "v"), "--out", str(tmp_path / "x"), "--shot-detector",
               "pyscenedetect"])  # fmt: skip
     assert "argument --shot-detector: invalid choice: 'pyscenedetect'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "scenedetect", None)  # not installed
+    with pytest.raises(SystemExit):
+        main(["data", "convert", "video", str(tmp_path / "v"), "--out", str(tmp_path / "y"), "--shot-detector",
+              "scenedetect"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'selfsup3d[scenedetect]'" in err, err
