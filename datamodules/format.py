@@ -15,6 +15,9 @@ Multi-view sample (one scene, ``V`` views, ``NNN`` = view index with at least th
                                                points (COLMAP's) as z-depth in the cameras' world units
     KEY.meta.json                              source, scene id, label (-1 = unknown), class_name, depth_kind,
                                                and depth_scale when the scene has depth but no cameras.json
+    KEY.mp4                                    instead of the numbered images, an unposed scene only: its views
+                                               as the frames of one H.264 MP4, in view order (decoded by the
+                                               reader with PyAV; ``convert video --store mp4``)
 
 Single-view sample::
 
@@ -69,12 +72,17 @@ DEPTH_KINDS = ("metric", "relative")
 """``metric``: z-depth in the scene's world units (metres for renders, the cameras' units for a COLMAP capture);
 ``relative``: monocular pseudo depth of unknown scale (normalised per image or per scene)."""
 CLASS_FIELD = "cls"
+CLIP_FIELD = "mp4"
+"""An unposed scene's views as one encoded video (H.264 in MP4), frame ``i`` = view ``i``, instead of images."""
+DECODED_EXT = "frame"
+"""Field suffix of a view decoded from :data:`CLIP_FIELD` (a PIL image held in the raw sample by the reader;
+never in a shard)."""
 
 DEPTH_MAX_UNITS = 65535
 """Largest value of a 16-bit depth PNG; 0 means "no depth"."""
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
-_VIEW_RE = re.compile(r"^(\d{3,})\.(png|jpg|jpeg|webp)$")
+_VIEW_RE = re.compile(r"^(\d{3,})\.(png|jpg|jpeg|webp|frame)$")
 
 
 # ============================================================================ errors
@@ -150,6 +158,69 @@ class EncodedImage(NamedTuple):
 
     data: bytes
     ext: str
+
+
+def _import_av() -> Any:
+    try:
+        import av
+    except ImportError:
+        raise ImportError(
+            f"scenes stored as {CLIP_FIELD} need PyAV, which is not installed: pip install 'selfsup3d[video]' (or av)"
+        ) from None
+    return av
+
+
+def encode_clip(frames: Sequence[np.ndarray], crf: int = 18, fps: int = 10) -> bytes:
+    """Encode ``[H, W, 3]`` uint8 frames of one size (even sides) as an H.264 MP4 in memory (yuv420p, one thread,
+    so the bytes are the same on every run): the :data:`CLIP_FIELD` of an unposed scene. ``crf``: x264's constant
+    rate factor (0 lossless .. 51; 18 looks lossless); ``fps`` only sets the timestamps.
+
+    Raises:
+        ValueError: no frames, frames of different sizes or odd sides.
+    """
+    if not len(frames):
+        raise ValueError("a clip needs at least one frame")
+    height, width = frames[0].shape[:2]
+    if any(f.shape != (height, width, 3) for f in frames):
+        raise ValueError(f"clip frames must all be [{height}, {width}, 3] uint8")
+    if width % 2 or height % 2:
+        raise ValueError(f"an H.264 clip needs even sides, got {width}x{height}")
+    require(0 <= crf <= 51, "crf", "in 0..51", crf, ValueError)
+    av = _import_av()
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.thread_count = 1
+        stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb, dtype=np.uint8), format="rgb24")
+            # converted here, not by the encoder: its own conversion made the bytes differ from call to call
+            frame = frame.reformat(format="yuv420p")
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def decode_clip(data: bytes) -> list[Image.Image]:
+    """The frames of an encoded clip (:func:`encode_clip`) as RGB PIL images, in order.
+
+    Raises:
+        ValueError: the bytes do not decode to a video (PyAV's error in the message).
+    """
+    av = _import_av()
+    try:
+        with av.open(io.BytesIO(data), "r") as container:
+            if not container.streams.video:
+                raise ValueError("no video stream")
+            stream = container.streams.video[0]
+            stream.thread_count = 1
+            return [Image.fromarray(f.to_ndarray(format="rgb24")) for f in container.decode(stream)]
+    except ValueError:
+        raise
+    except Exception as err:  # PyAV raises its own error types for damaged data
+        raise ValueError(f"{type(err).__name__}: {err}") from None
 
 
 # ============================================================================ image modes and orientation
@@ -477,6 +548,24 @@ def encode_scene(scene: Scene, image_format: str = "png", quality: int = 95) -> 
     return out
 
 
+def encode_clip_scene(key: str, frames: Sequence[np.ndarray], meta: Mapping[str, Any], crf: int = 18) -> dict[str, Any]:
+    """An unposed scene whose views are ``frames`` (``[H, W, 3]`` uint8, even sides), stored as one H.264 MP4
+    (:data:`CLIP_FIELD`, :func:`encode_clip`) and ``meta.json``: the dict :class:`webdataset.ShardWriter` writes.
+
+    Raises:
+        ValueError: naming the key and what is wrong.
+    """
+    check_key(key)
+    where = f"scene {key}"
+    meta = {"source": "unknown", "scene_id": key, "label": -1, **meta}
+    _check_label(meta.get("label"), where)
+    try:
+        data = encode_clip(frames, crf)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return {"__key__": key, CLIP_FIELD: data, META_FIELD: json.dumps(meta).encode()}
+
+
 def encode_sparse_depth(rows: np.ndarray, num_views: int, where: str = "scene") -> bytes:
     """``[M, 4]`` rows ``(view, u, v, z)`` as ``.npy`` bytes (float32), checked: views in range, ``z > 0``."""
     rows = np.asarray(rows, dtype=np.float32).reshape(-1, 4)
@@ -660,8 +749,33 @@ def sample_where(sample: Mapping[str, Any]) -> tuple[str | None, str | None]:
 
 
 def is_multiview(sample: Mapping[str, Any]) -> bool:
-    """Whether a raw sample is a multi-view scene (it has ``cameras.json`` or numbered views)."""
-    return CAMERAS_FIELD in sample or any(_VIEW_RE.match(k) for k in sample)
+    """Whether a raw sample is a multi-view scene (it has ``cameras.json``, numbered views or a clip)."""
+    return CAMERAS_FIELD in sample or CLIP_FIELD in sample or any(_VIEW_RE.match(k) for k in sample)
+
+
+def expand_clip(sample: dict[str, Any]) -> None:
+    """Decode a scene's :data:`CLIP_FIELD` (once) into views ``NNN.frame`` held in ``sample``, which the readers
+    then find as they find images (:func:`image_field`, :func:`decode_rgb`). Nothing happens to a sample without
+    a clip or one already expanded.
+
+    Raises:
+        SampleError: the clip does not decode, decodes to no frame, or the scene has image views as well.
+    """
+    if CLIP_FIELD not in sample or view_field(0, DECODED_EXT) in sample:
+        return
+    url, key = sample_where(sample)
+    if any(_VIEW_RE.match(k) for k in sample):
+        raise SampleError(url, key, CLIP_FIELD, "a scene holds its views as images or as one clip, not both")
+    if CAMERAS_FIELD in sample:
+        raise SampleError(url, key, CLIP_FIELD, "a clip is an unposed scene's views: the scene has cameras.json too")
+    try:
+        frames = decode_clip(sample[CLIP_FIELD])
+    except (ValueError, ImportError) as err:
+        raise SampleError(url, key, CLIP_FIELD, f"cannot decode the clip ({err})") from None
+    if not frames:
+        raise SampleError(url, key, CLIP_FIELD, "the clip decodes to no frame")
+    for i, frame in enumerate(frames):
+        sample[view_field(i, DECODED_EXT)] = frame
 
 
 def _load_json(sample: Mapping[str, Any], name: str) -> Any:
@@ -728,7 +842,7 @@ def image_field(sample: Mapping[str, Any], view: int | None = None) -> str:
         SampleError: no image for that view.
     """
     prefix = "" if view is None else f"{view:03d}."
-    for ext in IMAGE_EXTENSIONS:
+    for ext in (*IMAGE_EXTENSIONS, DECODED_EXT):
         if prefix + ext in sample:
             return prefix + ext
     url, key = sample_where(sample)
@@ -737,7 +851,10 @@ def image_field(sample: Mapping[str, Any], view: int | None = None) -> str:
 
 
 def view_indices(sample: Mapping[str, Any]) -> list[int]:
-    """Indices of the views present as images in a raw multi-view sample, sorted."""
+    """Indices of the views present as images in a raw multi-view sample, sorted (a clip is decoded into views
+    first: :func:`expand_clip`)."""
+    if CLIP_FIELD in sample and isinstance(sample, dict):
+        expand_clip(sample)
     return sorted({int(m.group(1)) for k in sample if (m := _VIEW_RE.match(k))})
 
 
@@ -782,6 +899,8 @@ class SceneLayout:
 
 
 def _header_size(sample: Mapping[str, Any], name: str) -> tuple[int, int]:
+    if isinstance(sample.get(name), Image.Image):  # a view decoded from the scene's clip
+        return sample[name].size
     try:
         with Image.open(io.BytesIO(sample[name])) as image:
             return image.size
@@ -836,6 +955,8 @@ def _open_image(sample: Mapping[str, Any], name: str) -> Image.Image:
     url, key = sample_where(sample)
     if name not in sample:
         raise SampleError(url, key, name, "missing")
+    if isinstance(sample[name], Image.Image):  # a view decoded from the scene's clip (expand_clip)
+        return sample[name]
     try:
         image = Image.open(io.BytesIO(sample[name]))
         image.load()

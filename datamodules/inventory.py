@@ -34,8 +34,8 @@ MIN_READABLE = 0.5
 """Training refuses shards holding fewer than this fraction of the samples ``info.json`` lists."""
 TAR_END = 2 * tarfile.BLOCKSIZE
 """tar ends with two zero blocks; a file without them was cut."""
-_SCENE_FIELD = re.compile(r"^(\d{3,}\.(png|jpg|jpeg|webp)|cameras\.json)$")
-"""A member field that makes its sample a multi-view scene (a numbered view or cameras)."""
+_SCENE_FIELD = re.compile(r"^(\d{3,}\.(png|jpg|jpeg|webp)|cameras\.json|mp4)$")
+"""A member field that makes its sample a multi-view scene (a numbered view, cameras or a clip's MP4)."""
 
 
 @dataclass(frozen=True)

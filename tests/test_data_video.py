@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from videos import scene_frames, video_folder, write_video
+from videos import recoloured, scene_frames, video_folder, write_video
 
 from selfsup3d.cli import main
-from selfsup3d.datamodules import MultiViewShards
+from selfsup3d.datamodules import MultiViewShards, SingleViewShards
 from selfsup3d.datamodules.prepare.clips import ClipOptions
 from selfsup3d.datamodules.prepare.journal import Part
 from selfsup3d.datamodules.prepare.sequences import convert_frames
@@ -223,3 +223,101 @@ def test_clip_selection_drops_still_and_duplicate_clips(tmp_path):
     assert report.dropped.get("still clip") == 3
     assert report.dropped.get("near-duplicate clip") == 3
     assert report.written == 3
+
+
+def _delivered(url: str, num_views: int, size: int) -> dict[str, np.ndarray]:
+    """The validation views the datamodule delivers, by scene key: ``[V, 3, H, W]`` in ``[0, 1]`` (the loader
+    hands uint8; the model's device transfer makes them float)."""
+    dm = MultiViewShards(url, url, num_views=num_views, image_size=size, num_workers=0, batch_size=64)
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    return {k: b["images"][i].numpy() / 255.0 for b in batches for i, k in enumerate(b["key"])}
+
+
+def test_clips_stored_as_mp4_deliver_the_views_of_frames_in_smaller_shards_and_train(tmp_path, capsys):
+    """``--store mp4``: each clip one H.264 member, decoded by the loader into the views ``--store frames`` gives
+    (same keys, count and shape; pixels within the codecs' loss), in smaller shards; masked-view fit trains on it."""
+    write_video(tmp_path / "v" / "walk.mp4", scene_frames(90, 96, 64, seed=1))
+    write_video(tmp_path / "v" / "cut.webm", scene_frames(45, 96, 64, 2) + scene_frames(45, 96, 64, 3))
+    common = ["data", "convert", "video", str(tmp_path / "v"), "--clip-frames", "16", "--size", "48", "--fps", "15",
+              "--workers", "1", "--no-progress"]  # fmt: skip
+    assert main([*common, "--out", str(tmp_path / "frames")]) == 0
+    assert main([*common, "--out", str(tmp_path / "mp4"), "--store", "mp4"]) == 0
+    with tarfile.open(next((tmp_path / "mp4").glob("*.tar"))) as tar:
+        fields = {m.name.split(".", 1)[1] for m in tar}
+    assert fields == {"mp4", "meta.json"}  # one member holds the clip's views
+    frames, mp4 = (_delivered(str(tmp_path / name / "*.tar"), 8, 48) for name in ("frames", "mp4"))
+    assert len(frames) >= 4 and sorted(mp4) == sorted(frames)
+    for key, views in frames.items():
+        assert mp4[key].shape == views.shape == (8, 3, 48, 48)
+        difference = np.abs(mp4[key] - views).mean()  # JPEG q90 and x264 crf 18 are each ~5/255 off the source
+        assert difference < 6 / 255, (key, difference * 255)  # (textured frames, 4:2:0 colour): not further apart
+    single = SingleViewShards(url := str(tmp_path / "mp4" / "*.tar"), url, image_size=32, num_workers=0,
+                              batch_size=64)  # fmt: skip
+    single.setup("validate")  # a single-view objective reads each decoded view as an image
+    assert sum(len(b["key"]) for b in single.val_dataloader()) == 16 * len(frames)
+    size = {name: sum(p.stat().st_size for p in (tmp_path / name).glob("*.tar")) for name in ("frames", "mp4")}
+    assert size["mp4"] < 0.7 * size["frames"], size
+    print(f"shards: frames {size['frames']} bytes, mp4 {size['mp4']} bytes")
+
+    config = str(ROOT / "configs" / "demo" / "masked_view.yaml")
+    main(["fit", "--config", config, "--data.init_args.train_urls", url, "--data.init_args.val_urls", url,
+          "--trainer.max_steps", "2", "--data.init_args.batches_per_epoch", "2",
+          "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0", "--trainer.enable_progress_bar",
+          "false", "--trainer.default_root_dir", str(tmp_path / "run")])  # fmt: skip
+    assert list((tmp_path / "run").rglob("*.ckpt"))
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*common, "--size", "47", "--store", "mp4", "--out", str(tmp_path / "odd")])
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "size must be even on both sides with store mp4" in err, err
+
+
+def _clips(folder: Path) -> dict[str, list[int]]:
+    """The decoded-frame indices of every clip written to ``folder``, by key."""
+    clips = {}
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                if m.name.endswith(".meta.json"):
+                    clips[m.name.split(".", 1)[0]] = json.loads(tar.extractfile(m).read())["frames"]
+    return clips
+
+
+def test_scenedetect_splits_clips_at_a_hard_cut_as_the_difference_test_does_and_sees_a_colour_cut(
+    tmp_path, capsys, monkeypatch
+):
+    """``--shot-detector scenedetect`` (PySceneDetect's ContentDetector): on a hard cut (frame 45: another scene)
+    the same clips as the grey-thumbnail difference test; on a cut to the same brightness in other colours it
+    splits where the difference test, blind to colour, lets a clip run across the cut."""
+    pytest.importorskip("scenedetect")
+    write_video(tmp_path / "v" / "hard.mp4", scene_frames(45, 96, 64, 2, 1.0) + scene_frames(45, 96, 64, 3, 1.0))
+    pan = scene_frames(90, 96, 64, 4, 1.0)  # one pan, its colours turned from frame 45 on
+    write_video(tmp_path / "v" / "colour.mp4", pan[:45] + recoloured(pan[45:]))
+    clips = {}
+    for detector in ("difference", "scenedetect"):
+        options = ClipOptions(8, (48, 48), shot_detector=detector)
+        report = convert_video(tmp_path / "v", tmp_path / detector, fps=15, clips=options, workers=1, progress=False)
+        assert report.dropped.get("frames before a shot change", 0) >= 1, report.summary()
+        clips[detector] = _clips(tmp_path / detector)
+
+    def across(frames: list[int]) -> bool:
+        return min(frames) < 45 <= max(frames)
+
+    hard = {d: {k: f for k, f in c.items() if k.startswith("hard")} for d, c in clips.items()}
+    assert len(hard["scenedetect"]) >= 4 and hard["scenedetect"] == hard["difference"]
+    assert not any(across(f) for f in hard["scenedetect"].values())
+    colour = {d: [f for k, f in c.items() if k.startswith("colour")] for d, c in clips.items()}
+    assert not any(across(f) for f in colour["scenedetect"]) and any(across(f) for f in colour["difference"])
+
+    with pytest.raises(SystemExit):
+        main(["data", "convert", "video", str(tmp_path / "v"), "--out", str(tmp_path / "x"), "--shot-detector",
+              "pyscenedetect"])  # fmt: skip
+    assert "argument --shot-detector: invalid choice: 'pyscenedetect'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "scenedetect", None)  # not installed
+    with pytest.raises(SystemExit):
+        main(["data", "convert", "video", str(tmp_path / "v"), "--out", str(tmp_path / "y"), "--shot-detector",
+              "scenedetect"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'selfsup3d[scenedetect]'" in err, err

@@ -14,7 +14,7 @@ from shards import render_scenes, write_colmap, write_singleview_shards
 
 from selfsup3d.cli import main
 from selfsup3d.datamodules import MultiViewShards, SingleViewShards
-from selfsup3d.datamodules.format import Scene, ShardSink
+from selfsup3d.datamodules.format import Scene, ShardSink, encode_clip_scene
 from selfsup3d.datamodules.multiview import eval_view_order
 from selfsup3d.datamodules.prepare.pseudo_depth import annotate_pseudo_depth, disparity_to_depth
 
@@ -202,6 +202,29 @@ def test_unposed_scenes_get_depth_normalised_per_scene_and_marked_relative(tmp_p
     assert dm.with_depth and "c2w" not in batch
     for depth in batch["depth"]:
         assert float(depth[depth > 0].median()) == pytest.approx(1.0, rel=0.05)  # one scale for the whole scene
+
+
+def test_clips_stored_as_mp4_get_depth_beside_their_mp4(tmp_path, tiny_dpt):
+    """A converted video's clips stored as one MP4 each (``convert video --store mp4``): each decoded view gets
+    depth, the MP4 is kept as it was, and the datamodule delivers views and depth."""
+    pytest.importorskip("av")
+    scenes = render_scenes(num_scenes=2, num_views=3, size=32)
+    with ShardSink(tmp_path / "src", "train") as sink:
+        for s in scenes:
+            sink.write(encode_clip_scene(s.key, s.images, {"source": "video"}))
+    out = tmp_path / "out"
+    report = annotate_pseudo_depth(str(tmp_path / "src"), out, tiny_dpt, batch_size=2, progress=False)
+    assert report.scenes == {"per scene": 2} and report.annotated == 2
+    with tarfile.open(next(out.glob("*.tar"))) as tar, tarfile.open(next((tmp_path / "src").glob("*.tar"))) as src:
+        fields = sorted(m.name.split(".", 1)[1] for m in tar if m.name.startswith(scenes[0].key + "."))
+        assert tar.extractfile(f"{scenes[0].key}.mp4").read() == src.extractfile(f"{scenes[0].key}.mp4").read()
+    assert fields == ["000.depth.png", "001.depth.png", "002.depth.png", "meta.json", "mp4"]
+    dm = MultiViewShards(str(out / "train-*.tar"), str(out / "train-*.tar"), num_views=3, image_size=32,
+                         num_workers=0, batch_size=2)  # fmt: skip
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert dm.with_depth and batch["images"].shape == (2, 3, 3, 32, 32) and batch["depth"].shape == (2, 3, 1, 32, 32)
+    assert all(float(d[d > 0].median()) == pytest.approx(1.0, rel=0.05) for d in batch["depth"])
 
 
 def test_a_folder_of_16_bit_and_turned_photos_is_annotated_as_shown(tmp_path, tiny_dpt):

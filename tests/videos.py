@@ -39,6 +39,19 @@ def scene_frames(num_frames: int, width: int, height: int, seed: int = 0, speed:
     return frames
 
 
+def recoloured(frames: list[np.ndarray]) -> list[np.ndarray]:
+    """``frames`` with their colours turned and their brightness kept (YCbCr chroma mirrored about grey): cut to
+    after the original frames, a shot change that a test of grey images alone does not see."""
+    from PIL import Image
+
+    out = []
+    for rgb in frames:
+        ycc = np.asarray(Image.fromarray(rgb).convert("YCbCr")).copy()
+        ycc[..., 1:] = 255 - ycc[..., 1:]
+        out.append(np.asarray(Image.fromarray(ycc, "YCbCr").convert("RGB")))
+    return out
+
+
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 30, codec: str | None = None) -> Path:
     """Write ``frames`` as a video (codec by the file type, see :data:`CODECS`); returns ``path``."""
     import av

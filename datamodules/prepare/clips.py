@@ -4,17 +4,24 @@ A source (:mod:`~selfsup3d.datamodules.prepare.video`, :mod:`~selfsup3d.datamodu
 the frames of one input, already resampled to the target rate and resized and centre-cropped to the clip size,
 into a :class:`ClipCutter`, which cuts them into clips of ``clip_frames`` consecutive frames and encodes each
 kept clip as one unposed multi-view scene (no ``cameras.json``; views ``000.jpg``, ... in capture order, so the
-view-overlap curriculum of :class:`~selfsup3d.datamodules.MultiViewShards` picks windows of neighbouring frames):
+view-overlap curriculum of :class:`~selfsup3d.datamodules.MultiViewShards` picks windows of neighbouring frames;
+with ``store="mp4"`` the clip's frames are one H.264 MP4 member, ``KEY.mp4``, that the reader decodes into the
+same views, as RayDer stores video):
 
-* **shot changes** split clips: a frame whose small grey thumbnail differs from the previous frame's by more than
-  ``shot_threshold`` (mean absolute difference, 0-255) starts a new clip; the frames before it that do not fill
-  a clip are dropped (counted as ``frames before a shot change``);
+* **shot changes** split clips: a frame that the shot test finds unlike the previous frame starts a new clip; the
+  frames before it that do not fill a clip are dropped (counted as ``frames before a shot change``). The test is
+  ``shot_detector``: ``difference`` (cheap: the mean absolute difference, 0-255, of small grey thumbnails above
+  ``shot_threshold``, 40 by default; blind to a change of colour alone) or ``scenedetect`` (PySceneDetect's
+  ``ContentDetector``, ``pip install 'selfsup3d[scenedetect]'``: its score of hue, saturation and brightness
+  changes above ``shot_threshold``, 27 by default, as its own, with no minimum shot length), both on the frames
+  at the clip size;
 * **still clips** (every frame within ``still_threshold`` of the first) and **near-duplicate clips** (within
   ``duplicate_threshold`` of an earlier kept clip of the same input, frame by frame) are dropped and counted;
 * consecutive clips do not overlap; ``max_clips`` keeps the first clips of an input (and its source stops
   decoding there).
 
-Encoding is deterministic (Pillow's JPEG/WebP encoders), so a converted input gives the same bytes every time.
+Encoding is deterministic (Pillow's JPEG/WebP encoders; x264 on one thread), so a converted input gives the same
+bytes every time.
 """
 
 from __future__ import annotations
@@ -26,12 +33,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from selfsup3d.datamodules.format import EncodedImage, Scene, encode_rgb, encode_scene, make_key
+from selfsup3d.datamodules.format import EncodedImage, Scene, encode_clip_scene, encode_rgb, encode_scene, make_key
 from selfsup3d.datamodules.prepare.writer import Unit
 from selfsup3d.errors import require
 
 THUMBNAIL = 32
 """Side of the grey thumbnails the shot, still and duplicate tests compare."""
+SHOT_DETECTORS = {"difference": 40.0, "scenedetect": 27.0}
+"""The shot-change tests and their default ``shot_threshold`` (see the module docstring)."""
+STORES = ("frames", "mp4")
+"""How a clip is stored: ``frames`` (one image per view, ``image_format``) or ``mp4`` (one H.264 MP4 member)."""
 
 
 @dataclass(frozen=True)
@@ -44,10 +55,15 @@ class ClipOptions:
         max_clips: keep at most this many clips per input (the first ones); ``None``: all.
         image_format: ``jpg`` or ``webp`` (or ``png``).
         quality: JPEG/WebP quality.
-        shot_threshold: a larger thumbnail difference between consecutive frames is a shot change (0: none).
+        shot_threshold: a larger score of ``shot_detector`` between consecutive frames is a shot change (0: no shot
+            test; ``None``: the detector's default, :data:`SHOT_DETECTORS`).
         still_threshold: a clip whose frames all stay within this of its first frame is still (0: keep all).
         duplicate_threshold: a clip within this of an earlier kept clip of the same input is a near-duplicate
             (0: keep all).
+        store: ``frames`` (one ``image_format`` image per view) or ``mp4`` (the clip as one H.264 MP4, decoded by
+            the reader with PyAV: smaller shards, more decoding per sample; needs even ``size`` sides).
+        crf: x264's constant rate factor for ``store="mp4"`` (0 lossless .. 51; lower is better and larger).
+        shot_detector: ``difference`` (grey thumbnails) or ``scenedetect`` (PySceneDetect's ContentDetector).
     """
 
     clip_frames: int = 24
@@ -55,9 +71,12 @@ class ClipOptions:
     max_clips: int | None = None
     image_format: str = "jpg"
     quality: int = 90
-    shot_threshold: float = 40.0
+    shot_threshold: float | None = None
     still_threshold: float = 1.5
     duplicate_threshold: float = 2.0
+    store: str = "frames"
+    crf: int = 18
+    shot_detector: str = "difference"
 
     def __post_init__(self) -> None:
         require(self.clip_frames >= 2, "clip_frames", ">= 2", self.clip_frames, ValueError)
@@ -66,12 +85,56 @@ class ClipOptions:
         require(self.image_format in ("jpg", "webp", "png"), "image_format", "jpg, webp or png", self.image_format,
                 ValueError)  # fmt: skip
         require(1 <= self.quality <= 100, "quality", "in 1..100", self.quality, ValueError)
-        for name in ("shot_threshold", "still_threshold", "duplicate_threshold"):
+        require(self.shot_threshold is None or self.shot_threshold >= 0, "shot_threshold", ">= 0",
+                self.shot_threshold, ValueError)  # fmt: skip
+        for name in ("still_threshold", "duplicate_threshold"):
             require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name), ValueError)
+        require(self.shot_detector in SHOT_DETECTORS, "shot_detector", " or ".join(SHOT_DETECTORS),
+                self.shot_detector, ValueError)  # fmt: skip
+        if self.shot_detector == "scenedetect":
+            _import_scenedetect()
+        require(self.store in STORES, "store", " or ".join(STORES), self.store, ValueError)
+        require(0 <= self.crf <= 51, "crf", "in 0..51", self.crf, ValueError)
+        if self.store == "mp4":
+            require(self.size[0] % 2 == 0 and self.size[1] % 2 == 0, "size", "even on both sides with store mp4 "
+                    "(H.264 halves the colour resolution)", "x".join(map(str, self.size)), ValueError)  # fmt: skip
+
+    @property
+    def shot_cut(self) -> float:
+        """The shot test's threshold: ``shot_threshold``, or the detector's default."""
+        return SHOT_DETECTORS[self.shot_detector] if self.shot_threshold is None else self.shot_threshold
 
     def as_dict(self) -> dict[str, Any]:
         """The options as plain data (what a resumed conversion must repeat)."""
         return {**asdict(self), "size": list(self.size)}
+
+
+def _import_scenedetect() -> Any:
+    try:
+        import scenedetect
+        import scenedetect.detectors
+    except ImportError:
+        raise ImportError(
+            "--shot-detector scenedetect needs PySceneDetect, which is not installed: pip install "
+            "'selfsup3d[scenedetect]' (or scenedetect-headless)"
+        ) from None
+    return scenedetect
+
+
+class _SceneDetectTest:
+    """PySceneDetect's ``ContentDetector`` fed one frame at a time: :meth:`cut` says whether a frame starts a shot.
+    Its minimum shot length is 0 (the clips' own length decides what is kept); the first frame is never a cut."""
+
+    def __init__(self, threshold: float) -> None:
+        scenedetect = _import_scenedetect()
+        self._timecode = scenedetect.FrameTimecode
+        self._detector = scenedetect.detectors.ContentDetector(threshold=threshold, min_scene_len=0)
+        self._frames = 0
+
+    def cut(self, rgb: np.ndarray) -> bool:
+        timecode = self._timecode(self._frames, fps=30.0)  # the rate only names the frame: no minimum length
+        self._frames += 1
+        return bool(self._detector.process_frame(timecode, np.ascontiguousarray(rgb[..., ::-1])))  # BGR, as OpenCV
 
 
 def unique_keys(names: list[str]) -> list[str]:
@@ -148,8 +211,10 @@ class ClipCutter:
         self.name, self.source, self.opts, self.unit = name, source, options, unit
         self.meta = dict(meta or {})
         self.key = key or make_key(name)
-        self._frames: list[tuple[bytes, np.ndarray, int, float | None]] = []  # encoded, thumbnail, index, time
+        # per frame: its view (encoded, or the array for store mp4), thumbnail, index and time
+        self._frames: list[tuple[bytes | np.ndarray, np.ndarray, int, float | None]] = []
         self._previous: np.ndarray | None = None
+        self._scenedetect: _SceneDetectTest | None = None
         self._kept: list[np.ndarray] = []  # thumbnails [F, T, T] of the kept clips
         self.clips = 0  # clips cut (kept or dropped)
 
@@ -161,14 +226,25 @@ class ClipCutter:
     def add(self, rgb: np.ndarray, index: int, time: float | None = None) -> None:
         """The next frame: ``[H, W, 3]`` uint8 at the clip size, its index in the input and time in seconds."""
         thumb = thumbnail(rgb)
-        shot = self._previous is not None and self.opts.shot_threshold > 0
-        if shot and float(np.abs(thumb - self._previous).mean()) > self.opts.shot_threshold:
+        if self._shot_change(rgb, thumb):
             self.break_clip("frames before a shot change")
+            self._shot_change(rgb, thumb)  # the new shot's first frame: what the next frame is compared with
         self._previous = thumb
-        data = encode_rgb(rgb, self.opts.image_format, self.opts.quality)
+        mp4 = self.opts.store == "mp4"  # the clip is encoded as a whole when it is kept
+        data = rgb.copy() if mp4 else encode_rgb(rgb, self.opts.image_format, self.opts.quality)
         self._frames.append((data, thumb, index, time))
         if len(self._frames) == self.opts.clip_frames:
             self._finish_clip()
+
+    def _shot_change(self, rgb: np.ndarray, thumb: np.ndarray) -> bool:
+        """Whether ``rgb`` (thumbnail ``thumb``) starts a new shot after the previous frame."""
+        if self.opts.shot_cut <= 0:
+            return False
+        if self.opts.shot_detector == "scenedetect":
+            if self._scenedetect is None:
+                self._scenedetect = _SceneDetectTest(self.opts.shot_cut)
+            return self._scenedetect.cut(rgb)
+        return self._previous is not None and float(np.abs(thumb - self._previous).mean()) > self.opts.shot_cut
 
     def break_clip(self, reason: str) -> None:
         """Drop the frames of the clip being filled (counted under ``reason``); the next frame starts a clip."""
@@ -176,6 +252,7 @@ class ClipCutter:
             self.unit.drop(reason, len(self._frames))
         self._frames = []
         self._previous = None
+        self._scenedetect = None
 
     def close(self) -> None:
         """The input ended: frames that do not fill a clip are dropped (counted)."""
@@ -218,6 +295,9 @@ class ClipCutter:
             **({"times": [round(t, 4) for t in times]} if all(t is not None for t in times) else {}),  # type: ignore[arg-type]
             **self.meta,
         }
-        scene = Scene(key, [EncodedImage(f[0], ext) for f in frames], meta=meta)
-        self.unit.records.append(encode_scene(scene))
+        if self.opts.store == "mp4":
+            self.unit.records.append(encode_clip_scene(key, [f[0] for f in frames], meta, self.opts.crf))  # type: ignore[misc]
+        else:
+            scene = Scene(key, [EncodedImage(f[0], ext) for f in frames], meta=meta)  # type: ignore[arg-type]
+            self.unit.records.append(encode_scene(scene))
         self.unit.views += len(frames)

@@ -63,6 +63,7 @@ from tqdm import tqdm
 
 from selfsup3d.datamodules.format import (
     CAMERAS_FIELD,
+    DECODED_EXT,
     DEPTH_SUFFIX,
     IMAGE_EXTENSIONS,
     MASK_SUFFIX,
@@ -381,7 +382,8 @@ def annotate_scene(
         if sparse is not None:
             note = f"no view sees {MIN_POINTS} sparse points: depth normalised per scene (relative)"
     record = {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"}
-    record = {k: v for k, v in record.items() if not k.endswith(DEPTH_SUFFIX)}
+    # not the old depth, nor the views decoded from a clip's mp4 (held in memory: the mp4 itself is written)
+    record = {k: v for k, v in record.items() if not k.endswith((DEPTH_SUFFIX, f".{DECODED_EXT}"))}
     depth_scale = depth_scale_for(depths)
     for v, d in enumerate(depths):
         record[view_field(v, DEPTH_SUFFIX)] = encode_depth(d, depth_scale)

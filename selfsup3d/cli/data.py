@@ -37,7 +37,7 @@ from selfsup3d.datamodules.prepare import (
     sequences,
     video,
 )
-from selfsup3d.datamodules.prepare.clips import ClipOptions, parse_size
+from selfsup3d.datamodules.prepare.clips import SHOT_DETECTORS, STORES, ClipOptions, parse_size
 from selfsup3d.datamodules.prepare.journal import RunOptions, SceneOptions
 from selfsup3d.datamodules.prepare.render import RenderSettings, render_dataset
 
@@ -125,6 +125,9 @@ def _convert(args: argparse.Namespace) -> int:
             args.shot_threshold,
             args.still_threshold,
             args.duplicate_threshold,
+            args.store,
+            args.crf,
+            args.shot_detector,
         )
         clip_args = dict(
             split=args.split,
@@ -224,16 +227,34 @@ def _add_clip_parsers(kinds: argparse._SubParsersAction) -> None:
         p.add_argument("--max-clips", type=int, default=None, help="at most this many clips per input (the first)")
         p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality (default %(default)s)")
         p.add_argument(
+            "--shot-detector",
+            choices=list(SHOT_DETECTORS),
+            default="difference",
+            help="difference: the mean difference of consecutive frames' grey thumbnails (cheap); scenedetect: "
+            "PySceneDetect's ContentDetector (hue, saturation, brightness; pip install 'selfsup3d[scenedetect]') "
+            "(default %(default)s)",
+        )
+        p.add_argument(
             "--shot-threshold",
             type=float,
-            default=40.0,
-            help="a larger mean difference (0-255) of consecutive frames' thumbnails is a shot change; 0: none "
-            "(default %(default)s)",
+            default=None,
+            help="a larger score of --shot-detector between consecutive frames is a shot change; 0: no shot test "
+            "(default: 40 for difference, on 0-255; 27 for scenedetect, its own default)",
         )
         still = "drop clips whose frames all stay this close to the first; 0: keep them (default %(default)s)"
         p.add_argument("--still-threshold", type=float, default=1.5, help=still)
         duplicate = "drop clips this close to an earlier clip of the same input; 0: keep them (default %(default)s)"
         p.add_argument("--duplicate-threshold", type=float, default=2.0, help=duplicate)
+        p.add_argument(
+            "--store",
+            choices=STORES,
+            default="frames",
+            help="frames: one --image-format image per view; mp4: each clip as one H.264 MP4 member, decoded "
+            "by the loader into the same views (smaller shards, more CPU per sample; even --size) (default "
+            "%(default)s)",
+        )
+        p.add_argument("--crf", type=int, default=18, help="x264 quality of --store mp4: 0 lossless .. 51 (default "
+                       "%(default)s)")  # fmt: skip
         p.add_argument("--part", default=None, help="i/n: convert part i of n (1-based), into its own shards")
         _add_output_arguments(p, shard_size=64, image_format="jpg")
         p.set_defaults(func=_convert)
