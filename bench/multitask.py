@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     if not isinstance(model, MultiTask):
         raise SystemExit(f"{args.config} is not a multi-task config")
     sources = dm.sources if isinstance(dm, CombinedShards) else {"data": dm}
-    # no shards are read: a source whose depth follows the shards (with_depth null) is given depth
-    specs = {name: replace(spec, with_depth=spec.with_depth or sources[name].with_depth is None)
+    # no shards are read: a source whose depth or cameras follow the shards (with_depth, with_cameras null) gets them
+    specs = {name: replace(spec, with_depth=spec.with_depth or sources[name].with_depth is None,
+                           has_cameras=spec.has_cameras or getattr(sources[name], "with_cameras", False) is None)
              for name, spec in dm.data_specs().items()}  # fmt: skip
     model.configure_data(specs)
     sizes = {name: int(source.batch_size) for name, source in sources.items()}

@@ -18,8 +18,9 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from selfsup3d.callbacks.base import ObjectiveCallback
+from selfsup3d.datamodules.combined import CombinedShards
 from selfsup3d.datamodules.multiview import MultiViewShards
-from selfsup3d.errors import require
+from selfsup3d.errors import ConfigError, require
 from selfsup3d.eval.camera_token_probe import fit_camera_probe
 from selfsup3d.objectives.base import PretrainObjective
 from selfsup3d.objectives.masked_view import MaskedViewPrediction
@@ -32,7 +33,9 @@ class CameraTokenProbe(ObjectiveCallback):
     count, context split and view window), so probe and held-out pairs are drawn alike.
 
     Args:
-        probe_urls: shards of the probe split (training objects, e.g. ``data/orbit/train-*.tar``).
+        probe_urls: shards of the probe split (training objects, e.g. ``data/orbit/train-*.tar``); ``null``: the
+            training shards of the objective (those of the run's datamodule, or of the source the masked-view
+            objective reads in a multi-task run), so the probe follows the data the run trains on.
         num_scenes: probe-split scenes to read (the first ones, deterministic).
         batch_size: scenes per forward pass when reading the probe split.
         steps: training steps of the probe's MLP.
@@ -42,7 +45,7 @@ class CameraTokenProbe(ObjectiveCallback):
 
     def __init__(
         self,
-        probe_urls: str | list[str],
+        probe_urls: str | list[str] | None = None,
         num_scenes: int = 256,
         batch_size: int = 16,
         steps: int = 600,
@@ -85,7 +88,7 @@ class CameraTokenProbe(ObjectiveCallback):
         for name, pairs in self._held_out.items():
             component = components[name]
             assert isinstance(component, MaskedViewPrediction)
-            train_tokens, train_c2w = self.probe_tokens(trainer, pl_module, component)
+            train_tokens, train_c2w = self.probe_tokens(trainer, pl_module, component, name)
             test_tokens = torch.cat([t for t, _ in pairs])
             test_c2w = torch.cat([c for _, c in pairs])
             result = fit_camera_probe(
@@ -96,12 +99,29 @@ class CameraTokenProbe(ObjectiveCallback):
                 pl_module.log(key, value, on_epoch=True, rank_zero_only=True)
         self._held_out = {}
 
+    @staticmethod
+    def training_source(trainer: Trainer, pl_module: PretrainObjective, name: str) -> MultiViewShards | None:
+        """The multi-view datamodule the component ``name`` trains on: the run's, or the source it reads in a
+        multi-task run (``None`` when it is none of these)."""
+        datamodule = trainer.datamodule
+        if isinstance(datamodule, CombinedShards):
+            source_of = getattr(pl_module, "source_of", None)
+            routed = source_of(name) if callable(source_of) else None
+            datamodule = datamodule.sources.get(routed) if routed else None
+        return datamodule if isinstance(datamodule, MultiViewShards) else None
+
     @torch.no_grad()
     def probe_tokens(
-        self, trainer: Trainer, pl_module: PretrainObjective, component: MaskedViewPrediction
+        self, trainer: Trainer, pl_module: PretrainObjective, component: MaskedViewPrediction, name: str = ""
     ) -> tuple[Tensor, Tensor]:
         """Camera tokens ``[N, V, D]`` and true cameras ``[N, V, 4, 4]`` of the probe split's first scenes."""
-        source = trainer.datamodule if isinstance(trainer.datamodule, MultiViewShards) else None
+        source = self.training_source(trainer, pl_module, name)
+        urls = self.probe_urls if self.probe_urls is not None else source.train_urls if source is not None else None
+        if urls is None:
+            raise ConfigError(
+                "CameraTokenProbe: the run's training data is not multi-view shards: set its probe_urls to shards "
+                "of scenes with cameras"
+            )
         kwargs: dict[str, Any] = {}
         if source is not None:
             kwargs = dict(
@@ -112,14 +132,15 @@ class CameraTokenProbe(ObjectiveCallback):
                 canonical_view=source.canonical_view,
             )
         data = MultiViewShards(
-            self.probe_urls,
-            self.probe_urls,
+            urls,
+            urls,
             batch_size=self.batch_size,
             num_workers=0,
             with_depth=False,
             val_batches=math.ceil(self.num_scenes / self.batch_size),
             **kwargs,
         )
+        data.inventory_name = "camera-token probe training"  # announced as what it is, not as validation data
         data.setup("validate")
         tokens, cameras = [], []
         was_training = pl_module.training

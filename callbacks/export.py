@@ -8,8 +8,8 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from safetensors.torch import save_file
 
+from selfsup3d.checkpoint_io import save_safetensors
 from selfsup3d.encoders.export import save_encoder, timm_metadata
 from selfsup3d.objectives.base import PretrainObjective
 
@@ -54,11 +54,7 @@ class EncoderExport(Callback):
             for name, component in pl_module.components():
                 for stem, (product, meta) in component.exports().items():
                     path = target.with_name(f"{name}_{stem}.safetensors" if name else f"{stem}.safetensors")
-                    save_file(
-                        {k: v.cpu().contiguous() for k, v in product.items()},
-                        str(path),
-                        {"selfsup3d": json.dumps(meta)},
-                    )
+                    save_safetensors(product, path, {"selfsup3d": json.dumps(meta)})
                     rank_zero_info(f"{stem} exported to {path}")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

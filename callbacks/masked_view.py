@@ -10,7 +10,8 @@ At every validation, from the first validation batch (rank 0 only):
   (near is bright), their opacity and colour, and, when the batch has depth, the data's depth.
 
 After ``selfsup3d validate`` it also prints a short summary: the model's PSNR/SSIM beside the baselines and
-the camera errors; with :class:`OracleComparison` in the run, beside the oracle's figures on the same views.
+the camera errors (on unposed scenes, e.g. converted video, the render figures and a line saying that the pose
+figures need cameras); with :class:`OracleComparison` in the run, beside the oracle's figures on the same views.
 
 Reads the tensors that :meth:`MaskedViewPrediction.evaluate` returns (``context``, ``target``, ``render``,
 ``pred_c2w``, ``gt_c2w``), for the objective fitted alone or for each masked-view component of a multi-task
@@ -80,6 +81,10 @@ def camera_figure(pred_c2w: Tensor, gt_c2w: Tensor, num_context: int | None = No
     return fig
 
 
+POSE_NEEDS_CAMERAS = "Pose figures need cameras"
+"""How :func:`summary_text` starts the line it prints instead of the pose figures on unposed scenes."""
+
+
 def summary_text(metrics: Mapping[str, float]) -> str:
     """The validation figures of masked-view prediction as a few lines of text.
 
@@ -143,6 +148,11 @@ def summary_text(metrics: Mapping[str, float]) -> str:
         )
     if "focal_err" in m:
         lines.append(f"Focal length: relative error {100 * m['focal_err']:.1f}% (predicted FOV {m['fov_deg']:.1f} deg)")
+    if "rot_err" not in m and "focal_err" not in m:
+        lines.append(
+            f"{POSE_NEEDS_CAMERAS}: the validation scenes carry no cameras.json (unposed, e.g. converted video), so "
+            "the predicted cameras, the nearest-view baseline, the pose probe and the focal length are not measured"
+        )
     return "\n".join(lines)
 
 

@@ -24,16 +24,17 @@ from selfsup3d.datamodules.format import (
     CAMERAS_FIELD,
     DEPTH_SUFFIX,
     MASK_SUFFIX,
+    META_FIELD,
     SampleError,
     decode_depth,
     decode_mask,
     image_field,
     is_multiview,
-    parse_cameras,
     parse_meta,
+    parse_scene,
     sample_where,
+    turn,
     view_field,
-    view_indices,
 )
 from selfsup3d.datamodules.inventory import SplitInventory, check_training_data
 from selfsup3d.datamodules.pipeline import (
@@ -138,6 +139,11 @@ def resize_window(
 
 
 # ============================================================================ depth, masks, collation
+def _stored(size: tuple[int, int] | None, how: int) -> tuple[int, int] | None:
+    """The stored ``(width, height)`` of an image shown at ``size`` after the EXIF orientation ``how``."""
+    return size if size is None or how in (1, 2, 3, 4) else (size[1], size[0])
+
+
 def read_depth(
     raw: Mapping[str, Any],
     name: str,
@@ -145,10 +151,13 @@ def read_depth(
     box: tuple[float, float, float, float],
     out_hw: tuple[int, int],
     scale: float,
+    how: int = 1,
 ) -> np.ndarray:
-    """Field ``name`` (16-bit depth) of ``raw``: the window ``box`` resized to ``out_hw`` (nearest), in metres
-    (``scale`` per unit), float32 ``[H, W]``, 0 = unknown."""
-    units = resize_window(decode_depth(raw, name, src_wh), box, out_hw, nearest=True)
+    """Field ``name`` (16-bit depth) of ``raw``, turned as the EXIF orientation ``how`` says (its image's): the
+    window ``box`` resized to ``out_hw`` (nearest), in metres (``scale`` per unit), float32 ``[H, W]``, 0 =
+    unknown."""
+    depth = turn(decode_depth(raw, name, _stored(src_wh, how)), how)
+    units = resize_window(depth, box, out_hw, nearest=True)
     return np.asarray(units, dtype=np.float32) * np.float32(scale)
 
 
@@ -158,9 +167,11 @@ def read_mask(
     src_wh: tuple[int, int] | None,
     box: tuple[float, float, float, float],
     out_hw: tuple[int, int],
+    how: int = 1,
 ) -> np.ndarray:
-    """Field ``name`` (a mask) of ``raw``: the window ``box`` resized to ``out_hw`` (nearest), uint8 ``{0, 1}``."""
-    mask = resize_window(decode_mask(raw, name, src_wh), box, out_hw, nearest=True)
+    """Field ``name`` (a mask) of ``raw``, turned as the EXIF orientation ``how`` says (its image's): the window
+    ``box`` resized to ``out_hw`` (nearest), uint8 ``{0, 1}``."""
+    mask = resize_window(turn(decode_mask(raw, name, _stored(src_wh, how)), how), box, out_hw, nearest=True)
     return (np.asarray(mask) > 0).astype(np.uint8)
 
 
@@ -188,23 +199,27 @@ def read_view(
     out_hw: tuple[int, int],
     depth_scale: float | None,
     with_masks: bool,
+    how: int = 1,
 ) -> dict[str, np.ndarray]:
     """One view's arrays: the window ``box`` of its decoded ``image`` resized to ``out_hw`` (``image`` uint8
     ``[3, H, W]``), and the same window of its depth (``depth`` ``[1, H, W]`` in metres, when ``depth_scale``
-    is given) and mask (``mask`` uint8 ``[1, H, W]``, with ``with_masks``)."""
+    is given) and mask (``mask`` uint8 ``[1, H, W]``, with ``with_masks``), turned as the image was (its EXIF
+    orientation ``how``)."""
     src = image.size
     out = {"image": np.asarray(resize_window(image, box, out_hw), dtype=np.uint8).transpose(2, 0, 1)}
     if depth_scale is not None:
-        out["depth"] = read_depth(raw, fields.depth, src, box, out_hw, depth_scale)[None]
+        out["depth"] = read_depth(raw, fields.depth, src, box, out_hw, depth_scale, how)[None]
     if with_masks:
-        out["mask"] = read_mask(raw, fields.mask, src, box, out_hw)[None]
+        out["mask"] = read_mask(raw, fields.mask, src, box, out_hw, how)[None]
     return out
 
 
-def require_depth_scale(raw: Mapping[str, Any], scale: float | None, field: str = CAMERAS_FIELD) -> float:
-    """The depth scale of a sample whose depth was asked for; a bad sample when it has none."""
+def require_depth_scale(raw: Mapping[str, Any], scale: float | None, field: str | None = None) -> float:
+    """The depth scale of a sample whose depth was asked for; a bad sample when it has none (``field``: where
+    the scale lives, ``cameras.json`` or, for an unposed scene, ``meta.json``)."""
     if scale is None:
-        raise SampleError(*sample_where(raw), field, "depth requested (with_depth) but depth_scale is null")
+        field = field or (CAMERAS_FIELD if CAMERAS_FIELD in raw else META_FIELD)
+        raise SampleError(*sample_where(raw), field, "depth requested (with_depth) but the scene has no depth_scale")
     return scale
 
 
@@ -229,7 +244,7 @@ class Collate:
 # ============================================================================ the first sample
 @dataclass(frozen=True)
 class ShardSummary:
-    """What the first sample of a split shows (read at set-up): its kind, views, size, depth and masks."""
+    """What the first sample of a split shows (read at set-up): its kind, views, size, depth, masks, cameras."""
 
     multiview: bool
     num_views: int
@@ -238,6 +253,7 @@ class ShardSummary:
     has_depth: bool
     has_masks: bool
     where: str
+    has_cameras: bool = False
 
 
 def summarize_first_sample(urls: list[str]) -> ShardSummary | None:
@@ -253,16 +269,15 @@ def summarize_first_sample(urls: list[str]) -> ShardSummary | None:
     where = f"shard {url}, sample {key}"
     try:
         if is_multiview(raw):
-            cameras = parse_cameras(raw)
-            views = view_indices(raw)
+            scene = parse_scene(raw)
             return ShardSummary(
                 True,
-                len(views),
-                cameras.width,
-                cameras.height,
-                cameras.depth_scale is not None and any(k.endswith(".depth.png") for k in raw),
+                scene.num_views,
+                *scene.size,
+                scene.depth_scale is not None and any(k.endswith(".depth.png") for k in raw),
                 any(k.endswith(".mask.png") for k in raw),
                 where,
+                scene.cameras is not None,
             )
         meta = parse_meta(raw, required=False)
         image_field(raw)
@@ -422,11 +437,15 @@ class ShardDataModule(LightningDataModule):
             names = class_names_near(self._train_list or self._val_list or [])
             self.num_classes = len(names) if names else None
 
+    inventory_name: str | None = None
+    """What the shards are announced as (``training data: ...``); ``None``: the split's use (training or
+    validation). A reader of shards for another purpose (a probe's training scenes) names it."""
+
     def _take_inventory(self, split: str, urls: list[str]) -> None:
         """Say what the shards hold (one line); refuse a nearly broken training split (see ``inventory``)."""
         inventory = SplitInventory.of(urls, split)
         self.inventories[split] = inventory
-        name = "training" if split == "train" else "validation"
+        name = self.inventory_name or ("training" if split == "train" else "validation")
         if inventory.damaged:
             rank_zero_warn(inventory.summary(name))
         else:
@@ -543,3 +562,9 @@ class ShardDataModule(LightningDataModule):
     def read(self) -> dict[str, int]:
         """Samples read (decoded) so far in this process and its workers, per split."""
         return {split: counter.read for split, counter in self._counters.items()}
+
+    @property
+    def distinct(self) -> dict[str, int]:
+        """Intact samples the shards of each split hold (their inventory; splits with shards that cannot be counted
+        here, remote or piped, are left out): a pass that reads more (``val_batches`` cycles) reads some twice."""
+        return {split: inv.samples for split, inv in self.inventories.items() if not inv.unknown}

@@ -122,3 +122,10 @@ class CombinedShards(LightningDataModule):
     def read(self) -> dict[str, int]:
         """Samples read per split, summed over the sources."""
         return self._summed("read")
+
+    @property
+    def distinct(self) -> dict[str, int]:
+        """Intact samples per split, summed over the sources (splits some source cannot count left out)."""
+        known = [getattr(source, "distinct", {}) for source in self.sources.values()]
+        splits = set.intersection(*(set(k) for k in known)) if known else set()
+        return {split: sum(k[split] for k in known) for split in splits}

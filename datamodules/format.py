@@ -9,8 +9,12 @@ Multi-view sample (one scene, ``V`` views, ``NNN`` = view index with at least th
     KEY.000.png | KEY.000.jpg | KEY.000.webp   one RGB image per view, all of one size
     KEY.000.depth.png                          optional: 16-bit z-depth, metres = value * depth_scale, 0 = none
     KEY.000.mask.png                           optional: 8-bit foreground mask, 0 = background
-    KEY.cameras.json                           width, height, depth_scale, views[i].K (3x3), views[i].c2w (4x4)
-    KEY.meta.json                              source, scene id, label (-1 = unknown), class_name, ...
+    KEY.cameras.json                           optional (none: an unposed scene, e.g. from video): width, height,
+                                               depth_scale, views[i].K (3x3), views[i].c2w (4x4)
+    KEY.sparse_depth.npy                       optional: float32 [M, 4] rows (view, u, v, z), the source's sparse
+                                               points (COLMAP's) as z-depth in the cameras' world units
+    KEY.meta.json                              source, scene id, label (-1 = unknown), class_name, depth_kind,
+                                               and depth_scale when the scene has depth but no cameras.json
 
 Single-view sample::
 
@@ -26,17 +30,20 @@ coordinates; ``K`` is in pixels with the image's top-left corner at ``(0, 0)``, 
 Depth is z-depth along the optical axis (not distance along the ray).
 
 Writers use :class:`ShardSink` with :class:`Scene` or :class:`ImageSample`; readers use
-:func:`parse_cameras`, :func:`view_indices`, :func:`decode_rgb`, :func:`decode_depth`, :func:`decode_mask`
+:func:`parse_scene` (views, size, cameras when present, depth scale), :func:`parse_cameras`,
+:func:`view_indices`, :func:`decode_rgb`, :func:`decode_depth`, :func:`decode_mask`
 and :func:`parse_meta`, which raise :class:`SampleError` naming the shard, the key and the field.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +51,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 
 from selfsup3d.errors import require
 
@@ -56,7 +63,11 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 DEPTH_SUFFIX = "depth.png"
 MASK_SUFFIX = "mask.png"
 CAMERAS_FIELD = "cameras.json"
+SPARSE_DEPTH_FIELD = "sparse_depth.npy"
 META_FIELD = "meta.json"
+DEPTH_KINDS = ("metric", "relative")
+"""``metric``: z-depth in the scene's world units (metres for renders, the cameras' units for a COLMAP capture);
+``relative``: monocular pseudo depth of unknown scale (normalised per image or per scene)."""
 CLASS_FIELD = "cls"
 
 DEPTH_MAX_UNITS = 65535
@@ -87,13 +98,35 @@ class SampleError(ValueError):
 
 # ============================================================================ keys
 def make_key(*parts: object) -> str:
-    """A valid sample key from ``parts``: joined by ``_``, characters other than ``[A-Za-z0-9_-]``
-    replaced by ``-`` (WebDataset splits member names at the first dot, so keys carry none)."""
+    """A valid sample key from ``parts``: joined by ``_``, letters with accents written without them (``café`` ->
+    ``cafe``), other characters than ``[A-Za-z0-9_-]`` replaced by ``-`` (WebDataset splits member names at the
+    first dot, so keys carry none). A name with nothing left (``写真/咖啡``) is named by a short hash of it
+    (``u`` and 8 hex digits): distinct names keep distinct keys. Names that differ only in what was dropped meet
+    in one key; :class:`SampleKeys` tells them apart."""
     text = "_".join(str(p) for p in parts if str(p) != "")
-    text = re.sub(r"[^A-Za-z0-9_\-]+", "-", text).strip("-")
     if not text:
         raise ValueError(f"cannot make a sample key from {parts!r}")
-    return text
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    key = re.sub(r"[^A-Za-z0-9_\-]+", "-", ascii_text).strip("-")
+    return key or "u" + hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+
+
+class SampleKeys:
+    """Distinct sample keys for the names of one conversion: :func:`make_key` of each name, and for a name whose
+    key an earlier name already has (``café`` and ``cafè``, ``a b`` and ``a-b``), that key with the next free
+    counter (``cafe``, ``cafe_2``). No file is lost or merged."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def key(self, *parts: object) -> str:
+        key = base = make_key(*parts)
+        n = 1
+        while key in self.used:
+            n += 1
+            key = f"{base}_{n}"
+        self.used.add(key)
+        return key
 
 
 def check_key(key: str) -> None:
@@ -112,10 +145,78 @@ def view_field(index: int, suffix: str) -> str:
 
 # ============================================================================ encoding helpers
 class EncodedImage(NamedTuple):
-    """An already encoded image passed through unchanged (e.g. a JPEG from a COLMAP folder)."""
+    """An already encoded image passed through unchanged (e.g. a JPEG from a COLMAP folder); 8-bit (a 16-bit PNG is
+    refused when written: decode it with :func:`eight_bit` and pass the array)."""
 
     data: bytes
     ext: str
+
+
+# ============================================================================ image modes and orientation
+_SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """``image`` in a mode whose ``convert("RGB")``/``convert("RGBA")`` is faithful: 16-bit greyscale (``I;16``
+    and its byte orders, and ``I`` with values in ``[0, 65535]``, which is how Pillow opens 16-bit greyscale in
+    some formats) scaled to 8-bit ``L`` (``round(v / 257)``; Pillow's own conversion clips every value above 255
+    to white). 16-bit RGB(A) PNGs are opened by Pillow already scaled to 8-bit. Other modes are returned as they
+    are.
+
+    Raises:
+        ValueError: a mode whose range cannot be known (32-bit float ``F``, ``I`` with values beyond 16 bits),
+            saying what to do.
+    """
+    if image.mode in _SIXTEEN_BIT_GREY or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if low < 0 or high > 65535:
+            raise ValueError(
+                f"a 32-bit integer greyscale image with values in [{low:g}, {high:g}]: its range is not that of an "
+                "8- or 16-bit image; save it as an 8-bit image (or 16-bit, values in [0, 65535])"
+            )
+        return Image.fromarray(np.round(values / 257.0).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        raise ValueError("a 32-bit floating-point image: its range is not known; save it as an 8-bit (or 16-bit) image")
+    return image
+
+
+_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""EXIF orientation -> the transpose that shows the image upright (as ``PIL.ImageOps.exif_transpose``)."""
+
+
+def orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation (1: stored upright; 2-8: mirrored and/or rotated)."""
+    try:
+        value = int(image.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block: read the pixels as stored
+        return 1
+    return value if value in _TURNS else 1
+
+
+def turn(image: Image.Image, how: int) -> Image.Image:
+    """``image`` (an image, its depth or its mask) turned as the EXIF orientation ``how`` says."""
+    return image.transpose(_TURNS[how]) if how in _TURNS else image
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says (as image viewers show it), or itself when stored upright."""
+    return ImageOps.exif_transpose(image) if orientation(image) != 1 else image
+
+
+def png_bit_depth(data: bytes) -> int | None:
+    """Bits per channel of PNG bytes (their header), or ``None`` for another format."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) > 24:
+        return data[24]
+    return None
 
 
 def _image_ext(fmt: str) -> str:
@@ -190,13 +291,27 @@ _C2W_ROW = np.array([0.0, 0.0, 0.0, 1.0])
 _EYE3 = np.eye(3)
 
 
+def _require_matrix(matrix: np.ndarray, name: str, shape: tuple[int, int], what: str) -> None:
+    """Raise ``ValueError`` unless ``matrix`` has ``shape`` and only finite values (a shape problem and a non-finite
+    value are said apart: a NaN camera is not a bad shape)."""
+    if matrix.shape != shape:
+        raise ValueError(f"{what}: {name} must be a {shape[0]}x{shape[1]} matrix, got shape {list(matrix.shape)}")
+    bad = np.argwhere(~np.isfinite(matrix))
+    if len(bad):
+        row, col = (int(i) for i in bad[0])
+        raise ValueError(
+            f"{what}: {name} has {len(bad)} non-finite value(s) (NaN or infinite; a JSON null reads as NaN), the "
+            f"first {matrix[row, col]} at [{row}, {col}]"
+        )
+
+
 def check_camera(K: np.ndarray, c2w: np.ndarray, what: str = "camera") -> None:
     """Raise ``ValueError`` unless ``K`` is a finite 3x3 intrinsic matrix with positive focal lengths and
     ``c2w`` a finite 4x4 rigid transform (rotation with determinant +1, last row ``0 0 0 1``)."""
     K = np.asarray(K, dtype=np.float64)
     c2w = np.asarray(c2w, dtype=np.float64)
     # plain comparisons: np.allclose costs more than the rest of a view's decoding
-    require(K.shape == (3, 3) and np.isfinite(K).all(), f"{what}: K", "a finite 3x3 matrix", K.tolist(), ValueError)
+    _require_matrix(K, "K", (3, 3), what)
     require(
         K[0, 0] > 0 and K[1, 1] > 0 and np.abs(K[2] - _K_ROW).max() <= 1e-9 and K[1, 0] == 0,
         f"{what}: K",
@@ -204,8 +319,7 @@ def check_camera(K: np.ndarray, c2w: np.ndarray, what: str = "camera") -> None:
         K.tolist(),
         ValueError,
     )
-    if c2w.shape != (4, 4) or not np.isfinite(c2w).all():
-        raise ValueError(f"{what}: c2w must be a finite 4x4 matrix, got shape {list(c2w.shape)}")
+    _require_matrix(c2w, "c2w", (4, 4), what)
     require(
         np.abs(c2w[3] - _C2W_ROW).max() <= 1e-6,
         f"{what}: the last row of c2w",
@@ -225,23 +339,29 @@ class Scene:
 
     Args:
         key: sample key (no dots; see :func:`make_key`).
-        images: one RGB image per view: ``[H, W, 3]`` uint8 arrays or :class:`EncodedImage`, all one size.
-        K: ``[V, 3, 3]`` pixel intrinsics.
-        c2w: ``[V, 4, 4]`` camera-to-world, OpenCV axes.
-        depth: optional ``V`` z-depth maps ``[H, W]`` in world units (0 = none).
+        images: one RGB image per view: ``[H, W, 3]`` uint8 arrays or :class:`EncodedImage`, all one size, in
+            capture order.
+        K: ``[V, 3, 3]`` pixel intrinsics; ``None`` (with ``c2w``) for an unposed scene (no ``cameras.json``).
+        c2w: ``[V, 4, 4]`` camera-to-world, OpenCV axes; ``None`` for an unposed scene.
+        depth: optional ``V`` z-depth maps ``[H, W]`` (0 = none).
         masks: optional ``V`` foreground masks ``[H, W]``.
         meta: ``meta.json`` content; ``source``, ``scene_id`` and ``label`` are filled in when missing.
-        depth_scale: metres per unit of the depth PNGs; chosen from the data when ``None``.
+        depth_scale: world units per unit of the depth PNGs; chosen from the data when ``None``.
+        depth_kind: ``metric`` (the scene's world units) or ``relative`` (see :data:`DEPTH_KINDS`).
+        sparse_depth: optional ``[M, 4]`` rows ``(view, u, v, z)``: sparse points of the source (pixel
+            coordinates of the stored views, z-depth in world units), for scaling pseudo depth to them.
     """
 
     key: str
     images: list[np.ndarray | EncodedImage]
-    K: np.ndarray
-    c2w: np.ndarray
+    K: np.ndarray | None = None
+    c2w: np.ndarray | None = None
     depth: list[np.ndarray] | None = None
     masks: list[np.ndarray] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     depth_scale: float | None = None
+    depth_kind: str = "metric"
+    sparse_depth: np.ndarray | None = None
 
 
 @dataclass
@@ -271,6 +391,12 @@ class ImageSample:
 
 def _encode_image_field(image: np.ndarray | EncodedImage, fmt: str, quality: int) -> tuple[str, bytes]:
     if isinstance(image, EncodedImage):
+        depth = png_bit_depth(image.data)
+        if depth is not None and depth > 8:
+            raise ValueError(
+                f"a {depth}-bit PNG: images in shards are 8-bit (docs/shard-format.md); decode it (eight_bit) and "
+                "pass the array"
+            )
         return _image_ext(image.ext), image.data
     ext = _image_ext(fmt)
     return ext, encode_rgb(image, ext, quality)
@@ -278,6 +404,9 @@ def _encode_image_field(image: np.ndarray | EncodedImage, fmt: str, quality: int
 
 def encode_scene(scene: Scene, image_format: str = "png", quality: int = 95) -> dict[str, Any]:
     """Validate ``scene`` and turn it into the dict :class:`webdataset.ShardWriter` writes (bytes values).
+
+    A scene without ``K`` and ``c2w`` is unposed: it gets no ``cameras.json``, and its depth scale goes to
+    ``meta.json``.
 
     Raises:
         ValueError: naming the key and what is wrong.
@@ -287,16 +416,23 @@ def encode_scene(scene: Scene, image_format: str = "png", quality: int = 95) -> 
     n = len(scene.images)
     if n < 1:
         raise ValueError(f"{where}: no views")
-    K = np.asarray(scene.K, dtype=np.float64)
-    c2w = np.asarray(scene.c2w, dtype=np.float64)
-    if K.shape != (n, 3, 3) or c2w.shape != (n, 4, 4):
-        raise ValueError(f"{where}: K must be [{n}, 3, 3] and c2w [{n}, 4, 4], got {list(K.shape)}, {list(c2w.shape)}")
+    if (scene.K is None) != (scene.c2w is None):
+        raise ValueError(f"{where}: give both K and c2w (a posed scene) or neither (an unposed one)")
+    posed = scene.K is not None
+    if posed:
+        K = np.asarray(scene.K, dtype=np.float64)
+        c2w = np.asarray(scene.c2w, dtype=np.float64)
+        if K.shape != (n, 3, 3) or c2w.shape != (n, 4, 4):
+            raise ValueError(
+                f"{where}: K must be [{n}, 3, 3] and c2w [{n}, 4, 4], got {list(K.shape)}, {list(c2w.shape)}"
+            )
     sizes = {_image_size(im) for im in scene.images}
     if len(sizes) != 1:
         raise ValueError(f"{where}: all views must have one size, got {sorted(sizes)}")
     width, height = sizes.pop()
-    for i in range(n):
-        check_camera(K[i], c2w[i], f"{where}, view {i}")
+    if posed:
+        for i in range(n):
+            check_camera(K[i], c2w[i], f"{where}, view {i}")
     out: dict[str, Any] = {"__key__": scene.key}
     for i, image in enumerate(scene.images):
         ext, data = _encode_image_field(image, image_format, quality)
@@ -305,6 +441,8 @@ def encode_scene(scene: Scene, image_format: str = "png", quality: int = 95) -> 
     if scene.depth is not None:
         if len(scene.depth) != n:
             raise ValueError(f"{where}: {len(scene.depth)} depth maps for {n} views")
+        require(scene.depth_kind in DEPTH_KINDS, f"{where}: depth_kind", f"one of {DEPTH_KINDS}", scene.depth_kind,
+                ValueError)  # fmt: skip
         depth_scale = scene.depth_scale or depth_scale_for(scene.depth)
         for i, d in enumerate(scene.depth):
             if np.shape(d) != (height, width):
@@ -317,19 +455,38 @@ def encode_scene(scene: Scene, image_format: str = "png", quality: int = 95) -> 
             if np.shape(m) != (height, width):
                 raise ValueError(f"{where}, view {i}: mask is {list(np.shape(m))}, image is [{height}, {width}]")
             out[view_field(i, MASK_SUFFIX)] = encode_mask(m)
-    cameras = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "width": width,
-        "height": height,
-        "depth_scale": depth_scale,
-        "views": [{"K": K[i].tolist(), "c2w": c2w[i].tolist()} for i in range(n)],
-    }
+    if scene.sparse_depth is not None:
+        out[SPARSE_DEPTH_FIELD] = encode_sparse_depth(scene.sparse_depth, n, where)
     meta = {"source": "unknown", "scene_id": scene.key, "label": -1, **scene.meta}
+    if depth_scale is not None:
+        meta["depth_kind"] = scene.depth_kind
+    if posed:
+        cameras = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "width": width,
+            "height": height,
+            "depth_scale": depth_scale,
+            "views": [{"K": K[i].tolist(), "c2w": c2w[i].tolist()} for i in range(n)],
+        }
+        out[CAMERAS_FIELD] = json.dumps(cameras).encode()
+    elif depth_scale is not None:
+        meta["depth_scale"] = depth_scale
     _check_label(meta.get("label"), where)
-    out[CAMERAS_FIELD] = json.dumps(cameras).encode()
     out[META_FIELD] = json.dumps(meta).encode()
     return out
+
+
+def encode_sparse_depth(rows: np.ndarray, num_views: int, where: str = "scene") -> bytes:
+    """``[M, 4]`` rows ``(view, u, v, z)`` as ``.npy`` bytes (float32), checked: views in range, ``z > 0``."""
+    rows = np.asarray(rows, dtype=np.float32).reshape(-1, 4)
+    if not np.isfinite(rows).all() or (rows[:, 3] <= 0).any():
+        raise ValueError(f"{where}: sparse_depth rows must be finite with z > 0")
+    if len(rows) and (rows[:, 0].min() < 0 or rows[:, 0].max() >= num_views):
+        raise ValueError(f"{where}: sparse_depth names views outside 0..{num_views - 1}")
+    buf = io.BytesIO()
+    np.save(buf, rows, allow_pickle=False)
+    return buf.getvalue()
 
 
 def encode_image_sample(sample: ImageSample, image_format: str = "jpg", quality: int = 95) -> dict[str, Any]:
@@ -348,7 +505,7 @@ def encode_image_sample(sample: ImageSample, image_format: str = "jpg", quality:
         if np.shape(sample.depth) != (height, width):
             raise ValueError(f"{where}: depth is {list(np.shape(sample.depth))}, image is [{height}, {width}]")
         require(
-            sample.depth_kind in ("metric", "relative"),
+            sample.depth_kind in DEPTH_KINDS,
             f"{where}: depth_kind",
             "'metric' or 'relative'",
             sample.depth_kind,
@@ -599,6 +756,82 @@ def check_views(sample: Mapping[str, Any], cameras: Cameras) -> None:
         raise SampleError(url, key, CAMERAS_FIELD, problem)
 
 
+def check_numbered_views(sample: Mapping[str, Any]) -> list[int]:
+    """The views of an unposed scene, ``0 .. N-1`` (raise :class:`SampleError` when there are none or one is
+    missing)."""
+    found = view_indices(sample)
+    if not found or found != list(range(len(found))):
+        missing = sorted(set(range(max(found, default=-1) + 1)) - set(found))
+        problem = "no views" if not found else f"views are numbered from 0 without gaps; missing {missing[:8]}"
+        raise SampleError(*sample_where(sample), None, problem)
+    return found
+
+
+@dataclass
+class SceneLayout:
+    """What a multi-view scene holds, from its JSON and image headers (no image decoded): ``num_views``, the
+    views' ``(width, height)``, its :class:`Cameras` (``None`` for an unposed scene), its depth scale (``None``
+    without depth) and ``depth_kind``, and ``meta.json``."""
+
+    num_views: int
+    size: tuple[int, int]
+    cameras: Cameras | None
+    depth_scale: float | None
+    depth_kind: str
+    meta: dict[str, Any]
+
+
+def _header_size(sample: Mapping[str, Any], name: str) -> tuple[int, int]:
+    try:
+        with Image.open(io.BytesIO(sample[name])) as image:
+            return image.size
+    except Exception as err:
+        raise SampleError(*sample_where(sample), name, f"cannot decode image ({type(err).__name__}: {err})") from None
+
+
+def parse_scene(sample: Mapping[str, Any]) -> SceneLayout:
+    """Read a raw multi-view sample's layout: ``cameras.json`` when present (validated, one image per camera),
+    otherwise the numbered views of an unposed scene (their size from the first image's header); the depth
+    scale from ``cameras.json``, or from ``meta.json`` for an unposed scene.
+
+    Raises:
+        SampleError: a malformed ``cameras.json`` or ``meta.json``, missing views, no positive depth scale where
+            the scene has depth.
+    """
+    meta = parse_meta(sample)
+    kind = meta.get("depth_kind", "metric")
+    if kind not in DEPTH_KINDS:
+        raise SampleError(*sample_where(sample), META_FIELD, f"'depth_kind' must be one of {DEPTH_KINDS}, got {kind!r}")
+    if CAMERAS_FIELD in sample:
+        cameras = parse_cameras(sample)
+        check_views(sample, cameras)
+        size = (cameras.width, cameras.height)
+        return SceneLayout(cameras.num_views, size, cameras, cameras.depth_scale, kind, meta)
+    views = check_numbered_views(sample)
+    scale = None
+    if "depth_scale" in meta:
+        scale = single_depth_scale(sample, meta)
+    return SceneLayout(len(views), _header_size(sample, image_field(sample, 0)), None, scale, kind, meta)
+
+
+def parse_sparse_depth(sample: Mapping[str, Any], num_views: int) -> np.ndarray | None:
+    """``sparse_depth.npy`` as float32 ``[M, 4]`` rows ``(view, u, v, z)``, or ``None`` when absent.
+
+    Raises:
+        SampleError: not a float ``[M, 4]`` array, views out of range or ``z <= 0``.
+    """
+    if SPARSE_DEPTH_FIELD not in sample:
+        return None
+    try:
+        rows = np.load(io.BytesIO(sample[SPARSE_DEPTH_FIELD]), allow_pickle=False)
+        if rows.ndim != 2 or rows.shape[1] != 4:
+            raise ValueError(f"shape {list(rows.shape)}, expected [M, 4]")
+        encode_sparse_depth(rows, num_views)
+    except ValueError as err:
+        raise SampleError(*sample_where(sample), SPARSE_DEPTH_FIELD, str(err).removeprefix("scene: ")) from None
+    return rows.astype(np.float32)
+
+
 def _open_image(sample: Mapping[str, Any], name: str) -> Image.Image:
     url, key = sample_where(sample)
     if name not in sample:
@@ -612,17 +845,42 @@ def _open_image(sample: Mapping[str, Any], name: str) -> Image.Image:
 
 
 def decode_rgb(sample: Mapping[str, Any], name: str, size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode an image field to an RGB PIL image; ``size`` = expected ``(width, height)``.
+    """Decode an image field, as stored, to an 8-bit RGB PIL image (:func:`eight_bit`: 16-bit greyscale is scaled,
+    not clipped); ``size`` = expected ``(width, height)``. A view of a scene is read so: its ``cameras.json``
+    describes the stored pixels (an EXIF orientation tag is not applied). See :func:`decode_upright_rgb`.
 
     Raises:
-        SampleError: missing, undecodable or of the wrong size.
+        SampleError: missing, undecodable, of a mode with no known range, or of the wrong size.
     """
+    return _rgb(sample, name, _open_image(sample, name), size)
+
+
+def decode_upright_rgb(sample: Mapping[str, Any], name: str) -> tuple[Image.Image, int]:
+    """Decode a single-view image (no camera describes its pixels) as :func:`decode_rgb` does, turned upright by its
+    EXIF orientation as the image converter and image viewers do; returns it and that orientation (1: none), by
+    which the sample's depth and mask are turned too (:func:`turn`), so they stay aligned."""
     image = _open_image(sample, name)
+    how = orientation(image)
+    return _rgb(sample, name, turn(image, how), None), how
+
+
+def _rgb(sample: Mapping[str, Any], name: str, image: Image.Image, size: tuple[int, int] | None) -> Image.Image:
+    url, key = sample_where(sample)
     if size is not None and image.size != tuple(size):
-        url, key = sample_where(sample)
-        raise SampleError(url, key, name, f"image is {image.size[0]}x{image.size[1]}, expected {size[0]}x{size[1]}")
+        turned = " (as stored; its EXIF orientation tag, not applied to views of scenes, says it is turned)"
+        raise SampleError(
+            url,
+            key,
+            name,
+            f"image is {image.size[0]}x{image.size[1]}, expected {size[0]}x{size[1]}"
+            + (turned if orientation(image) != 1 else ""),
+        )
     if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
-        raise SampleError(*sample_where(sample), name, "has an alpha channel; writers composite it (see converters)")
+        raise SampleError(url, key, name, "has an alpha channel; writers composite it (see converters)")
+    try:
+        image = eight_bit(image)
+    except ValueError as err:
+        raise SampleError(url, key, name, str(err)) from None
     return image if image.mode == "RGB" else image.convert("RGB")
 
 

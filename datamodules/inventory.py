@@ -5,6 +5,9 @@ training stream that is nearly all broken: resampling would otherwise train on t
 over and over while the skip counter grows. Local shards are inventoried (a header walk: milliseconds per
 shard); ``pipe:`` and remote shards are counted as unknown and left to the stream's bad-sample handling.
 
+It also counts the multi-view scenes and how many of them carry ``cameras.json`` (unposed scenes, e.g. from
+video, have none), so a run says whether its cameras come from the data.
+
 A sample is *intact* when every member of it lies wholly inside the file. A shard is *damaged* when a
 member runs past the end of the file, a header cannot be read, or the file stops without tar's end-of-archive
 blocks (cut exactly between two members). ``info.json`` beside the shards (written by ``selfsup3d data``)
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,21 +34,29 @@ MIN_READABLE = 0.5
 """Training refuses shards holding fewer than this fraction of the samples ``info.json`` lists."""
 TAR_END = 2 * tarfile.BLOCKSIZE
 """tar ends with two zero blocks; a file without them was cut."""
+_SCENE_FIELD = re.compile(r"^(\d{3,}\.(png|jpg|jpeg|webp)|cameras\.json)$")
+"""A member field that makes its sample a multi-view scene (a numbered view or cameras)."""
 
 
 @dataclass(frozen=True)
 class ShardInventory:
-    """One local shard: its intact samples and, when damaged, what is wrong (``None`` when whole)."""
+    """One local shard: its intact samples, the multi-view scenes among them and those with ``cameras.json``, and,
+    when damaged, what is wrong (``None`` when whole)."""
 
     url: str
     samples: int
     damage: str | None = None
+    scenes: int = 0
+    with_cameras: int = 0
+    keys: frozenset[str] = frozenset()
+    """The keys of its intact samples."""
 
 
-def _sample_key(name: str) -> str:
-    """WebDataset's sample key of a member: the path up to the first dot of its file name."""
+def _sample_key(name: str) -> tuple[str, str]:
+    """WebDataset's sample key of a member (the path up to the first dot of its file name) and its field."""
     folder, _, base = name.rpartition("/")
-    return f"{folder}/{base.split('.', 1)[0]}" if folder else base.split(".", 1)[0]
+    stem, _, field = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), field
 
 
 def inventory_shard(url: str) -> ShardInventory:
@@ -52,6 +64,8 @@ def inventory_shard(url: str) -> ShardInventory:
     path = local_path(url)
     size = os.path.getsize(path)
     keys: dict[str, bool] = {}  # key -> all of its members intact
+    scenes: set[str] = set()
+    posed: set[str] = set()
     damage: str | None = None
     end = 0
     try:
@@ -61,7 +75,11 @@ def inventory_shard(url: str) -> ShardInventory:
                     continue
                 member_end = member.offset_data + member.size
                 end = max(end, member_end)
-                key = _sample_key(member.name)
+                key, field = _sample_key(member.name)
+                if _SCENE_FIELD.match(field):
+                    scenes.add(key)
+                    if field == "cameras.json":
+                        posed.add(key)
                 intact = member_end <= size
                 keys[key] = keys.get(key, True) and intact
                 if not intact:
@@ -74,7 +92,8 @@ def inventory_shard(url: str) -> ShardInventory:
     whole = sum(keys.values())
     if damage is not None:
         damage = f"{damage}; {whole} intact sample(s) before it"
-    return ShardInventory(url, whole, damage)
+    intact = {key for key, ok in keys.items() if ok}
+    return ShardInventory(url, whole, damage, len(scenes & intact), len(posed & intact), frozenset(intact))
 
 
 def listed_samples(urls: list[str], split: str) -> int | None:
@@ -117,6 +136,31 @@ class SplitInventory:
     def damaged(self) -> list[ShardInventory]:
         return [s for s in self.shards if s.damage is not None]
 
+    @property
+    def scenes(self) -> int:
+        """Intact multi-view scenes in the local shards."""
+        return sum(s.scenes for s in self.shards)
+
+    @property
+    def with_cameras(self) -> int:
+        """Intact multi-view scenes in the local shards that carry ``cameras.json``."""
+        return sum(s.with_cameras for s in self.shards)
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """The keys of the intact samples in the local shards."""
+        return frozenset().union(*(s.keys for s in self.shards))
+
+    def cameras_note(self) -> str:
+        """How many scenes carry cameras, e.g. ``12 scene(s), none with cameras (unposed)``; empty without scenes."""
+        if not self.scenes:
+            return ""
+        if self.with_cameras == self.scenes:
+            return f"{self.scenes} scene(s), all with cameras"
+        if self.with_cameras == 0:
+            return f"{self.scenes} scene(s), none with cameras (unposed)"
+        return f"{self.scenes} scene(s), {self.with_cameras} with cameras"
+
     def summary(self, name: str) -> str:
         """One line, e.g. ``training data: 4 shards, 512 samples`` (+ what is damaged or unknown)."""
         total = len(self.shards) + self.unknown
@@ -124,6 +168,8 @@ class SplitInventory:
         line = f"{name} data: {total} shard(s), {self.samples} intact sample(s){of}"
         if self.unknown:
             line += f" in {len(self.shards)} local shard(s), {self.unknown} not local (counted as they stream)"
+        if self.cameras_note():
+            line += f"; {self.cameras_note()}"
         for shard in self.damaged[:3]:
             line += f"; {shard.url} is damaged: {shard.damage}"
         if len(self.damaged) > 3:

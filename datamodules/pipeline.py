@@ -359,6 +359,8 @@ class ValStage:
                 count = self.decoder.count(raw)
             except Exception:
                 count = 1
+            if count == 0:
+                continue  # a sample the decoder leaves out (not in an evaluation index): no share, not bad
             shares[owner] += count
             if owner != self.rank:
                 spare = spare or raw
@@ -457,7 +459,8 @@ class SkippedSamplesLogger(Callback):
     """Says how much data a run read: logs the datamodule's counts of read and skipped samples
     (``data/read_train``, ``data/skipped_train`` at the end of every training epoch, ``data/read_val``,
     ``data/skipped_val`` per validation pass; summed over ranks) and prints one line per validation pass
-    (``validation: 64 samples evaluated, 0 skipped as bad``) and at the end of fitting. Works with any
+    (``validation: 64 samples evaluated, 0 skipped as bad``; a pass of ``val_batches`` that repeats samples says so)
+    and at the end of fitting. Works with any
     LightningModule and any datamodule with ``skipped`` and ``read`` dicts (the shard datamodules)."""
 
     def __init__(self) -> None:
@@ -496,7 +499,13 @@ class SkippedSamplesLogger(Callback):
         read, skipped = counts[0] - start[0], counts[1] - start[1]
         self._log(pl_module, "val", read, skipped)
         read, skipped = self._summed(trainer, pl_module, (read, skipped))
-        rank_zero_info(f"validation: {read} samples evaluated, {skipped} skipped as bad")
+        distinct = getattr(trainer.datamodule, "distinct", {}).get("val")
+        repeats = (
+            f" (the {distinct} validation samples, some evaluated more than once: val_batches repeats them)"
+            if distinct is not None and read > distinct
+            else ""
+        )
+        rank_zero_info(f"validation: {read} samples evaluated{repeats}, {skipped} skipped as bad")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         counts = self._counts(trainer, "train")

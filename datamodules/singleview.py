@@ -19,12 +19,12 @@ from selfsup3d.datamodules.base import (
     require_depth_scale,
 )
 from selfsup3d.datamodules.format import (
-    check_views,
     decode_rgb,
+    decode_upright_rgb,
     is_multiview,
     make_key,
-    parse_cameras,
     parse_meta,
+    parse_scene,
     sample_where,
     single_depth_scale,
     view_indices,
@@ -72,15 +72,13 @@ class SingleViewDecoder:
     def __call__(self, raw: dict[str, Any], rng: random.Random | None) -> list[dict[str, Any]]:
         url, key = sample_where(raw)
         if is_multiview(raw):
-            cameras = parse_cameras(raw)
-            check_views(raw, cameras)
-            meta = parse_meta(raw)
-            scale = require_depth_scale(raw, cameras.depth_scale) if self.with_depth else None
-            views = list(range(cameras.num_views))
+            scene = parse_scene(raw)
+            scale = require_depth_scale(raw, scene.depth_scale) if self.with_depth else None
+            views = list(range(scene.num_views))
             if rng is not None and self.views_per_scene is not None and self.views_per_scene < len(views):
                 views = rng.sample(views, self.views_per_scene)
-            size = (cameras.width, cameras.height)
-            label = int(meta["label"])
+            size = scene.size
+            label = int(scene.meta["label"])
             return [
                 self._item(raw, ViewFields.of(raw, v), scale, size, label, make_key(key, f"v{v:03d}"), rng)
                 for v in views
@@ -99,13 +97,15 @@ class SingleViewDecoder:
         key: str,
         rng: random.Random | None,
     ) -> dict[str, Any]:
-        image = decode_rgb(raw, fields.image, size)
+        # a single-view image is turned upright by its EXIF orientation (its depth and mask with it); a view of a
+        # scene (size: its camera's) is read as stored, which its camera describes
+        image, how = decode_upright_rgb(raw, fields.image) if size is None else (decode_rgb(raw, fields.image, size), 1)
         if rng is not None and self.random_crop:
             box = random_resized_box(image.size, self.out_hw, rng, self.crop_scale, self.crop_ratio)
         else:
             box = crop_box(image.size, self.out_hw)
         flip = rng is not None and self.hflip and rng.random() < 0.5
-        arrays = read_view(raw, fields, image, box, self.out_hw, depth_scale, self.with_masks)
+        arrays = read_view(raw, fields, image, box, self.out_hw, depth_scale, self.with_masks, how)
         item: dict[str, Any] = {
             name: np.ascontiguousarray(array[..., ::-1] if flip else array) for name, array in arrays.items()
         }

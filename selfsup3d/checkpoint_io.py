@@ -1,24 +1,31 @@
-"""Checkpoint files that survive being killed mid-write, and a clear message for one that did not.
+"""Checkpoint and weight files that survive being killed mid-write, and a clear message for one that did not.
 
-:class:`AtomicCheckpointIO` is the CLI's default checkpoint plugin: a checkpoint is written to a temporary file
-in the same folder, flushed to disk and then renamed over the target (``os.replace``, atomic on POSIX), so a
-process killed while writing leaves the previous ``last.ckpt`` whole, never a truncated one. A file that still
-cannot be read (damaged on disk, copied in half) fails with :class:`~selfsup3d.errors.CheckpointCorruptError`,
-whose message names the file and the newest other checkpoint beside it that reads.
+:func:`atomic_path` writes a file to a temporary file in the same folder, flushes it to disk and then renames it
+over the target (``os.replace``, atomic on POSIX), so a process killed while writing leaves the previous file
+whole, never a truncated one. The new file has the permissions any new file gets (``0o666`` less the umask, so
+teammates read it where the umask allows; an existing target's mode is kept), not the ``0o600`` of
+``tempfile.mkstemp`` (nor that of safetensors' own writer). :class:`AtomicCheckpointIO`, the CLI's default
+checkpoint plugin, writes every checkpoint so; :func:`save_safetensors` every exported ``.safetensors`` file.
+A file that still cannot be read (damaged on disk, copied in half) fails with
+:class:`~selfsup3d.errors.CheckpointCorruptError`, whose message names the file and the newest other checkpoint
+beside it that reads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from safetensors.torch import save_file
 
 from selfsup3d.errors import CheckpointCorruptError
 
@@ -62,6 +69,50 @@ def corrupt_checkpoint_message(path: str | os.PathLike[str], problem: str) -> st
     return f"checkpoint {path} cannot be read ({problem}); {advice}"
 
 
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """A new, empty temporary file beside ``target`` to write to; when the block ends it is flushed to disk and
+    renamed over ``target`` (removed if the block fails). Created as ``open()`` creates files (``0o666`` less the
+    umask); an existing ``target``'s mode is kept."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask, as the system created it
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        # a writer may have replaced the file with one of its own mode (safetensors writes 0o600)
+        os.chmod(tmp, stat.S_IMODE(target.stat().st_mode) if target.exists() else mode)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself on disk (POSIX; not possible everywhere)
+        folder = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], out: str | os.PathLike[str], metadata: dict[str, str]
+) -> Path:
+    """Write ``tensors`` (made contiguous, on the CPU) and ``metadata`` to the ``.safetensors`` file ``out``,
+    atomically and with a new file's permissions (:func:`atomic_path`)."""
+    with atomic_path(out) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return Path(out)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint plugin, with atomic local writes and a one-line error for unreadable files."""
 
@@ -70,24 +121,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if target is None or storage_options is not None:  # remote storage: Lightning's own (fsspec) writing
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        with contextlib.suppress(OSError):  # the rename itself on disk (POSIX; not possible everywhere)
-            folder = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+        with atomic_path(target) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
         check_checkpoint(path)

@@ -73,6 +73,13 @@ def require(ok: bool, key: str, rule: str, value: object, error: type[Exception]
         )
 
 
+def shorten(text: str, limit: int) -> str:
+    """``text`` on one line, cut to ``limit`` characters (ending in ``...``): for a value or another library's
+    error quoted inside a message, never for the message itself (its advice would be cut)."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def current_prefix(section: str = "model") -> str:
     """The key prefix that modules of ``section`` (``model`` or ``data``) built now are configured under."""
     return _PREFIXES[section].get()

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from huggingface_hub import constants, get_session
 
-from selfsup3d.errors import WeightsUnavailableError
+from selfsup3d.errors import WeightsUnavailableError, shorten
 
 T = TypeVar("T")
 
@@ -35,7 +35,7 @@ def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout)
     except Exception as err:  # DNS failure, refused or timed-out connection, proxy error, ...
-        detail = str(err).strip() or type(err).__name__
+        detail = shorten(str(err), 160) or type(err).__name__  # (the request's error quoted, not the advice)
         return f"{constants.ENDPOINT} cannot be reached ({detail})"
     return None
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from selfsup3d.datamodules.format import ImageSample, Scene, ShardSink, make_key
 from selfsup3d.datamodules.prepare.render import RenderSettings, connect, render_scene
@@ -150,3 +153,89 @@ def reprojection_error(
     src = image_i[:, i_valid][:, inside][:, visible]
     dst = image_j[:, row[visible], col[visible]]
     return float((src - dst).abs().mean()), float(visible.sum()) / max(1, int(i_valid.sum()))
+
+
+# ---------------------------------------------------------------------------- COLMAP models
+def rotation_to_quaternion(rot: np.ndarray) -> np.ndarray:
+    """(w, x, y, z) of a rotation matrix (Shepperd's method), written independently of the converter."""
+    m = rot
+    trace = np.trace(m)
+    if trace > 0:
+        s = 2 * math.sqrt(1 + trace)
+        return np.array([s / 4, (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s])
+    i = int(np.argmax(np.diag(m)))
+    j, k = (i + 1) % 3, (i + 2) % 3
+    s = 2 * math.sqrt(1 + m[i, i] - m[j, j] - m[k, k])
+    q = np.zeros(4)
+    q[0] = (m[k, j] - m[j, k]) / s
+    q[1 + i] = s / 4
+    q[1 + j] = (m[j, i] + m[i, j]) / s
+    q[1 + k] = (m[k, i] + m[i, k]) / s
+    return q
+
+
+def write_colmap(
+    folder: Path,
+    scene: Scene,
+    model: str = "PINHOLE",
+    extra: str = "",
+    name: str = "view_{:02d}.png",
+    points: int = 0,
+) -> None:
+    """Write ``scene`` (its images, K and c2w) as a COLMAP text model in ``folder`` (``sparse/0``, ``images/``);
+    with ``points``, also ``points3D.txt``: that many surface points per view (from the scene's depth, on a grid of
+    pixels), each observed by its view in ``images.txt``, as structure from motion would give them."""
+    (folder / "sparse" / "0").mkdir(parents=True)
+    (folder / "images").mkdir()
+    K = scene.K[0]
+    h, w = scene.images[0].shape[:2]
+    params = {
+        "PINHOLE": [K[0, 0], K[1, 1], K[0, 2], K[1, 2]],
+        "SIMPLE_PINHOLE": [K[0, 0], K[0, 2], K[1, 2]],
+        "SIMPLE_RADIAL": [K[0, 0], K[0, 2], K[1, 2], 0.05],
+        "OPENCV": [K[0, 0], K[1, 1], K[0, 2], K[1, 2], 0, 0, 0, 0],
+    }[model]
+    params = " ".join(repr(float(x)) for x in params)
+    (folder / "sparse" / "0" / "cameras.txt").write_text(f"# Camera list\n1 {model} {w} {h} {params}\n")
+    lines = [
+        "# Image list with two lines of data per image:",
+        "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME",
+    ]
+    views = list(range(len(scene.images)))
+    random.Random(0).shuffle(views)  # images.txt need not be sorted
+    observed, points3d = _sparse_points(scene, points) if points else ({}, [])
+    for n, v in enumerate(views):
+        w2c = np.linalg.inv(scene.c2w[v])
+        q = rotation_to_quaternion(w2c[:3, :3])
+        t = w2c[:3, 3]
+        numbers = " ".join(repr(float(x)) for x in [*q, *t])
+        lines.append(f"{n + 1} {numbers} 1 {name.format(v)}")
+        if points:
+            lines.append(" ".join(f"{u!r} {v_!r} {pid}" for u, v_, pid in observed[v]) + " 1.0 1.0 -1")
+        else:
+            lines.append("" if n % 2 else "10.5 12.25 -1 3.0 4.0 7")  # the points line may be empty
+    (folder / "sparse" / "0" / "images.txt").write_text("\n".join(lines) + "\n" + extra)
+    if points:
+        rows = [f"{pid} {x!r} {y!r} {z!r} 128 128 128 0.5" for pid, (x, y, z) in points3d]
+        (folder / "sparse" / "0" / "points3D.txt").write_text("# 3D point list\n" + "\n".join(rows) + "\n")
+    for v, image in enumerate(scene.images):
+        Image.fromarray(image).save(folder / "images" / name.format(v))
+
+
+def _sparse_points(scene: Scene, per_view: int) -> tuple[dict[int, list], list]:
+    """Surface points of ``scene`` from its depth: per view, ``per_view`` pixels on a grid where there is depth,
+    unprojected to the world; ``({view: [(u, v, point id)]}, [(point id, xyz)])``."""
+    observed: dict[int, list] = {}
+    points3d = []
+    for v, depth in enumerate(scene.depth):
+        rows, cols = np.nonzero(depth > 0)
+        pick = np.linspace(0, len(rows) - 1, per_view).astype(int)
+        observed[v] = []
+        for i, j in zip(rows[pick], cols[pick]):
+            u, vv, z = j + 0.5, i + 0.5, float(depth[i, j])
+            cam = np.linalg.inv(scene.K[v]) @ np.array([u, vv, 1.0]) * z
+            world = scene.c2w[v][:3, :3] @ cam + scene.c2w[v][:3, 3]
+            pid = len(points3d) + 1
+            points3d.append((pid, tuple(float(x) for x in world)))
+            observed[v].append((float(u), float(vv), pid))
+    return observed, points3d

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -90,3 +91,14 @@ def test_cameras_bench_prints_the_validation_curve_of_a_run(tmp_path, capsys):
     command = bench.fit_command(4000, 250, tmp_path, "cpu", ["--x", "1"])
     assert command[command.index("--trainer.max_steps") + 1] == "4000" and command[-2:] == ["--x", "1"]
     assert command[command.index("--data.init_args.window_steps") + 1] == "3000"
+
+
+def test_convert_bench_prints_frames_per_second_beside_the_plain_pyav_loop_and_scenes_per_second(capsys):
+    pytest.importorskip("av")
+    bench = load_script("convert")
+    assert bench.main(["--videos", "1", "--seconds", "2", "--size", "64", "--repeats", "1", "--copies", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "plain PyAV loop" in out and "frames/s" in out, out
+    assert re.search(r"convert video / plain loop, frames per CPU second: \d+\.\d\d", out), out
+    for name, scenes in (("re10k", 3), ("lvsm", 2), ("dl3dv", 2), ("co3d", 3)):  # one copy of each test's sources
+        assert re.search(rf"convert {name} +{scenes} scenes \( *\d+ views\) .* \d+\.\d scenes/s", out), out

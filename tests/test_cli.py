@@ -178,23 +178,27 @@ def test_init_encoder_from_a_file_that_is_not_weights_is_one_line(tmp_path, caps
 
 # The README's plain-timm line, verbatim (README.md, "Export the encoder"); only timm and safetensors.
 README_TIMM = """\
-import json, timm
+import json, timm, torch
 from safetensors import safe_open
 
 with safe_open("encoder.safetensors", "pt") as f:
     meta = f.metadata()
 model = timm.create_model(meta["timm_name"], checkpoint_path="encoder.safetensors", **json.loads(meta["timm_kwargs"]))
+# it expects ImageNet-normalised input, as selfsup3d fed it: images in [0, 1], less the mean, over the std
+mean, std = (torch.tensor(model.pretrained_cfg[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+features = model.eval().forward_features((images - mean) / std)  # images: [B, 3, H, W] in [0, 1]
 """
 
 
-def _features_in_plain_timm(folder: Path, x: torch.Tensor) -> torch.Tensor:
-    """Run the README's line in a fresh interpreter that never imports selfsup3d; its features on ``x``."""
-    torch.save(x, folder / "x.pt")
-    script = README_TIMM + (
-        "import sys, torch\n"
+def _features_in_plain_timm(folder: Path, images: torch.Tensor) -> torch.Tensor:
+    """Run the README's lines in a fresh interpreter that never imports selfsup3d; their features of ``images``
+    (in ``[0, 1]``)."""
+    torch.save(images, folder / "images.pt")
+    script = (
+        "import torch\n"
+        "images = torch.load('images.pt')\n" + README_TIMM + "import sys\n"
         "assert not any(m.split('.')[0] == 'selfsup3d' for m in sys.modules), 'selfsup3d was imported'\n"
-        "model.eval()\n"
-        "torch.save(model.forward_features(torch.load('x.pt')), 'features.pt')\n"
+        "torch.save(features, 'features.pt')\n"
     )
     res = subprocess.run([sys.executable, "-c", script], cwd=folder, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -219,13 +223,18 @@ def test_exported_encoder_loads_in_plain_timm_with_the_readme_line(tmp_path, cap
         printed = capsys.readouterr().out
         assert line in printed and "num_heads=2" in printed and "init_values=1e-05" in printed
     encoder = load_exported_encoder(folder / "encoder.safetensors").eval()
-    x = encoder.normalize(torch.rand(2, 3, 32, 32))
-    expected = encoder.vit.forward_features(x)
-    assert torch.allclose(_features_in_plain_timm(folder, x), expected, atol=1e-6)
+    images = torch.rand(2, 3, 32, 32)
+    expected = encoder.vit.forward_features(encoder.normalize(images))  # what selfsup3d's encoder computes
+    assert torch.allclose(_features_in_plain_timm(folder, images), expected, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "name,hub_id", [("test_vit", "test_vit.r160_in1k"), ("small", "vit_small_patch14_dinov2.lvd142m")]
+)
 @pytest.mark.parametrize("network", ["offline mode", "no network"])
-def test_pretrained_weights_unavailable_say_what_to_do_in_one_line(tmp_path, capsys, monkeypatch, request, network):
+def test_pretrained_weights_unavailable_say_what_to_do_in_one_line(
+    tmp_path, capsys, monkeypatch, request, network, name, hub_id
+):
     from huggingface_hub import constants
 
     if network == "no network":
@@ -233,14 +242,16 @@ def test_pretrained_weights_unavailable_say_what_to_do_in_one_line(tmp_path, cap
     else:
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     cfg = yaml.safe_load(write_config(tmp_path).read_text())
-    cfg["model"]["init_args"]["encoder"]["init_args"] = {"name": "test_vit", "img_size": 32, "pretrained": True}
+    cfg["model"]["init_args"]["encoder"]["init_args"] = {"name": name, "img_size": 28, "pretrained": True}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(tmp_path / "config.yaml")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "checkpoint_path" in err and "timm/test_vit.r160_in1k" in err  # the project's advice, not only the hub's
+    assert "checkpoint_path" in err and f"timm/{hub_id}" in err  # the project's advice, not only the hub's
     assert "Traceback" not in err
+    # the advice is whole (the why, quoting the network library's error, may be shortened; the advice never)
+    assert err.splitlines()[0].endswith("then set the encoder's checkpoint_path to the file and pretrained to false.")
 
 
 def test_sigterm_saves_checkpoint_and_encoder_then_exits_143(tmp_path):
@@ -370,3 +381,18 @@ def test_validate_ckpt_path_last_evaluates_the_newest_run(tmp_path, capsys, capl
     with caplog.at_level("INFO"):
         main(["validate", "--config", str(cfg), "--ckpt_path", "last"])
     assert f"evaluating {run_dir(tmp_path) / 'checkpoints' / 'last.ckpt'}" in caplog.text
+
+
+def test_evaluating_a_run_stopped_before_its_max_steps_says_so(tmp_path):
+    """A demo stopped by its max_time safety net on a busy machine printed the figures of a much shorter run (126 of
+    2000 steps) as the demo's; an evaluation now says when the checkpoint is short of the config's max_steps."""
+    import warnings
+
+    cfg = write_config(tmp_path, max_steps=2)
+    main(["fit", "--config", str(cfg)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole run: nothing to say
+        warnings.filterwarnings("ignore", message=r"(?!.*max_steps).*")
+        main(["validate", "--config", str(cfg), "--ckpt_path", "last"])
+    with pytest.warns(UserWarning, match=r"last\.ckpt was written at step 2 of the config's max_steps 5 \(the run"):
+        main(["validate", "--config", str(cfg), "--ckpt_path", "last", "--trainer.max_steps", "5"])

@@ -61,6 +61,24 @@ def _malformed_camera(r):
     r["cameras.json"] = json.dumps(cameras).encode()
 
 
+def _nan_camera(r):
+    cameras = json.loads(r["cameras.json"])
+    cameras["views"][1]["c2w"][2][3] = float("nan")  # written as NaN by json.dumps
+    r["cameras.json"] = json.dumps(cameras).encode()
+
+
+def _null_focal(r):
+    cameras = json.loads(r["cameras.json"])
+    cameras["views"][0]["K"][0][0] = None  # a writer that turns NaN into null
+    r["cameras.json"] = json.dumps(cameras).encode()
+
+
+def _short_c2w(r):
+    cameras = json.loads(r["cameras.json"])
+    cameras["views"][1]["c2w"] = cameras["views"][1]["c2w"][:3]
+    r["cameras.json"] = json.dumps(cameras).encode()
+
+
 def _wrong_size(r):
     cameras = json.loads(r["cameras.json"])
     cameras["width"] = 20
@@ -72,9 +90,17 @@ def _wrong_size(r):
     [
         (_corrupt_image, r"field 001\.png: cannot decode image"),
         (_missing_view, r"field cameras\.json: cameras\.json lists 3 views; no image for view\(s\) \[2\]"),
-        (_missing_cameras, r"field cameras\.json: missing"),
+        # a scene without cameras.json is unposed, but this one has depth whose scale was in cameras.json
+        (_missing_cameras, r"field meta\.json: depth requested \(with_depth\) but the scene has no depth_scale"),
         (_malformed_json, r"field cameras\.json: not valid JSON"),
         (_malformed_camera, r"field cameras\.json: views\[1\]: the rotation part of c2w is not a rotation"),
+        (
+            _nan_camera,
+            r"field cameras\.json: views\[1\]: c2w has 1 non-finite value\(s\) \(NaN or infinite; a JSON "
+            r"null reads as NaN\), the first nan at \[2, 3\]",
+        ),
+        (_null_focal, r"field cameras\.json: views\[0\]: K has 1 non-finite value\(s\) .*, the first nan at \[0, 0\]"),
+        (_short_c2w, r"field cameras\.json: views\[1\]: c2w must be a 4x4 matrix, got shape \[3, 4\]"),
         (_wrong_size, r"field 000\.png: image is 16x16, expected 20x16"),
     ],
 )
@@ -113,7 +139,8 @@ def test_a_scene_without_depth_among_scenes_with_depth_is_a_bad_sample(tmp_path)
                                      split="val", seed=5)  # fmt: skip
     dm = MultiViewShards([with_depth, without], None, batch_size=2, num_workers=0, image_size=32, num_views=2)
     dm.val_urls = [with_depth, without]
-    with pytest.warns(BadSampleWarning, match=r"field cameras\.json: depth requested \(with_depth\) but depth_scale"):
+    no_scale = r"field cameras\.json: depth requested \(with_depth\) but the scene has no depth_scale"
+    with pytest.warns(BadSampleWarning, match=no_scale):
         assert len(_val_keys(dm)) == 1
     assert dm.with_depth  # null: the first scene has depth, so depth is read
 
@@ -306,6 +333,14 @@ def test_validation_says_how_many_samples_it_evaluated(tmp_path, caplog):
         trainer.validate(_Consume(), datamodule=dm)
     assert "validation: 2 samples evaluated, 1 skipped as bad" in caplog.text
     assert trainer.callback_metrics["data/read_val"] == 2
+    # val_batches cycles the validation samples: the count says how many of them there are
+    caplog.clear()
+    dm = MultiViewShards(good, good, batch_size=2, num_workers=0, image_size=16, num_views=3, seed=0, val_batches=3)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[SkippedSamplesLogger()])  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        trainer.validate(_Consume(), datamodule=dm)
+    assert "validation: 6 samples evaluated (the 2 validation samples, some evaluated more than once" in caplog.text
 
 
 def test_cli_fit_on_a_truncated_only_shard_is_a_one_line_refusal(tmp_path, capsys):

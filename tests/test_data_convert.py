@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import random
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shards import render_scenes, reprojection_error
+from shards import render_scenes, reprojection_error, rotation_to_quaternion, write_colmap
 
 from selfsup3d.cli import main
 from selfsup3d.datamodules import BadSampleWarning, MultiViewShards, SingleViewShards
@@ -26,24 +26,6 @@ from selfsup3d.datamodules.prepare.images import convert_images
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 
 
-def _rotation_to_quaternion(rot: np.ndarray) -> np.ndarray:
-    """(w, x, y, z) of a rotation matrix (Shepperd's method), written independently of the converter."""
-    m = rot
-    trace = np.trace(m)
-    if trace > 0:
-        s = 2 * math.sqrt(1 + trace)
-        return np.array([s / 4, (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s])
-    i = int(np.argmax(np.diag(m)))
-    j, k = (i + 1) % 3, (i + 2) % 3
-    s = 2 * math.sqrt(1 + m[i, i] - m[j, j] - m[k, k])
-    q = np.zeros(4)
-    q[0] = (m[k, j] - m[j, k]) / s
-    q[1 + i] = s / 4
-    q[1 + j] = (m[j, i] + m[i, j]) / s
-    q[1 + k] = (m[k, i] + m[i, k]) / s
-    return q
-
-
 def test_quaternions_round_trip():
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -51,7 +33,7 @@ def test_quaternions_round_trip():
         q /= np.linalg.norm(q)
         rot = quaternion_to_rotation(q)
         assert np.allclose(rot @ rot.T, np.eye(3), atol=1e-12) and np.linalg.det(rot) > 0
-        assert np.allclose(quaternion_to_rotation(_rotation_to_quaternion(rot)), rot, atol=1e-10)
+        assert np.allclose(quaternion_to_rotation(rotation_to_quaternion(rot)), rot, atol=1e-10)
 
 
 def _read_scenes(url: str, num_views: int, size: int = 32) -> dict[str, dict]:
@@ -155,43 +137,10 @@ def test_blender_skips_and_reports_bad_frames(tmp_path):
 
 
 # ---------------------------------------------------------------------------- COLMAP
-def _write_colmap(
-    folder: Path, scene: Scene, model: str = "PINHOLE", extra: str = "", name: str = "view_{:02d}.png"
-) -> None:
-    (folder / "sparse" / "0").mkdir(parents=True)
-    (folder / "images").mkdir()
-    K = scene.K[0]
-    h, w = scene.images[0].shape[:2]
-    params = {
-        "PINHOLE": [K[0, 0], K[1, 1], K[0, 2], K[1, 2]],
-        "SIMPLE_PINHOLE": [K[0, 0], K[0, 2], K[1, 2]],
-        "SIMPLE_RADIAL": [K[0, 0], K[0, 2], K[1, 2], 0.05],
-        "OPENCV": [K[0, 0], K[1, 1], K[0, 2], K[1, 2], 0, 0, 0, 0],
-    }[model]
-    params = " ".join(repr(float(x)) for x in params)
-    (folder / "sparse" / "0" / "cameras.txt").write_text(f"# Camera list\n1 {model} {w} {h} {params}\n")
-    lines = [
-        "# Image list with two lines of data per image:",
-        "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME",
-    ]
-    views = list(range(len(scene.images)))
-    random.Random(0).shuffle(views)  # images.txt need not be sorted
-    for n, v in enumerate(views):
-        w2c = np.linalg.inv(scene.c2w[v])
-        q = _rotation_to_quaternion(w2c[:3, :3])
-        t = w2c[:3, 3]
-        numbers = " ".join(repr(float(x)) for x in [*q, *t])
-        lines.append(f"{n + 1} {numbers} 1 {name.format(v)}")
-        lines.append("" if n % 2 else "10.5 12.25 -1 3.0 4.0 7")  # the points line may be empty
-    (folder / "sparse" / "0" / "images.txt").write_text("\n".join(lines) + "\n" + extra)
-    for v, image in enumerate(scene.images):
-        Image.fromarray(image).save(folder / "images" / name.format(v))
-
-
 @pytest.mark.parametrize("model", ["PINHOLE", "SIMPLE_PINHOLE", "OPENCV"])
 def test_colmap_model_converts_to_the_same_cameras(tmp_path, model):
     (scene,) = render_scenes(num_scenes=1, num_views=5, size=32, start=7)
-    _write_colmap(tmp_path / "scene", scene, model)
+    write_colmap(tmp_path / "scene", scene, model)
     report = convert_colmap(tmp_path / "scene", tmp_path / "out", workers=1, progress=False)
     assert report.written == 1 and report.views == 5 and not report.skipped, report.summary()
     (got,) = _read_scenes(report.url, 5).values()
@@ -207,7 +156,7 @@ def test_converters_keep_capture_order():
 
 def test_colmap_video_frames_keep_their_order(tmp_path):
     (scene,) = render_scenes(num_scenes=1, num_views=11, size=32, start=3)
-    _write_colmap(tmp_path / "scene", scene, name="frame_{}.png")  # frame_10 sorts before frame_2 as text
+    write_colmap(tmp_path / "scene", scene, name="frame_{}.png")  # frame_10 sorts before frame_2 as text
     report = convert_colmap(tmp_path / "scene", tmp_path / "out", workers=1, progress=False)
     (got,) = _read_scenes(report.url, 11).values()
     order = eval_view_order(11, 11, 1)  # all views: the shard's view v is frame_v
@@ -216,8 +165,8 @@ def test_colmap_video_frames_keep_their_order(tmp_path):
 
 def test_colmap_distortion_is_ignored_with_a_note_or_refused(tmp_path):
     (scene,) = render_scenes(num_scenes=1, num_views=3, size=16)
-    _write_colmap(tmp_path / "scenes" / "a", scene, "SIMPLE_RADIAL")
-    _write_colmap(tmp_path / "scenes" / "b", scene, "PINHOLE")
+    write_colmap(tmp_path / "scenes" / "a", scene, "SIMPLE_RADIAL")
+    write_colmap(tmp_path / "scenes" / "b", scene, "PINHOLE")
     (tmp_path / "scenes" / "c" / "sparse" / "0").mkdir(parents=True)
     (tmp_path / "scenes" / "c" / "sparse" / "0" / "cameras.bin").write_bytes(b"\0" * 8)
     report = convert_colmap(tmp_path / "scenes", tmp_path / "out", workers=1, progress=False)
@@ -286,7 +235,7 @@ def test_convert_commands_print_summaries(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "wrote 6 samples to 1 shard(s)" in text and "2 classes: cat, dog" in text and "broken.jpg" in text
     (scene,) = render_scenes(num_scenes=1, num_views=3, size=16)
-    _write_colmap(tmp_path / "colmap", scene)
+    write_colmap(tmp_path / "colmap", scene)
     assert main(["data", "convert", "colmap", str(tmp_path / "colmap"), "--out", str(tmp_path / "c"), "--workers",
                  "1", "--no-progress"]) == 0  # fmt: skip
     assert "wrote 1 scenes (3 views)" in capsys.readouterr().out
@@ -308,3 +257,56 @@ def test_image_folder_lists_the_files_it_does_not_convert(tmp_path):
     summary = report.summary()
     assert "cat/anim.gif" in summary and "dog/sub/notes.txt" in summary
     assert report.written == 6  # the readable images are still all written
+
+
+# ---------------------------------------------------------------------------- names without ASCII letters
+def _keys_and_paths(out: Path) -> dict[str, str]:
+    """``{key: the source path recorded in its meta.json}`` of every sample in the shards under ``out``."""
+    import tarfile
+
+    found = {}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, _, field = member.name.partition(".")
+                if field == "meta.json":
+                    assert key not in found, key
+                    found[key] = json.loads(tar.extractfile(member).read())["path"]
+    return found
+
+
+@pytest.mark.parametrize("classes", [True, False], ids=["class folders", "files at the top"])
+def test_every_file_gets_a_distinct_key_whatever_its_name(tmp_path, capsys, classes):
+    """Names with no ASCII letter (a class folder named in Chinese, such files at the top) stopped the whole
+    conversion; accented names lost their letters (café, cafè -> caf, caf_2). Every file now has its own key,
+    with the letters it has (accents dropped), none lost or merged."""
+    names = ["咖啡.png", "紅茶.png", "café.png", "cafè.png", "a b.png", "a-b.png", "Ärger.png", "IMG_1.png"]
+    src = tmp_path / "src"
+    folder = src / "写真" if classes else src
+    folder.mkdir(parents=True)
+    for i, name in enumerate(names):
+        Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(folder / name)
+    if classes:
+        (src / "cats").mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "cats" / "咖啡.png")
+    out = tmp_path / "out"
+    assert main(["data", "convert", "images", str(src), "--out", str(out), "--workers", "1", "--no-progress"]) == 0
+    assert f"wrote {len(names) + classes} samples" in capsys.readouterr().out
+    keys = _keys_and_paths(out)
+    assert len(keys) == len(names) + classes  # distinct keys: none lost, none merged
+    expected = {str(Path("写真" if classes else "") / n) for n in names} | ({"cats/咖啡.png"} if classes else set())
+    assert set(keys.values()) == expected
+    by_path = {Path(path).name if Path(path).parent.name != "cats" else path: key for key, path in keys.items()}
+    assert {by_path["café.png"], by_path["cafè.png"]} == {"cafe", "cafe_2"}  # the letters are kept
+    assert {by_path["a b.png"], by_path["a-b.png"]} == {"a-b", "a-b_2"} and by_path["Ärger.png"] == "Arger"
+    assert by_path["IMG_1.png"] == "IMG_1"
+    assert re.fullmatch(r"u[0-9a-f]{8}", by_path["咖啡.png"]) and by_path["咖啡.png"] != by_path["紅茶.png"]
+
+
+def test_scenes_named_without_ascii_letters_or_alike_convert_each(tmp_path):
+    scenes = render_scenes(num_scenes=3, num_views=3, size=16, start=20)
+    for name, scene in zip(("客厅", "a b", "a-b"), scenes):
+        _write_blender(tmp_path / "src" / name, scene, "ngp")
+    report = convert_blender(tmp_path / "src", tmp_path / "out", workers=1, progress=False)
+    assert report.written == 3 and not report.skipped, report.summary()
+    assert set(_read_scenes(report.url, 3)) >= {"a-b", "a-b_2"}

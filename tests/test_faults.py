@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from processes import signal_at_marker
-from test_resume import assert_same_run, fit, image_urls, single_config  # noqa: F401  (image_urls: a fixture)
+from test_resume import assert_same_run, fit, image_urls, recorders, single_config  # noqa: F401  (a fixture)
 from toy import tiny_encoder_config
 
 from selfsup3d.checkpoint_io import AtomicCheckpointIO, checkpoint_readable
@@ -29,9 +29,8 @@ def test_sigterm_mid_epoch_then_resume_is_the_uninterrupted_run(tmp_path, image_
     cfg = single_config(tmp_path, image_urls)
     root, marker = tmp_path / "resumed", tmp_path / "at_step_4"
     cmd = [str(SCRIPT), "fit", "--config", str(cfg), "--trainer.default_root_dir", str(root), "--trainer.max_steps",
-           "8", "--trainer.callbacks+=toy.RecordLosses", f"--trainer.callbacks.path={root / 'losses.json'}",
-           "--trainer.callbacks+=toy.MarkStep", f"--trainer.callbacks.path={marker}", "--trainer.callbacks.step=4",
-           "--trainer.callbacks.sleep=1.0"]  # fmt: skip
+           "8", *recorders(root), "--trainer.callbacks+=toy.MarkStep", f"--trainer.callbacks.path={marker}",
+           "--trainer.callbacks.step=4", "--trainer.callbacks.sleep=1.0"]  # fmt: skip
     returncode, output = signal_at_marker(cmd, ENV, marker, signal.SIGTERM)
     assert returncode == 128 + signal.SIGTERM, output[-3000:]
     last = root / "lightning_logs/version_0/checkpoints/last.ckpt"
@@ -42,28 +41,33 @@ def test_sigterm_mid_epoch_then_resume_is_the_uninterrupted_run(tmp_path, image_
     assert_same_run(tmp_path / "whole", root, 8)
 
 
-def test_a_run_interrupted_mid_step_resumes_with_the_batch_it_had_not_trained_on(tmp_path, image_urls):  # noqa: F811
-    """Ctrl-C after the next batch was fetched (the loader has given 5 batches, 4 were trained on): the resume
-    trains on the 5th, as the uninterrupted run did."""
+@pytest.mark.parametrize("crash", [False, True], ids=["ctrl-c", "crash"])
+@pytest.mark.parametrize("mid_step", [False, True], ids=["between-steps", "mid-step"])
+def test_a_run_interrupted_by_ctrl_c_or_a_crash_resumes_exactly(tmp_path, image_urls, crash, mid_step):  # noqa: F811
+    """Ctrl-C (Lightning's graceful shutdown) or an exception at the end of step 4, or once the next batch is
+    fetched (the loader has given 5 batches, 4 were trained on: the resume trains on the 5th, as the uninterrupted
+    run did); the resume logs every later step where the uninterrupted run does. (Interrupted in step 4's end
+    hooks, the step is saved but its metrics are not logged: Lightning logs them after those hooks.)"""
     cfg = single_config(tmp_path, image_urls)
     root = tmp_path / "resumed"
     argv = ["fit", "--config", str(cfg), "--trainer.default_root_dir", str(root), "--trainer.max_steps", "8",
-            "--trainer.callbacks+=toy.RecordLosses", f"--trainer.callbacks.path={root / 'losses.json'}",
-            "--trainer.callbacks+=toy.InterruptAt", "--trainer.callbacks.step=4",
-            "--trainer.callbacks.mid_step=true"]  # fmt: skip
+            *recorders(root), "--trainer.callbacks+=toy.InterruptAt", "--trainer.callbacks.step=4",
+            f"--trainer.callbacks.mid_step={str(mid_step).lower()}",
+            f"--trainer.callbacks.crash={str(crash).lower()}"]  # fmt: skip
     handler = signal.getsignal(signal.SIGINT)
     try:
-        with pytest.raises(SystemExit):
+        with pytest.raises(RuntimeError if crash else SystemExit):
             main(argv)
     finally:
         signal.signal(signal.SIGINT, handler)
     state = torch.load(root / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
     assert state["global_step"] == 4
     (loader,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    assert (loader["epoch"], loader["batches"]) == (1, 2)  # epoch 1's second batch was fetched, not trained on
+    # epoch 1 (3 batches per epoch): its first batch trained on, its second fetched when interrupted mid-step
+    assert (loader["epoch"], loader["batches"]) == (1, 2 if mid_step else 1)
     fit(cfg, root, 8, resume=True)
     fit(cfg, tmp_path / "whole", 8)
-    assert_same_run(tmp_path / "whole", root, 8)
+    assert_same_run(tmp_path / "whole", root, 8, unlogged=() if mid_step else (3,))  # (step 4 is logged at 3)
 
 
 KILL_WHILE_SAVING = """
@@ -223,3 +227,26 @@ def test_the_requeue_signal_waits_for_the_end_of_the_step():
     requeue.on_train_batch_end(trainer, None)  # the step is over: Lightning's handler saves and requeues once
     requeue.on_train_batch_end(trainer, None)
     assert calls == [int(signal.SIGUSR1)]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoints_and_exports_get_the_permissions_of_the_umask(tmp_path, umask):
+    """Teammates on a shared cluster read a run's files as far as the umask lets them (the atomic writer's
+    temporary file used to keep mkstemp's 0600, and safetensors writes 0600 too); an existing file's mode stays."""
+    cfg = toy_config(tmp_path)
+    previous = os.umask(umask)
+    try:
+        main(["fit", "--config", str(cfg), "--trainer.max_steps", "2", "--checkpoint.every_n_train_steps", "1",
+              "--trainer.callbacks+=selfsup3d.callbacks.EncoderExport"])  # fmt: skip
+        run = tmp_path / "lightning_logs/version_0"
+        exported = tmp_path / "exported.safetensors"
+        assert main(["export", str(run / "checkpoints/last.ckpt"), "--out", str(exported)]) == 0
+        written = [*(run / "checkpoints").iterdir(), run / "encoder.safetensors", exported]
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in written}
+        assert modes == {p.name: oct(0o666 & ~umask) for p in written}
+        (run / "checkpoints/last.ckpt").chmod(0o640)  # a file its owner chose the mode of: rewriting keeps it
+        main(["fit", "--config", str(cfg), "--trainer.max_steps", "3", "--ckpt_path", "last"])
+        assert (run / "checkpoints/last.ckpt").stat().st_mode & 0o777 == 0o640
+        assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temporary left
+    finally:
+        os.umask(previous)

@@ -366,8 +366,9 @@ def test_oracle_cameras_come_from_the_data(renderer):
     scaled[..., :3, 3] *= 3.0
     same = dict(batch, c2w=world @ scaled)
     torch.testing.assert_close(model.data_cameras(same)[1], c2w, atol=1e-4, rtol=0)
-    with pytest.raises(ConfigError, match=r"model.init_args.cameras=data .* data.init_args has none"):
-        model.check_data(DataSpec("multi_view", (32, 32), 4, 2, has_cameras=False))
+    with pytest.raises(ConfigError, match=r"needs the data's cameras \(model.init_args.cameras=data renders"):
+        model.check_cameras(DataSpec("multi_view", (32, 32), 4, 2, has_cameras=False))
+    assert make_model(renderer=renderer).needs_cameras() is None
     with pytest.raises(ConfigError, match="this batch has none"):
         model.step({k: v for k, v in batch.items() if k not in ("K", "c2w")}, "train", model.encoder)
 

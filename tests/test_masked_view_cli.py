@@ -93,12 +93,19 @@ def test_fit_bf16_then_validate_with_pictures_and_figures(tmp_path, shard_urls, 
 
     # evaluation of the checkpoint: another view count and split than in training, from the config alone
     capsys.readouterr()
+    saved_config = (run / "config.yaml").read_text()
     main(["validate", "--config", str(cfg), "--ckpt_path", str(ckpt), "--data.init_args.num_views", "5",
           "--data.init_args.num_context_views", "3"])  # fmt: skip
     printed = capsys.readouterr().out
     assert "validation scenes' novel views" in printed and "mean colour of the context views (model" in printed
     assert "per-pixel mean of the context views (model" in printed and "nearest context view" in printed
     assert "AUC@5/15/30" in printed
+    # a validation of a run's checkpoint is logged in that run (no new version_N without a checkpoint), whose
+    # config stays the one it was trained with
+    main(["validate", "--config", str(cfg), "--ckpt_path", "last"])
+    assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+    assert (run / "config.yaml").read_text() == saved_config
+    assert len(EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload().Scalars("val/psnr")) == 3
 
 
 @pytest.mark.parametrize(
@@ -121,6 +128,15 @@ def test_impossible_configs_fail_at_start_up_naming_the_keys(tmp_path, shard_url
     err = capsys.readouterr().err
     assert all(n in err for n in needles), err
     assert "Traceback" not in err
+    assert not list((tmp_path / "lightning_logs").glob("*"))  # a refused start leaves no empty version_N
+
+
+def test_a_start_refused_once_the_data_is_read_leaves_no_run_folder(tmp_path, shard_urls, capsys):
+    cfg = write_config(tmp_path, shard_urls)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(cfg), "--data.init_args.train_urls", str(tmp_path / "nothing-*.tar")])
+    assert exit_.value.code == 2 and "matches no file" in capsys.readouterr().err
+    assert not list((tmp_path / "lightning_logs").glob("*"))
 
 
 @pytest.mark.parametrize(
@@ -141,11 +157,14 @@ def test_shipped_configs_parse(name, capsys):
     assert printed["data"]["class_path"] == "selfsup3d.datamodules.MultiViewShards"
 
 
-def test_pose_probe_and_view_window_through_the_cli(tmp_path, shard_urls, capsys):
+def test_pose_probe_and_view_window_through_the_cli(tmp_path, shard_urls, capsys, caplog):
     cfg = write_config(tmp_path, shard_urls, view_window=[4, 5], window_steps=2, canonical_view="middle")
-    probe = {"class_path": "selfsup3d.callbacks.CameraTokenProbe",
-             "init_args": {"probe_urls": shard_urls[0], "num_scenes": 4, "steps": 5}}  # fmt: skip
-    main(["fit", "--config", str(cfg), "--trainer.callbacks+", yaml.safe_dump(probe)])
+    # no probe_urls: the probe trains on the run's training shards, announced as what they are
+    probe = {"class_path": "selfsup3d.callbacks.CameraTokenProbe", "init_args": {"num_scenes": 4, "steps": 5}}
+    with caplog.at_level("INFO"):
+        main(["fit", "--config", str(cfg), "--trainer.callbacks+", yaml.safe_dump(probe)])
+    assert "camera-token probe training data: 2 shard(s), 4 intact sample(s)" in caplog.text, caplog.text
+    assert caplog.text.count("validation data:") == 1  # the run's own validation shards only
     events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"scalars": 0})
     events.Reload()
     for name in ("probe_r10", "probe_t03", "probe_r10_chance", "probe_t03_chance", "rot_err_identity"):
@@ -219,3 +238,42 @@ def test_explicit_renderer_fits_and_validate_prints_the_oracle_beside_it(tmp_pat
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "cameras: predicted" in err and "model.init_args.cameras=data" in err and "Traceback" not in err
+
+
+def test_a_checkpoint_of_another_objective_is_refused_in_one_line(tmp_path, shard_urls, capsys):
+    """--ckpt_path with another objective's checkpoint: Lightning would rebuild the checkpoint's objective in place
+    of the config's and train it on the config's data (exit 0), or fail on data that does not fit it."""
+    (tmp_path / "mv").mkdir()
+    main(["fit", "--config", str(write_config(tmp_path / "mv", shard_urls)), "--trainer.max_steps", "1"])
+    ckpt = tmp_path / "mv/lightning_logs/version_0/checkpoints/last.ckpt"
+    other = tmp_path / "toy"
+    other.mkdir()
+    on_scenes = yaml.safe_load(write_config(other, shard_urls).read_text())  # the same multi-view shards
+    on_scenes["model"] = {"class_path": "toy.RotationPrediction", "init_args": {"encoder": ENCODER}}
+    on_images = {**on_scenes, "data": {"class_path": "toy.RandomImages", "init_args": {"batch_size": 2}}}
+    for name, cfg in (("scenes.yaml", on_scenes), ("images.yaml", on_images)):
+        (other / name).write_text(yaml.safe_dump(cfg))
+    cases = [("fit", "scenes.yaml", ckpt), ("fit", "images.yaml", ckpt), ("validate", "scenes.yaml", ckpt)]
+    for subcommand, config, path in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main([subcommand, "--config", str(other / config), "--ckpt_path", str(path)])
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert f"--ckpt_path {ckpt} is a checkpoint of MaskedViewPrediction, but the config trains " in err
+        assert "RotationPrediction (model.class_path)" in err and f"init_encoder_from: {ckpt}" in err
+    assert not (other / "lightning_logs").exists()  # nothing ran
+    # `--ckpt_path last` finds the newest run under the same folder: a masked-view run there is refused alike
+    on_scenes["trainer"]["default_root_dir"] = str(tmp_path / "mv")
+    (other / "scenes.yaml").write_text(yaml.safe_dump(on_scenes))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(other / "scenes.yaml"), "--ckpt_path", "last"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and f"--ckpt_path {ckpt} is a checkpoint of MaskedViewPrediction" in err, err
+    # in Python (no CLI), loading it into another objective names both classes too
+    from toy import RotationPrediction
+
+    from selfsup3d.errors import CheckpointMismatchError
+
+    model = RotationPrediction(tiny_encoder(num_out_layers=0))
+    with pytest.raises(CheckpointMismatchError, match="checkpoint of MaskedViewPrediction, but the config trains Rot"):
+        model.on_load_checkpoint(torch.load(ckpt, weights_only=True))

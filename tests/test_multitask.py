@@ -26,7 +26,7 @@ from selfsup3d.cli import main
 from selfsup3d.datamodules import CombinedShards, DataSpec, MultiViewShards, SingleViewShards
 from selfsup3d.encoders.export import load_exported_encoder, read_export_config
 from selfsup3d.errors import ConfigError
-from selfsup3d.objectives import MaskedViewPrediction, MultiTask, TriplaneReconstruction
+from selfsup3d.objectives import FeatureConsensus, MaskedViewPrediction, MultiTask, TriplaneReconstruction
 from selfsup3d.objectives.run.recipe import RECIPE_ARGUMENTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -283,6 +283,34 @@ def test_start_up_errors_name_the_keys(tmp_path, urls, capsys, override, needles
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("where", ["command line", "config file"])
+@pytest.mark.parametrize(
+    "section,entry,key,value,needle",
+    [
+        ("objectives", "masked_view", "dimm", 3, "not an argument of selfsup3d.objectives.MaskedViewPrediction"),
+        ("objectives", "triplane", "decoder_depth", "deep", "expected int, got 'deep'"),
+        ("sources", "posed", "num_viewz", 3, "not an argument of selfsup3d.datamodules.MultiViewShards"),
+        ("sources", "images", "image_size", "big", "expected int or tuple, got 'big'"),
+    ],
+)  # fmt: skip
+def test_a_typo_inside_an_objective_or_a_source_names_it(tmp_path, urls, capsys, where, section, entry, key, value,
+                                                         needle):  # fmt: skip
+    """jsonargparse explains a typo inside one entry of a mapping of components without the entry's name (and
+    with a dump of its type and value); the message names it as the single-objective case names its key."""
+    cfg = demo_config(tmp_path, urls)
+    top = "model" if section == "objectives" else "data"
+    override = []
+    if where == "command line":
+        override = [f"--{top}.init_args.{section}.{entry}.init_args.{key}", str(value)]
+    else:
+        cfg[top]["init_args"][section][entry]["init_args"][key] = value
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(_write(tmp_path, cfg)), *override, "--print_config"])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(err) == 2, err
+    assert err[0] == f"selfsup3d fit: error: {top}.init_args.{section}.{entry}.init_args.{key}: {needle}"
+
+
 # about 30 s a run on two cores (two spawned processes importing torch and Lightning): real DDP in `make test`
 def test_two_process_ddp_fit_of_the_demo_config_resumed_mid_epoch_is_the_whole_run(tmp_path, urls):
     """A 2-rank (gloo) fit of 4 steps that checkpoints at step 2 (mid-epoch), and a fit resumed from that
@@ -335,6 +363,102 @@ def test_gpu_config_builds_at_its_sizes():
     model = cli.model
     assert isinstance(model, MultiTask) and model.encoder.embed_dim == 768 and model.encoder.patch_size == 16
     assert model.objectives["triplane"].teacher is not None
-    # the scenes' depth is known once the shards are read; here: scenes with depth, as the config asks for
-    model.configure_data({"data": replace(cli.datamodule.data_spec(), with_depth=True)})
+    assert model.objectives["consensus"].teacher is model.objectives["triplane"].teacher  # one frozen ViT-B, not two
+    # the scenes' depth and cameras are known once the shards are read; here: posed scenes with depth, as the config
+    # asks for
+    model.configure_data({"data": replace(cli.datamodule.data_spec(), with_depth=True, has_cameras=True)})
     assert model.objectives["triplane"].data_spec.kind == "single_view"
+
+
+def _triplane_and_consensus(consensus_teacher: str | None = None, **encoder_args) -> MultiTask:
+    from test_consensus import HEADS
+
+    torch.manual_seed(0)
+    objectives = {
+        "triplane": functools.partial(TriplaneReconstruction, **TRIPLANE),
+        "consensus": functools.partial(FeatureConsensus, **HEADS, teacher=consensus_teacher),
+    }
+    return MultiTask(tiny_encoder(num_out_layers=1, **encoder_args), objectives)
+
+
+def test_objectives_with_the_same_teacher_share_one_frozen_copy(tmp_path):
+    """configs/multitask.yaml built the same frozen ViT-B twice (the triplane's and the consensus's teacher)."""
+    shared = _triplane_and_consensus()
+    teacher = shared.objectives["triplane"].teacher
+    assert teacher is not None and shared.objectives["consensus"].teacher is teacher
+    separate = _triplane_and_consensus(consensus_teacher="ema")  # another teacher: its own copy
+    assert separate.objectives["consensus"].teacher is not separate.objectives["triplane"].teacher
+    size = sum(p.numel() for p in teacher.parameters())
+    assert sum(p.numel() for p in shared.parameters()) + size == sum(p.numel() for p in separate.parameters())
+    # the copy of a randomly initialised encoder cannot be rebuilt: saved, and loaded back into the one copy
+    state = shared.state_dict()
+    assert any(k.startswith("objectives.triplane.teacher.") for k in state)
+    again = _triplane_and_consensus()
+    torch.nn.init.zeros_(again.objectives["triplane"].teacher.module.vit.cls_token)
+    again.load_state_dict(state)
+    assert again.objectives["consensus"].teacher is again.objectives["triplane"].teacher
+    assert torch.equal(again.objectives["consensus"].teacher.module.vit.cls_token, teacher.module.vit.cls_token)
+    # a teacher rebuilt from its source (the encoder's weights file) is left out of checkpoints under either name
+    weights = tmp_path / "weights.pth"
+    torch.save(tiny_encoder(num_out_layers=1).export_state_dict(), weights)
+    rebuilt = _triplane_and_consensus(checkpoint_path=str(weights))
+    assert rebuilt.objectives["consensus"].teacher is rebuilt.objectives["triplane"].teacher
+    assert not any(".teacher." in k for k in rebuilt.state_dict())
+
+
+def test_a_checkpoint_of_other_objectives_is_refused_naming_them(tmp_path, urls, capsys):
+    """A multi-task checkpoint whose objectives are not the config's: Lightning rebuilt the checkpoint's objectives
+    from its hyper-parameters in place of the config's, which failed on data that did not fit them (or trained
+    them); the checkpoint's objectives are named instead."""
+    cfg = demo_config(tmp_path / "a", urls)
+    cfg["trainer"]["max_steps"] = 1
+    (tmp_path / "a").mkdir()
+    main(["fit", "--config", str(_write(tmp_path / "a", cfg))])
+    ckpt = tmp_path / "a/lightning_logs/version_0/checkpoints/last.ckpt"
+    other = demo_config(tmp_path / "b", urls)  # the triplane objective and its image source left out
+    del other["model"]["init_args"]["objectives"]["triplane"]
+    for key in ("weights", "sources"):
+        other["model"]["init_args"].get(key, {}).pop("triplane", None)
+    del other["data"]["init_args"]["sources"]["images"]
+    (tmp_path / "b").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(_write(tmp_path / "b", other)), "--ckpt_path", str(ckpt)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    theirs = (
+        "MultiTask(consensus: FeatureConsensus, masked_view: MaskedViewPrediction, triplane: TriplaneReconstruction)"
+    )
+    assert f"--ckpt_path {ckpt} is a checkpoint of {theirs}, but the config trains " in err
+    assert (
+        "MultiTask(consensus: FeatureConsensus, masked_view: MaskedViewPrediction) (model.init_args.objectives)" in err
+    )
+    # in Python (no CLI), loading it into a module of other objectives names them too
+    from selfsup3d.errors import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoint of MultiTask\(consensus: FeatureConsensus, mask"):
+        make_model().on_load_checkpoint(torch.load(ckpt, weights_only=True))
+    assert not (tmp_path / "b" / "lightning_logs").exists()  # nothing ran
+
+
+def test_exporting_a_multitask_checkpoint_names_the_teacher_and_warns_of_nothing(tmp_path, urls, capsys):
+    """Loading a multi-task checkpoint warned that objectives=dict could not be saved; --teacher exported one of two
+    teachers without saying whose."""
+    import warnings
+
+    cfg = demo_config(tmp_path, urls)
+    cfg["trainer"]["max_steps"] = 1
+    cfg["model"]["init_args"]["objectives"]["consensus"]["init_args"]["teacher"] = "ema"  # two different teachers
+    main(["fit", "--config", str(_write(tmp_path, cfg))])
+    ckpt = str(tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", ckpt, "--teacher", "--out", str(tmp_path / "t.safetensors")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "holds 2 different frozen teachers (" in err and "--teacher " in err, err
+    assert "triplane: copy of the encoder" in err and "consensus: moving average of the encoder" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning about hyper-parameters left out
+        assert main(["export", ckpt, "--teacher", "consensus", "--out", str(tmp_path / "t.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "the frozen teacher of consensus (moving average of the encoder" in out
+    assert "ImageNet-normalised" in out

@@ -1,5 +1,6 @@
 """A run's life: a run of 2N steps and a run of N steps resumed for N more are the same run (same losses at every
-step, same final weights), alone and in the multi-task demo config, with data workers; the loader's state."""
+step, the same steps as logged, the same progress bar, the same final weights), alone and in the multi-task demo
+config, with data workers, however the first run stopped; the loader's state."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def single_config(tmp_path: Path, urls: str) -> Path:
                           "batches_per_epoch": 3, "val_batches": 1, "with_depth": False, "color_jitter": True,
                           "shuffle_buffer": 4},
         },
-        "trainer": {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
+        "trainer": {"accelerator": "cpu", "enable_progress_bar": True, "enable_model_summary": False,
                     "num_sanity_val_steps": 0, "log_every_n_steps": 1},
     }  # fmt: skip
     path = tmp_path / "config.yaml"
@@ -55,13 +56,21 @@ def single_config(tmp_path: Path, urls: str) -> Path:
     return path
 
 
-def fit(cfg: Path, root: Path, max_steps: int, stop_at: int | None = None, resume: bool = False) -> None:
+def recorders(root: Path) -> list[str]:
+    """CLI arguments that record every step's loss and what the progress bar shows into ``root``."""
+    return ["--trainer.callbacks+=toy.RecordLosses", f"--trainer.callbacks.path={root / 'losses.json'}",
+            "--trainer.callbacks+=toy.RecordBar", f"--trainer.callbacks.path={root / 'bar.json'}"]  # fmt: skip
+
+
+def fit(
+    cfg: Path, root: Path, max_steps: int, stop_at: int | None = None, resume: bool = False, args: tuple = ()
+) -> None:
     """Fit ``max_steps`` (the schedule's length) into ``root``, stopped after ``stop_at`` steps or resumed."""
     argv = ["fit", "--config", str(cfg), "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(max_steps)]
-    argv += ["--trainer.callbacks+=toy.RecordLosses", f"--trainer.callbacks.path={root / 'losses.json'}"]
+    argv += recorders(root)
     if stop_at is not None:
         argv += ["--trainer.callbacks+=toy.StopAt", f"--trainer.callbacks.step={stop_at}"]
-    main([*argv, *(["--ckpt_path", "last"] if resume else [])])
+    main([*argv, *args, *(["--ckpt_path", "last"] if resume else [])])
 
 
 def outcome(root: Path) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -70,10 +79,32 @@ def outcome(root: Path) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     return losses, ckpt["state_dict"]
 
 
-def assert_same_run(whole: Path, resumed: Path, steps: int) -> None:
+def logged(run: Path, tag: str = "train/loss") -> list[tuple[int, float]]:
+    """``(step, value)`` of every ``tag`` written to TensorBoard in ``run``, file after file (a resumed run adds a
+    file), as written: no step dropped or merged."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util.tensor_util import make_ndarray
+
+    return [
+        (event.step, float(make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value)
+        for path in sorted(run.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+        for event in EventFileLoader(str(path)).Load()
+        for value in event.summary.value
+        if value.tag == tag
+    ]
+
+
+def assert_same_run(whole: Path, resumed: Path, steps: int, unlogged: tuple[int, ...] = ()) -> None:
+    """The same losses at every step, the same steps and values logged (but the logging steps in ``unlogged``,
+    lost with an interrupted process), the same progress bar from the resume on, the same final weights."""
     (losses_a, weights_a), (losses_b, weights_b) = outcome(whole), outcome(resumed)
     assert list(losses_a) == [str(s) for s in range(1, steps + 1)]
     assert losses_b == losses_a  # every step, bit for bit
+    run_a, run_b = whole / "lightning_logs/version_0", resumed / "lightning_logs/version_0"
+    assert [s for s, _ in logged(run_a)] == list(range(steps))
+    assert logged(run_b) == [(s, v) for s, v in logged(run_a) if s not in unlogged]  # the same steps, none twice
+    bar_a, bar_b = (json.loads((root / "bar.json").read_text()) for root in (whole, resumed))
+    assert {k: v for k, v in bar_b.items()} == {k: bar_a[k] for k in bar_b}, (bar_a, bar_b)
     assert weights_a.keys() == weights_b.keys()
     different = [k for k in weights_a if not torch.equal(weights_a[k], weights_b[k])]
     assert not different, different
@@ -87,6 +118,31 @@ def test_n_plus_n_is_2n_for_one_objective_with_workers(tmp_path, image_urls):
     assert_same_run(tmp_path / "whole", tmp_path / "resumed", 8)
 
 
+@pytest.mark.parametrize("how", ["should_stop", "max_time"])
+def test_a_run_stopped_by_lightning_mid_epoch_before_any_validation_resumes_exactly(tmp_path, image_urls, how):
+    """``trainer.should_stop`` set mid-epoch (by a callback, or by ``--trainer.max_time``) with no validation
+    before: Lightning ends the epoch early and counts it as finished; the resume continues it as the
+    uninterrupted run does (same per-batch seeds: the objective draws a random rotation per image)."""
+    cfg = yaml.safe_load(single_config(tmp_path, image_urls).read_text())
+    cfg["model"]["class_path"] = "toy.RandomRotation"
+    cfg["trainer"]["check_val_every_n_epoch"] = 1000
+    cfg["data"]["init_args"]["batches_per_epoch"] = 20  # every stop before step 8 is mid-epoch
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    fit(path, tmp_path / "whole", 8)
+    if how == "should_stop":
+        fit(path, tmp_path / "resumed", 8, stop_at=3)
+    else:  # 1 s of training at 0.25 s a step: Lightning's Timer stops the run after a few steps
+        slow = ["--trainer.callbacks+=toy.MarkStep", f"--trainer.callbacks.path={tmp_path / 'marker'}",
+                "--trainer.callbacks.step=0", "--trainer.callbacks.sleep=0.25"]  # fmt: skip
+        fit(path, tmp_path / "resumed", 8, args=("--trainer.max_time", "00:00:00:01", *slow))
+    stopped = torch.load(tmp_path / "resumed/lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    assert 1 <= stopped["global_step"] < 8
+    # the Timer keeps the time trained in the checkpoint: the resume gives the run more time (here: none)
+    fit(path, tmp_path / "resumed", 8, resume=True, args=("--trainer.max_time", "null") if how == "max_time" else ())
+    assert_same_run(tmp_path / "whole", tmp_path / "resumed", 8)
+
+
 def test_n_plus_n_is_2n_for_the_multitask_demo_config_with_workers(tmp_path, scene_urls):
     cfg = demo_config(tmp_path, scene_urls)
     for source in cfg["data"]["init_args"]["sources"].values():
@@ -95,7 +151,7 @@ def test_n_plus_n_is_2n_for_the_multitask_demo_config_with_workers(tmp_path, sce
     scenes = cfg["data"]["init_args"]["sources"]["scenes"]["init_args"]
     scenes.update(num_views=3, num_context_views=2, view_window=[3, 4], window_steps=4)
     cfg["model"]["init_args"].update(grad_spike_factor=3.0, grad_spike_warmup=2, ema_decay=0.9)
-    cfg["trainer"]["callbacks"] = []
+    cfg["trainer"].update(callbacks=[], enable_progress_bar=True)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     fit(path, tmp_path / "whole", 6)

@@ -21,13 +21,24 @@ class RotationPrediction(PretrainObjective):
         super().__init__(encoder, **kwargs)
         self.head = nn.Sequential(nn.Linear(encoder.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 4))
 
+    def rotations(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.arange(images.shape[0], device=images.device) % 4
+
     def step(self, batch: dict, stage: str, encoder: Encoder) -> dict:
         images = batch["image"]
-        k = torch.arange(images.shape[0], device=images.device) % 4
+        k = self.rotations(images)
         rotated = torch.stack([torch.rot90(im, int(r), dims=(1, 2)) for im, r in zip(images, k)])
         logits = self.head(encoder(rotated).cls)
         loss = F.cross_entropy(logits, k)
         return {"loss": loss, "accuracy": (logits.argmax(-1) == k).float().mean()}
+
+
+class RandomRotation(RotationPrediction):
+    """:class:`RotationPrediction` with a random rotation per image, drawn from the step's random generator (as
+    masks and rays are): its losses depend on the per-batch seeds."""
+
+    def rotations(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.randint(0, 4, (images.shape[0],), device=images.device)
 
 
 class _Images(Dataset):
@@ -162,6 +173,41 @@ class RecordLosses(Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         seen[str(trainer.global_step)] = None if loss is None else float(loss)
         path.write_text(json.dumps(seen))
+
+
+class RecordBar(Callback):
+    """Appends what the progress bar shows (epoch text, batches done, total) before every training step and at the
+    end to ``path`` (JSON ``{global step: [text, done, total]}``), keeping what an earlier run of the file
+    recorded, as :class:`RecordLosses` does. Steps at which the bar shows no epoch yet are left out."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _record(self, trainer) -> None:
+        import json
+        from pathlib import Path
+
+        bar = trainer.progress_bar_callback
+        if hasattr(bar, "train_progress_bar_id"):  # Rich
+            if bar.train_progress_bar_id is None:
+                return
+            task = bar.progress.tasks[bar.train_progress_bar_id]
+            shown = [task.description.split("]")[-1].strip(), int(task.completed), task.total]
+        elif getattr(bar, "train_progress_bar", None) is not None and bar.train_progress_bar.total:  # tqdm
+            tqdm = bar.train_progress_bar
+            shown = [str(tqdm.desc).rstrip(": "), int(tqdm.n), tqdm.total]
+        else:
+            return
+        path = Path(self.path)
+        seen = json.loads(path.read_text()) if path.exists() else {}
+        seen[str(trainer.global_step)] = shown
+        path.write_text(json.dumps(seen))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._record(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._record(trainer)
 
 
 class StopAt(Callback):

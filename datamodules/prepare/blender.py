@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from selfsup3d.datamodules.format import ShardSink
-from selfsup3d.datamodules.prepare.frames import IMAGE_SUFFIXES, scale_K, scene_record
+from selfsup3d.datamodules.format import SampleKeys, ShardSink
+from selfsup3d.datamodules.prepare.frames import IMAGE_SUFFIXES, orthonormal, scale_K, scene_record
 from selfsup3d.datamodules.prepare.writer import (
     ConvertReport,
     Unit,
@@ -31,19 +31,6 @@ from selfsup3d.datamodules.prepare.writer import (
 )
 
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
-
-
-def _orthonormal(c2w: np.ndarray, tol: float = 1e-3) -> np.ndarray | None:
-    """``c2w`` with its rotation snapped to the nearest rotation, or ``None`` when it is not one (scaled,
-    sheared or reflected beyond ``tol``)."""
-    rot = c2w[:3, :3]
-    if not np.all(np.isfinite(c2w)) or np.abs(rot @ rot.T - np.eye(3)).max() > tol or np.linalg.det(rot) < 0:
-        return None
-    u, _, vt = np.linalg.svd(rot)
-    out = np.array(c2w, dtype=np.float64)
-    out[:3, :3] = u @ vt
-    out[3] = [0, 0, 0, 1]
-    return out
 
 
 _BLENDER_ORDER = ("transforms.json", "transforms_train.json", "transforms_val.json", "transforms_test.json")
@@ -90,8 +77,8 @@ _BLENDER_CAMERA_KEYS = ("camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "cx"
 _DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
 
 
-def _blender_unit(args: tuple[Path, str, dict[str, Any]]) -> Unit:
-    scene_dir, name, opts = args
+def _blender_unit(args: tuple[Path, str, str, dict[str, Any]]) -> Unit:
+    scene_dir, name, key, opts = args
     unit = Unit(None)
     frames: list[tuple[str, Path, np.ndarray, np.ndarray]] = []
     for tf in _blender_files(scene_dir):
@@ -123,7 +110,7 @@ def _blender_unit(args: tuple[Path, str, dict[str, Any]]) -> Unit:
             except (KeyError, TypeError, ValueError) as err:
                 unit.skipped.append((what, f"bad transform_matrix ({err})"))
                 continue
-            c2w = _orthonormal(gl @ GL_TO_CV)
+            c2w = orthonormal(gl @ GL_TO_CV)
             if c2w is None:
                 unit.skipped.append((what, "transform_matrix is not a rigid transform"))
                 continue
@@ -137,7 +124,7 @@ def _blender_unit(args: tuple[Path, str, dict[str, Any]]) -> Unit:
                 unit.skipped.append((what, f"{type(err).__name__}: {err}"))
                 continue
             frames.append((what, path, K, c2w))
-    return scene_record(name, frames, "blender", opts, unit)
+    return scene_record(name, frames, "blender", opts, unit, key=key)
 
 
 def convert_blender(
@@ -173,7 +160,9 @@ def convert_blender(
     src_path = Path(src)
     scenes = scene_dirs(src_path, lambda p: bool(_blender_files(p)), "transforms*.json")
     opts = converter_options(max_size, max_views, min_views, background, image_format)
-    jobs = [(d, d.name if d != src_path else src_path.resolve().name, opts) for d in scenes]
+    names = [d.name if d != src_path else src_path.resolve().name for d in scenes]
+    keys = SampleKeys()
+    jobs = [(d, name, keys.key(name), opts) for d, name in zip(scenes, names)]
     report = ConvertReport("blender", str(out), split)
     sink = ShardSink(out, split, samples_per_shard=scenes_per_shard, image_format=image_format, overwrite=overwrite)
     return write_units(pool_map(_blender_unit, jobs, workers, "convert blender", progress), report, sink)

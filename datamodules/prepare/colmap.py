@@ -6,7 +6,10 @@ world-to-camera quaternions and translations are inverted into ``c2w`` (COLMAP c
 and pixel centres at +0.5, like the shard format). Models SIMPLE_PINHOLE, PINHOLE, SIMPLE_RADIAL, RADIAL and
 OPENCV are read; lens distortion is **ignored with a note** by default (the pinhole part is kept), or the views
 are refused with ``refuse_distortion``. Views are ordered by file name in natural order
-(:func:`~selfsup3d.datamodules.prepare.frames.capture_order_key`).
+(:func:`~selfsup3d.datamodules.prepare.frames.capture_order_key`). When the model has ``points3D.txt``, every
+view's observations of the sparse points (``images.txt``'s second lines) are kept as ``sparse_depth.npy``
+(pixel position and z-depth in the model's units), so that ``selfsup3d data pseudo-depth`` can scale
+monocular depth to them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from selfsup3d.datamodules.format import ShardSink
+from selfsup3d.datamodules.format import SampleKeys, ShardSink
 from selfsup3d.datamodules.prepare.frames import capture_order_key, scale_K, scene_record
 from selfsup3d.datamodules.prepare.writer import (
     ConvertReport,
@@ -56,6 +59,43 @@ def parse_colmap_cameras(text: str) -> dict[int, tuple[str, int, int, list[float
         parts = line.split()
         cameras[int(parts[0])] = (parts[1], int(parts[2]), int(parts[3]), [float(p) for p in parts[4:]])
     return cameras
+
+
+def parse_colmap_points(text: str) -> dict[int, np.ndarray]:
+    """``points3D.txt`` -> ``{point3d_id: xyz}``."""
+    points = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and not parts[0].startswith("#"):
+            points[int(parts[0])] = np.array([float(p) for p in parts[1:4]])
+    return points
+
+
+def parse_colmap_observations(text: str) -> dict[int, np.ndarray]:
+    """``images.txt`` -> ``{image_id: [N, 3] rows (x, y, point3d_id)}``: each image's observations of sparse
+    points (its second line; ``point3d_id`` -1, an unmatched feature, left out)."""
+    lines = [line.rstrip("\n") for line in text.splitlines() if not line.startswith("#")]
+    out = {}
+    for header, points in zip(lines[::2], lines[1::2] + [""] * (len(lines) % 2)):
+        parts = header.split()
+        if len(parts) < 10:
+            continue
+        values = np.array([float(p) for p in points.split()], dtype=np.float64).reshape(-1, 3)
+        out[int(parts[0])] = values[values[:, 2] >= 0]
+    return out
+
+
+def sparse_view_depth(observations: np.ndarray, points: dict[int, np.ndarray], c2w: np.ndarray) -> np.ndarray:
+    """``[N, 3]`` rows ``(u, v, z)`` of one view: its observed points' pixel positions and z-depth in the camera
+    ``c2w`` (points in front of it only)."""
+    rows = [(x, y, points[int(pid)]) for x, y, pid in observations if int(pid) in points]
+    if not rows:
+        return np.zeros((0, 3))
+    world = np.stack([r[2] for r in rows])
+    w2c = np.linalg.inv(c2w)
+    z = world @ w2c[:3, :3].T[:, 2] + w2c[2, 3]
+    uvz = np.column_stack([[r[0] for r in rows], [r[1] for r in rows], z])
+    return uvz[uvz[:, 2] > 0]
 
 
 def parse_colmap_images(text: str) -> list[tuple[int, np.ndarray, np.ndarray, int, str]]:
@@ -103,8 +143,8 @@ def colmap_pinhole(model: str, params: list[float]) -> tuple[np.ndarray, list[fl
     return np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]], dtype=np.float64), list(distortion)
 
 
-def _colmap_unit(args: tuple[Path, str, dict[str, Any]]) -> Unit:
-    scene_dir, name, opts = args
+def _colmap_unit(args: tuple[Path, str, str, dict[str, Any]]) -> Unit:
+    scene_dir, name, key, opts = args
     unit = Unit(None)
     model_dir = _colmap_model_dir(scene_dir)
     images_dir = scene_dir / opts["images"]
@@ -116,13 +156,18 @@ def _colmap_unit(args: tuple[Path, str, dict[str, Any]]) -> Unit:
         return unit
     try:
         cameras = parse_colmap_cameras((model_dir / "cameras.txt").read_text())
-        records = parse_colmap_images((model_dir / "images.txt").read_text())
+        images_txt = (model_dir / "images.txt").read_text()
+        records = parse_colmap_images(images_txt)
+        points_txt = model_dir / "points3D.txt"
+        points = parse_colmap_points(points_txt.read_text()) if points_txt.is_file() else {}
+        observations = parse_colmap_observations(images_txt) if points else {}
     except (OSError, ValueError, IndexError) as err:
         unit.skipped.append((name, f"unreadable COLMAP model ({type(err).__name__}: {err})"))
         return unit
     frames: list[tuple[str, Path, np.ndarray, np.ndarray]] = []
+    sparse: dict[str, np.ndarray] = {}
     distorted = 0
-    for _, qvec, tvec, camera_id, image_name in sorted(records, key=lambda r: capture_order_key(r[4])):
+    for image_id, qvec, tvec, camera_id, image_name in sorted(records, key=lambda r: capture_order_key(r[4])):
         what = f"{name}/{image_name}"
         if camera_id not in cameras:
             unit.skipped.append((what, f"camera {camera_id} is not in cameras.txt"))
@@ -160,6 +205,9 @@ def _colmap_unit(args: tuple[Path, str, dict[str, Any]]) -> Unit:
         c2w[:3, :3] = rot.T
         c2w[:3, 3] = -rot.T @ tvec
         frames.append((what, path, K, c2w))
+        if image_id in observations:
+            uvz = sparse_view_depth(observations[image_id], points, c2w)
+            sparse[what] = uvz * [actual[0] / width, actual[1] / height, 1.0]  # pixels of the image file
     if distorted:
         unit.notes.append(
             (
@@ -168,7 +216,7 @@ def _colmap_unit(args: tuple[Path, str, dict[str, Any]]) -> Unit:
                 "pass --refuse-distortion to skip them",
             )
         )
-    return scene_record(name, frames, "colmap", opts, unit)
+    return scene_record(name, frames, "colmap", opts, unit, sparse if points else None, key=key)
 
 
 def convert_colmap(
@@ -214,6 +262,7 @@ def convert_colmap(
     opts.update(images=images, refuse_distortion=refuse_distortion)
     report = ConvertReport("colmap", str(out), split)
     jobs = []
+    keys = SampleKeys()
     for d in scenes:
         name = d.name if d != src_path else src_path.resolve().name
         if _colmap_model_dir(d) is None:
@@ -221,6 +270,6 @@ def convert_colmap(
             hint = f"colmap model_converter --input_path {binary} --output_path {binary} --output_type TXT"
             report.skipped.append((name, f"binary COLMAP model only; convert it to text with `{hint}`"))
             continue
-        jobs.append((d, name, opts))
+        jobs.append((d, name, keys.key(name), opts))
     sink = ShardSink(out, split, samples_per_shard=scenes_per_shard, image_format=image_format, overwrite=overwrite)
     return write_units(pool_map(_colmap_unit, jobs, workers, "convert colmap", progress), report, sink)

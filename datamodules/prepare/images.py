@@ -11,9 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import ImageOps
-
-from selfsup3d.datamodules.format import ImageSample, ShardSink, encode_image_sample, make_key
+from selfsup3d.datamodules.format import ImageSample, SampleKeys, ShardSink, encode_image_sample, upright
 from selfsup3d.datamodules.prepare.frames import IMAGE_SUFFIXES, fit_size, load_image, prepare_image
 from selfsup3d.datamodules.prepare.writer import ConvertReport, Unit, converter_options, pool_map, write_units
 
@@ -23,7 +21,7 @@ def _image_unit(args: tuple[Path, str, int, str | None, dict[str, Any]]) -> Unit
     unit = Unit(None)
     try:
         image, data = load_image(path)
-        image = ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
+        image = upright(image)
         prepared, mask = prepare_image(image, data, fit_size(image.size, opts["max_size"]), opts["background"])
         meta = {"source": "images", "path": opts["relative"](path)}
         if class_name is not None:
@@ -110,16 +108,11 @@ def convert_images(
         raise FileNotFoundError(f"{src_path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if shuffle:
         random.Random(seed).shuffle(files)
-    used: set[str] = set()
-    jobs = []
-    for path, label, class_name in files:
-        key = base = make_key(str(path.relative_to(src_path).with_suffix("")))
-        n = 1
-        while key in used:
-            n += 1
-            key = f"{base}_{n}"
-        used.add(key)
-        jobs.append((path, key, label, class_name, opts))
+    keys = SampleKeys()
+    jobs = [
+        (path, keys.key(str(path.relative_to(src_path).with_suffix(""))), label, class_name, opts)
+        for path, label, class_name in files
+    ]
     sink = ShardSink(out, split, samples_per_shard=samples_per_shard, image_format=image_format, overwrite=overwrite)
     return write_units(pool_map(_image_unit, jobs, workers, "convert images", progress), report, sink)
 

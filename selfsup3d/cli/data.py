@@ -7,7 +7,13 @@
     selfsup3d data convert blender SRC --out DIR     NeRF/Blender transforms*.json scenes
     selfsup3d data convert colmap SRC --out DIR      COLMAP text models with their images
     selfsup3d data convert images SRC --out DIR      an image folder (class = sub-folder), single-view
-    selfsup3d data pseudo-depth ...                  monocular depth for single-view shards
+    selfsup3d data convert video SRC --out DIR       videos -> unposed clips (resumable, --part i/n)
+    selfsup3d data convert frames SRC --out DIR      folders of ordered frames -> unposed clips (the same)
+    selfsup3d data convert re10k SRC --out DIR       pixelSplat's RealEstate10K/ACID .torch chunks (resumable)
+    selfsup3d data convert lvsm SRC --out DIR        LVSM's or RayZer's per-scene JSON (the same)
+    selfsup3d data convert dl3dv SRC --out DIR       DL3DV nerfstudio transforms.json, undistorted (the same)
+    selfsup3d data convert co3d SRC --out DIR        CO3Dv2 annotations with depth (the same)
+    selfsup3d data pseudo-depth ...                  monocular depth for single-view shards and scenes
 
 ``selfsup3d.cli`` dispatches ``selfsup3d data ARGS`` to :func:`main` before LightningCLI parses anything.
 """
@@ -19,7 +25,20 @@ import sys
 from collections.abc import Sequence
 
 from selfsup3d.datamodules.format import IMAGE_EXTENSIONS
-from selfsup3d.datamodules.prepare import blender, colmap, images, pseudo_depth
+from selfsup3d.datamodules.prepare import (
+    blender,
+    co3d,
+    colmap,
+    dl3dv,
+    images,
+    lvsm,
+    pseudo_depth,
+    re10k,
+    sequences,
+    video,
+)
+from selfsup3d.datamodules.prepare.clips import ClipOptions, parse_size
+from selfsup3d.datamodules.prepare.journal import RunOptions, SceneOptions
 from selfsup3d.datamodules.prepare.render import RenderSettings, render_dataset
 
 
@@ -80,7 +99,54 @@ def _parse_background(text: str) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
+_PAPER_CONVERTERS = {
+    "re10k": re10k.convert_re10k,
+    "lvsm": lvsm.convert_lvsm,
+    "dl3dv": dl3dv.convert_dl3dv,
+    "co3d": co3d.convert_co3d,
+}
+
+
+def _convert_paper(args: argparse.Namespace) -> int:
+    """``convert re10k|lvsm|dl3dv|co3d``: posed scenes, resumable and by parts."""
+    extra = {"dl3dv": ("images",), "co3d": ("set_list", "subset", "min_quality")}.get(args.source, ())
+    scenes = SceneOptions(args.max_size, args.max_views, args.min_views, args.image_format, args.shard_size)
+    run = RunOptions(args.part, args.workers, args.overwrite, not args.no_progress)
+    kwargs = {name: getattr(args, name) for name in extra}
+    report = _PAPER_CONVERTERS[args.source](args.src, args.out, args.split, scenes=scenes, run=run, **kwargs)
+    print(report.summary())
+    return 0 if report.written else 1
+
+
 def _convert(args: argparse.Namespace) -> int:
+    if args.source in _PAPER_CONVERTERS:
+        return _convert_paper(args)
+    if args.source in ("video", "frames"):
+        clips = ClipOptions(
+            args.clip_frames,
+            args.size,
+            args.max_clips,
+            args.image_format,
+            args.quality,
+            args.shot_threshold,
+            args.still_threshold,
+            args.duplicate_threshold,
+        )
+        clip_args = dict(
+            split=args.split,
+            clips=clips,
+            scenes_per_shard=args.shard_size,
+            part=args.part,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+        if args.source == "video":
+            report = video.convert_video(args.src, args.out, fps=args.fps, **clip_args)
+        else:
+            report = sequences.convert_frames(args.src, args.out, stride=args.stride, fps=args.fps, **clip_args)
+        print(report.summary())
+        return 0 if report.written else 1
     common = dict(
         split=args.split,
         max_size=args.max_size,
@@ -124,11 +190,123 @@ def _convert(args: argparse.Namespace) -> int:
     return 0 if report.written else 1
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_clip_parsers(kinds: argparse._SubParsersAction) -> None:
+    """``convert video`` and ``convert frames``: unposed clips, resumable and by parts
+    (:mod:`~selfsup3d.datamodules.prepare.video`, :mod:`~selfsup3d.datamodules.prepare.sequences`)."""
+    clips_help = (
+        "Frames are resized to cover --size and centre-cropped, cut into clips of --clip-frames consecutive frames "
+        "(one unposed scene each: no cameras.json); shot changes split clips, still and near-duplicate clips are "
+        "dropped and counted. An interrupted run resumes where it stopped when run again (same shards, byte for "
+        "byte); --part i/n converts one of n parts (e.g. a SLURM array job), each into its own shards."
+    )
+    video_parser = kinds.add_parser(
+        "video",
+        help="videos (a file, a folder, or a list file) as unposed clips of frames (PyAV)",
+        description="SRC is a video, a folder of videos (searched recursively) or a .txt list of them. Frames are "
+        "resampled to --fps by their timestamps. Unreadable, truncated or unsupported files are listed as skipped "
+        "(or cut short, keeping what decoded). " + clips_help,
+    )
+    video_parser.add_argument("--fps", type=float, default=10.0, help="target frame rate (default %(default)s)")
+    frames_parser = kinds.add_parser(
+        "frames",
+        help="folders of ordered frames (one per sequence, natural sort) as unposed clips",
+        description="SRC is a folder of frames (one sequence) or a folder whose sub-folders are sequences. "
+        + clips_help,
+    )
+    frames_parser.add_argument("--stride", type=int, default=1, help="keep every n-th frame (default %(default)s)")
+    frames_parser.add_argument("--fps", type=float, default=None, help="frame rate of the kept frames, when known")
+    for p in (video_parser, frames_parser):
+        p.add_argument("src", help="source: see above")
+        p.add_argument("--split", default="train", help="shard name prefix (default %(default)s)")
+        p.add_argument("--clip-frames", type=int, default=24, help="frames (views) per clip (default %(default)s)")
+        p.add_argument("--size", type=_size, default=(256, 256), help="view size, N or WxH (default 256)")
+        p.add_argument("--max-clips", type=int, default=None, help="at most this many clips per input (the first)")
+        p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality (default %(default)s)")
+        p.add_argument(
+            "--shot-threshold",
+            type=float,
+            default=40.0,
+            help="a larger mean difference (0-255) of consecutive frames' thumbnails is a shot change; 0: none "
+            "(default %(default)s)",
+        )
+        still = "drop clips whose frames all stay this close to the first; 0: keep them (default %(default)s)"
+        p.add_argument("--still-threshold", type=float, default=1.5, help=still)
+        duplicate = "drop clips this close to an earlier clip of the same input; 0: keep them (default %(default)s)"
+        p.add_argument("--duplicate-threshold", type=float, default=2.0, help=duplicate)
+        p.add_argument("--part", default=None, help="i/n: convert part i of n (1-based), into its own shards")
+        _add_output_arguments(p, shard_size=64, image_format="jpg")
+        p.set_defaults(func=_convert)
+
+
+def _add_paper_parsers(kinds: argparse._SubParsersAction) -> None:
+    """``convert re10k|lvsm|dl3dv|co3d``: the papers' data sets as posed scenes, resumable and by parts
+    (:mod:`~selfsup3d.datamodules.prepare.re10k`, ``lvsm``, ``dl3dv``, ``co3d``)."""
+    common = (
+        " Views keep capture order (view i is frame i of the source unless --max-views subsamples). An interrupted "
+        "run resumes where it stopped when run again; --part i/n converts one of n parts into its own shards."
+    )
+    parsers = {
+        "re10k": kinds.add_parser(
+            "re10k",
+            help="RealEstate10K/ACID in pixelSplat's .torch chunks (JPEG bytes, 18-number cameras)",
+            description="SRC is a .torch chunk or a folder of them (recursive): lists of scene dicts with key, "
+            "cameras [N, 18] (fx fy cx cy normalised by the image size, 2 unused, 3x4 world-to-camera, OpenCV "
+            "axes) and images (JPEG bytes, copied unchanged)." + common,
+        ),
+        "lvsm": kinds.add_parser(
+            "lvsm",
+            help="LVSM's or RayZer's per-scene JSON (full_list.txt, a folder, or one file)",
+            description="SRC is full_list.txt, a folder of scene JSON files (recursive) or one. Frames are "
+            "{image_path, fxfycxcy, w2c} (LVSM) or {file_path, w, h, fx, fy, cx, cy, w2c} (RayZer); w2c in OpenCV "
+            "axes; image paths absolute or relative to the JSON's folder or its parent." + common,
+        ),
+        "dl3dv": kinds.add_parser(
+            "dl3dv",
+            help="DL3DV scenes: nerfstudio transforms.json (OpenGL, applied_transform, k1 k2 p1 p2)",
+            description="SRC is a scene (transforms.json or nerfstudio/transforms.json) or a folder of them. "
+            "applied_transform is read, checked and undone; lens distortion is undone (kornia); intrinsics are "
+            "rescaled to the images read (--images images_4)." + common,
+        ),
+        "co3d": kinds.add_parser(
+            "co3d",
+            help="CO3Dv2: frame/sequence annotations (PyTorch3D cameras), images and float16 depth",
+            description="SRC is the CO3D root or one category. PyTorch3D row-vector cameras with NDC intrinsics "
+            "(ndc_norm_image_bounds or ndc_isotropic) become pixel K and OpenCV c2w; depth PNGs hold float16 bit "
+            "patterns (times scale_adjustment, masked by the depth masks)." + common,
+        ),
+    }
+    for p in parsers.values():
+        p.add_argument("src", help="source: see above")
+        p.add_argument("--split", default="train", help="shard name prefix (default %(default)s)")
+        p.add_argument("--max-size", type=int, default=None, help="downscale so the longer side is at most this")
+        p.add_argument("--max-views", type=int, default=None, help="at most this many views per scene, evenly spread")
+        p.add_argument("--min-views", type=int, default=2, help="skip scenes with fewer views (default %(default)s)")
+        p.add_argument("--part", default=None, help="i/n: convert part i of n (1-based), into its own shards")
+        _add_output_arguments(p, shard_size=16, image_format="jpg")
+        p.set_defaults(func=_convert)
+    parsers["dl3dv"].add_argument(
+        "--images", default=None, help="image folder read instead of file_path's first folder (e.g. images_4)"
+    )
+    co3d_parser = parsers["co3d"]
+    co3d_parser.add_argument("--set-list", default=None, help="convert the frames of set_lists_NAME.json only")
+    co3d_parser.add_argument("--subset", default=None, help="train, val or test of the set list (default: --split)")
+    co3d_parser.add_argument(
+        "--min-quality", type=float, default=None, help="skip sequences with a lower viewpoint_quality_score"
+    )
+
+
 def _add_pseudo_depth_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``selfsup3d data pseudo-depth``
     (:func:`~selfsup3d.datamodules.prepare.pseudo_depth.annotate_pseudo_depth`)."""
     parser.add_argument(
-        "src", help="single-view shards (brace pattern, glob, or a folder of .tar files) or a folder of images"
+        "src", help="shards of images or scenes (brace pattern, glob, a folder of .tar files) or an image folder"
     )
     parser.add_argument("--out", required=True, help="output folder for the annotated shards")
     parser.add_argument(
@@ -136,7 +314,13 @@ def _add_pseudo_depth_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="Hugging Face depth-estimation model: hub id or local folder (Depth Anything, DPT, ...)",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="images per model call (default %(default)s)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="images per batch, run in one model call per input size the processor gives them, so photos of "
+        "mixed aspect ratio work at any size (default %(default)s)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     parser.add_argument(
         "--dtype",
@@ -252,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert Blender/NeRF scenes, COLMAP models or an image folder into shards",
         description="Convert data you have into selfsup3d shards; prints what was written and what was skipped.",
     )
-    kinds = convert.add_subparsers(dest="source", required=True, metavar="{blender,colmap,images}")
+    kinds = convert.add_subparsers(
+        dest="source", required=True, metavar="{blender,colmap,images,video,frames,re10k,lvsm,dl3dv,co3d}"
+    )
     blender = kinds.add_parser(
         "blender",
         help="NeRF/Blender scenes: transforms*.json (OpenGL c2w, camera_angle_x or fl_x/fl_y/cx/cy) + images",
@@ -278,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-size", type=int, default=None, help="downscale so the longer side is at most this")
         _add_output_arguments(p, shard_size=shard_size, image_format=fmt)
         p.set_defaults(func=_convert)
+    _add_clip_parsers(kinds)
+    _add_paper_parsers(kinds)
     for p in (blender, colmap):
         p.add_argument("--max-views", type=int, default=None, help="at most this many views per scene, evenly spread")
         p.add_argument("--min-views", type=int, default=2, help="skip scenes with fewer views (default %(default)s)")
@@ -295,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     annotate = sub.add_parser(
         "pseudo-depth",
-        help="monocular pseudo depth for single-view shards",
+        help="monocular pseudo depth for single-view samples and multi-view scenes (COLMAP captures, video)",
         description=(pseudo_depth.__doc__ or "").strip().split("\n")[0],
     )
     _add_pseudo_depth_arguments(annotate)
@@ -310,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
+    except (FileExistsError, FileNotFoundError, ValueError, ImportError) as err:
         parser.exit(2, f"selfsup3d data {args.command}: error: {err}\n")
     return 0
 

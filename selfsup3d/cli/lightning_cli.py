@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 
 # Lightning 2.6 still calls jsonargparse APIs that 4.49+ deprecates; the warnings are not actionable by users.
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import selfsup3d.callbacks  # noqa: F401  (short class names in YAML resolve for imported classes)
 import selfsup3d.datamodules  # noqa: F401
@@ -41,6 +43,12 @@ from selfsup3d.errors import (
     WeightsUnavailableError,
 )
 from selfsup3d.objectives.base import PretrainObjective
+from selfsup3d.objectives.run.resume import (
+    configured_components,
+    foreign_checkpoint_message,
+    foreign_objective,
+    resolve_class,
+)
 
 DESCRIPTION = "selfsup3d: 3D-aware self-supervised pretraining of vision encoders."
 """The parser's description; :func:`selfsup3d.cli.main` adds the tool verbs."""
@@ -60,7 +68,13 @@ RUN_ERRORS: tuple[type[BaseException], ...] = (CheckpointCorruptError, NonFinite
 
 
 class ConfigLoggingSaveConfig(SaveConfigCallback):
-    """Writes ``config.yaml`` to the log directory (Lightning's behaviour) and also shows it in TensorBoard."""
+    """Writes ``config.yaml`` to the log directory (Lightning's behaviour) and also shows it in TensorBoard; an
+    evaluation logged into the run it evaluates leaves the run's ``config.yaml`` (its training config) as it is."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" and trainer.log_dir and (Path(trainer.log_dir) / self.config_filename).is_file():
+            return
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if isinstance(trainer.logger, TensorBoardLogger):
@@ -121,17 +135,21 @@ class SelfSup3DCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
-        """``--ckpt_path last`` means the newest run of this config.
+        """``--ckpt_path last`` means the newest run of this config, and an evaluated run's checkpoint is evaluated
+        in that run.
 
         Lightning looks for ``last.ckpt`` in the *current* run's checkpoint folder, which is a fresh
         ``version_N`` for every launch, so a plain ``--ckpt_path last`` would find nothing. Here the newest run
         under the same logger folder that has a ``last.ckpt`` is found: ``fit`` pins the logger to its version
         (logs, checkpoints and the saved config continue where they were); ``validate``, ``test`` and
-        ``predict`` evaluate that file."""
+        ``predict`` evaluate that file. They log into the run whose checkpoint they evaluate (any checkpoint of a
+        run under the logger folder), beside its training curves, rather than into a new ``version_N`` that
+        holds no checkpoint; the run's ``config.yaml`` stays the one it was trained with."""
         if self.subcommand not in ("fit", "validate", "test", "predict"):
             return
         cfg = self.config[self.subcommand]
-        if cfg.get("ckpt_path") != "last" or cfg.get("checkpoint", {}).get("dirpath"):
+        ckpt_path = cfg.get("ckpt_path")
+        if not ckpt_path or cfg.get("checkpoint", {}).get("dirpath"):
             return
         logger = cfg.trainer.get("logger")
         root = cfg.trainer.get("default_root_dir") or os.getcwd()
@@ -146,6 +164,15 @@ class SelfSup3DCLI(LightningCLI):
         if args.get("version") is not None or args.get("save_dir") is None:
             return
         runs = Path(args.save_dir) / (args.get("name") or "")
+        if ckpt_path != "last":
+            run = Path(ckpt_path).resolve().parent.parent
+            if (
+                self.subcommand != "fit"
+                and run.parent == runs.resolve()
+                and Path(ckpt_path).parent.name == "checkpoints"
+            ):
+                self._pin_logger(cfg, logger, run.name)
+            return
         found = sorted(runs.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
             if self.subcommand != "fit":
@@ -153,16 +180,21 @@ class SelfSup3DCLI(LightningCLI):
                     f"--ckpt_path last: no run under {runs} has a checkpoints/last.ckpt"
                 )
             return
+        self._refuse_foreign_checkpoint(self.subcommand, found[-1])
+        self._pin_logger(cfg, logger, found[-1].parent.parent.name)
         if self.subcommand != "fit":
             cfg.ckpt_path = str(found[-1])
             rank_zero_info(f"evaluating {found[-1]}")
             return
-        folder = found[-1].parent.parent.name
+        rank_zero_info(f"resuming {found[-1]}")
+
+    @staticmethod
+    def _pin_logger(cfg: Namespace, logger: Namespace, folder: str) -> None:
+        """Log into the run folder ``folder`` (``version_N``) of the logger folder."""
         # TensorBoardLogger names an integer version "version_N"; a string is used as the folder name as is
         number = re.fullmatch(r"version_(\d+)", folder)
-        args.version = int(number.group(1)) if number else folder
+        logger.init_args.version = int(number.group(1)) if number else folder
         cfg.trainer.logger = logger
-        rank_zero_info(f"resuming {found[-1]}")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Lightning's, with selfsup3d's progress bar (:func:`~selfsup3d.callbacks.default_progress_bar`) unless
@@ -177,7 +209,8 @@ class SelfSup3DCLI(LightningCLI):
         return trainer
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning's (it reads the checkpoint's hyper-parameters), after checking that the file is whole."""
+        """Lightning's (it reads the checkpoint's hyper-parameters), after checking that the file is whole and that
+        it is a checkpoint of the config's objective."""
         subcommand = self.config.get("subcommand")
         if subcommand:
             path = self.config[subcommand].get("ckpt_path")
@@ -186,7 +219,39 @@ class SelfSup3DCLI(LightningCLI):
                     check_checkpoint(path)
                 except CheckpointCorruptError as err:
                     run_error(subcommand, err)
+                self._refuse_foreign_checkpoint(subcommand, Path(path))
         super()._parse_ckpt_path()
+
+    def _refuse_foreign_checkpoint(self, subcommand: str, path: Path) -> None:
+        """A usage error when ``path`` was written by another objective than the config's ``model.class_path``
+        (Lightning would rebuild the checkpoint's objective from its hyper-parameters in place of the config's,
+        and train or evaluate it on the config's data)."""
+        class_path = self.config[subcommand].get("model", {}).get("class_path")
+        cls = resolve_class(class_path) if isinstance(class_path, str) else None
+        if cls is None:
+            return
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001  (a file that does not load is reported by Lightning's own loading)
+            return
+        init_args = self.config[subcommand].get("model", {}).get("init_args") or {}
+        found = foreign_objective(checkpoint, cls, configured_components(init_args.get("objectives")))
+        if found is not None:  # one line (a usage error's pointer to --help would not help), status 2
+            run_error(subcommand, foreign_checkpoint_message(path, found), status=2)
+        self._note_a_short_run(subcommand, path, checkpoint)
+
+    def _note_a_short_run(self, subcommand: str, path: Path, checkpoint: Any) -> None:
+        """An evaluation of a checkpoint written before the config's ``max_steps`` says so: a run that a clock
+        (``max_time``), a signal or a callback stopped early gives the figures of a shorter run."""
+        max_steps = (self.config[subcommand].get("trainer") or {}).get("max_steps")
+        step = checkpoint.get("global_step") if isinstance(checkpoint, dict) else None
+        if subcommand == "fit" or not isinstance(step, int) or not isinstance(max_steps, int) or max_steps <= 0:
+            return
+        if step < max_steps:
+            rank_zero_warn(
+                f"{path} was written at step {step} of the config's max_steps {max_steps} (the run stopped early: "
+                "max_time, a signal or a callback): these figures are those of a shorter run than the config's"
+            )
 
     def _report_user_error(self, err: BaseException, kinds: tuple[type[BaseException], ...]) -> None:
         """Turn a user error raised while building or running the classes (jsonargparse wraps it) into a
@@ -206,18 +271,41 @@ class SelfSup3DCLI(LightningCLI):
             self._report_user_error(err, USER_ERRORS)
 
     def _run_subcommand(self, subcommand: str) -> None:
+        logger = self.trainer.logger
+        before = (
+            set(Path(logger.root_dir).iterdir())
+            if logger and logger.root_dir and Path(logger.root_dir).is_dir()
+            else set()
+        )
         try:
             super()._run_subcommand(subcommand)
-        except ConfigError as err:
-            self._report_user_error(err, (ConfigError,))
-        except RUN_ERRORS as err:
-            run_error(subcommand, err)
+        except BaseException as err:
+            self._drop_unused_run_folder(before)
+            if isinstance(err, ConfigError):
+                self._report_user_error(err, (ConfigError,))
+            if isinstance(err, RUN_ERRORS):
+                run_error(subcommand, err)
+            raise
+
+    def _drop_unused_run_folder(self, before: set[Path]) -> None:
+        """After a start that was refused (no optimiser step, no checkpoint), remove the ``version_N`` folder this
+        launch made (it holds the saved config and an empty event file) and the logger folder when it made that
+        too, so that refused starts leave no run folders behind."""
+        logger = self.trainer.logger
+        if logger is None or not logger.log_dir or self.trainer.global_step or not self.trainer.is_global_zero:
+            return
+        run, root = Path(logger.log_dir), Path(logger.root_dir)
+        if run.is_dir() and run not in before and run.parent == root and not any(run.rglob("*.ckpt")):
+            shutil.rmtree(run, ignore_errors=True)
+            if not before and root.is_dir() and not any(root.iterdir()):
+                root.rmdir()
 
 
-def run_error(subcommand: str, err: BaseException) -> None:
-    """Report a run's error in one line and exit with status 1 (the checkpoint written on the way out stays)."""
+def run_error(subcommand: str, err: BaseException | str, status: int = 1) -> NoReturn:
+    """Report an error in one line and exit with ``status`` (1: a run's error, the checkpoint written on the way out
+    stays; 2: a usage error that ``--help`` would not help with)."""
     print(f"{prog()} {subcommand}: error: {err}", file=sys.stderr)
-    raise SystemExit(1)
+    raise SystemExit(status)
 
 
 def prog() -> str:

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 from timm.layers import LayerScale
-from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor
 
-from selfsup3d.encoders.timm_factory import create_vit
+from selfsup3d.encoders.timm_factory import TimmViT, create_vit
 
 CONFIG_KEY = "selfsup3d_encoder"
 TIMM_NAME_KEY = "timm_name"
@@ -47,18 +47,27 @@ ARCHITECTURE_FIELDS = (
 _BUILD_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "layer_scale_init")
 
 
-def vit_architecture(vit: VisionTransformer) -> dict[str, Any]:
+def layer_scale(block: Any) -> Tensor | None:
+    """The LayerScale factors of a block's attention branch: ``ls1.gamma`` (``VisionTransformer``) or ``gamma_1``
+    (``Eva``), or ``None`` when it has none."""
+    ls1 = getattr(block, "ls1", None)
+    return ls1.gamma if isinstance(ls1, LayerScale) else getattr(block, "gamma_1", None)
+
+
+def vit_architecture(vit: TimmViT) -> dict[str, Any]:
     """The architecture of a built timm ViT (read from its modules; works on the meta device)."""
     block = vit.blocks[0]
+    reg_token = getattr(vit, "reg_token", None)
+    fc1 = getattr(block.mlp, "fc1", None)
     return {
         "embed_dim": int(vit.embed_dim),
         "depth": len(vit.blocks),
         "num_heads": int(block.attn.num_heads),
         "patch_size": int(vit.patch_embed.patch_size[0]),
-        "mlp_hidden": int(block.mlp.fc1.out_features),
-        "reg_tokens": int(getattr(vit, "num_reg_tokens", 0)),
-        "class_token": bool(getattr(vit, "has_class_token", True)),
-        "layer_scale": isinstance(block.ls1, LayerScale),
+        "mlp_hidden": int(fc1.out_features if fc1 is not None else block.mlp.fc2.in_features),  # Eva's SwiGLU: no fc1
+        "reg_tokens": int(reg_token.shape[1]) if reg_token is not None else 0,
+        "class_token": getattr(vit, "cls_token", None) is not None,
+        "layer_scale": layer_scale(block) is not None,
     }
 
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from selfsup3d.checkpoint_io import save_safetensors
 from selfsup3d.encoders.architecture import (
     ARCHITECTURE_KEY,
     CONFIG_KEY,
@@ -76,16 +76,13 @@ def save_encoder(
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"exported encoders are .safetensors files, got {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     meta = {CONFIG_KEY: json.dumps(dict(config or {}))}
     if timm_name is not None:
         meta[TIMM_NAME_KEY] = timm_name
         meta[TIMM_KWARGS_KEY] = json.dumps(dict(timm_kwargs or {}))
     if architecture is not None:
         meta[ARCHITECTURE_KEY] = json.dumps(dict(architecture))
-    save_file(tensors, str(out), metadata=meta)
-    return out
+    return save_safetensors(state_dict, out, meta)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

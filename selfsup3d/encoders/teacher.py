@@ -10,6 +10,8 @@
   step with that decay; 0.999 by default), a weights
   file (an exported encoder, a timm state dict, a selfsup3d checkpoint), or a timm model id
   (``vit_large_patch14_dinov2.lvd142m``).
+* :func:`sharing_teachers`: teachers built inside it with the same spec over the same encoder are one module, so
+  the objectives of a multi-task run that name the same teacher hold one frozen copy (one ViT-B, not two).
 * :func:`resample_patch_tokens` and :func:`distillation_loss`: the student's class + patch tokens against
   the teacher's, the teacher's patch grid resampled to the student's when they differ.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -84,8 +87,25 @@ def make_teacher(encoder: Encoder, reproducible: bool = False) -> FrozenTeacher:
     return FrozenTeacher(copy.deepcopy(encoder), reproducible=reproducible)
 
 
+_SHARED: ContextVar[dict[tuple[str, int, str | None], FrozenTeacher] | None] = ContextVar("teachers", default=None)
+
+
+@contextmanager
+def sharing_teachers() -> Iterator[None]:
+    """Teachers that :func:`build_teacher` builds inside this block with the same spec over the same encoder (and
+    fine-tuning source) are one :class:`FrozenTeacher`, built once: the objectives of a multi-task run that name
+    the same teacher share one frozen copy. A shared moving-average teacher is updated once per step (modules are
+    visited once), and a shared copy of the encoder is the encoder as built, before any objective changes it."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 def build_teacher(spec: str | None, encoder: Encoder, init_encoder_from: str | None = None) -> FrozenTeacher:
-    """The frozen teacher for ``spec``.
+    """The frozen teacher for ``spec``; inside :func:`sharing_teachers`, the one already built for the same spec
+    over the same encoder.
 
     Args:
         spec: ``None``/``"encoder"`` (a copy of ``encoder`` as built: reproducible when its weights are
@@ -95,6 +115,17 @@ def build_teacher(spec: str | None, encoder: Encoder, init_encoder_from: str | N
         encoder: the student (its configuration sizes the teacher built from a file or id).
         init_encoder_from: the student's fine-tuning source, if any.
     """
+    shared = _SHARED.get()
+    key = ("encoder" if spec in (None, "") else spec.strip(), id(encoder), init_encoder_from)
+    if shared is not None and key in shared:
+        return shared[key]
+    teacher = _build_teacher(spec, encoder, init_encoder_from)
+    if shared is not None:
+        shared[key] = teacher
+    return teacher
+
+
+def _build_teacher(spec: str | None, encoder: Encoder, init_encoder_from: str | None) -> FrozenTeacher:
     if spec is None or spec in ("", "encoder"):
         return make_teacher(encoder, reproducible=bool(init_encoder_from) or encoder.reproducible)
     if spec == "ema" or spec.startswith("ema:"):

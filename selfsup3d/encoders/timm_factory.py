@@ -1,7 +1,9 @@
 """The one place that builds timm ViTs: :func:`create_vit` by name and size, with pretrained weights when the
 network allows, and ``vit_tiny_patch14_dinov2`` (ours, for tests and CPU demos) registered with timm.
 
-Sizes: ``tiny``, ``small``, ``base``, ``large`` (:data:`SIZES`) or any timm ViT name. Imports nothing else of
+Sizes: ``tiny``, ``small``, ``base``, ``large`` (:data:`SIZES`) or any timm ViT name: timm's
+``VisionTransformer`` (DINOv2 and most ViTs) or its ``Eva`` (DINOv3's ``vit_*_dinov3``, with rotary position
+embeddings, and EVA-02), which share the interface the encoder uses (:data:`TimmViT`). Imports nothing else of
 the encoders, so the architecture records, the weights reader and the encoder can all build models.
 """
 
@@ -11,10 +13,15 @@ from typing import Any
 
 import timm
 from timm.models import register_model
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
 
 from selfsup3d.errors import ConfigError, WeightsUnavailableError
 from selfsup3d.hub import fetch_pretrained
+
+TimmViT = VisionTransformer | Eva
+"""The timm model classes an encoder can be: both have ``blocks``, ``patch_embed``, ``num_prefix_tokens``,
+``forward_intermediates``, ``group_matcher`` and ``no_weight_decay``."""
 
 SIZES: dict[str, str] = {
     "tiny": "vit_tiny_patch14_dinov2",
@@ -72,8 +79,8 @@ def create_vit(
     depth: int | None = None,
     num_heads: int | None = None,
     layer_scale_init: float | None = None,
-) -> VisionTransformer:
-    """Build a timm ViT. See :class:`ViTEncoder` for the arguments."""
+) -> TimmViT:
+    """Build a timm ViT (a ``VisionTransformer`` or an ``Eva``). See :class:`ViTEncoder` for the arguments."""
     model_name = SIZES.get(name, name)
     if model_name not in timm.list_models():
         known = ", ".join(SIZES)
@@ -120,8 +127,11 @@ def create_vit(
             raise
         except (OSError, RuntimeError, ValueError) as err:
             raise WeightsUnavailableError(f"could not load {what}: {err}. {advice}") from err
-    if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"encoder {name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    if not isinstance(model, (VisionTransformer, Eva)):
+        raise ConfigError(
+            f"encoder {name!r} is a {type(model).__name__}, not a timm ViT (a VisionTransformer, as DINOv2, or an "
+            "Eva, as DINOv3's vit_*_dinov3)"
+        )
     for block in model.blocks:
         # timm routes attention through F.scaled_dot_product_attention (flash / memory-efficient kernels).
         block.attn.fused_attn = True

@@ -1,4 +1,4 @@
-"""The shared encoder: a timm Vision Transformer of the DINOv2 family.
+"""The shared encoder: a timm Vision Transformer of the DINOv2 or DINOv3 family.
 
 Every objective takes its encoder by injection, so this is the one place that knows about timm.
 The encoder takes images in ``[0, 1]`` (it normalises them itself with the weights' mean/std) and
@@ -6,7 +6,8 @@ returns an :class:`EncoderOutput` with what the objectives need: the class token
 (also as a spatial grid) and the class + patch tokens of the last ``num_out_layers`` blocks.
 
 Sizes: ``tiny`` (ours, for tests and CPU demos), ``small``, ``base``, ``large`` or any timm ViT name (built by
-:mod:`selfsup3d.encoders.timm_factory`).
+:mod:`selfsup3d.encoders.timm_factory`), DINOv3's included (``vit_small_patch16_dinov3``, ...: timm's ``Eva`` with
+rotary position embeddings and four register tokens).
 Weights: ``pretrained`` (timm's default weights for the name, or a Hugging Face hub id holding timm
 weights) when the network allows, or ``checkpoint_path`` (a local file, see
 :mod:`selfsup3d.encoders.weights`) which works offline.
@@ -18,23 +19,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import Tensor
 
-from selfsup3d.encoders.architecture import vit_architecture
+from selfsup3d.encoders.architecture import layer_scale, vit_architecture
 from selfsup3d.encoders.base import Encoder, EncoderOutput
-from selfsup3d.encoders.timm_factory import PLAIN_TIMM, SIZES, create_vit, wants_pretrained
+from selfsup3d.encoders.timm_factory import PLAIN_TIMM, SIZES, TimmViT, create_vit, wants_pretrained
 from selfsup3d.encoders.weights import load_encoder_weights
 from selfsup3d.errors import ConfigError, require
 
 
 class ViTEncoder(Encoder):
-    """A timm ViT (DINOv2 family) behind a small, stable interface.
+    """A timm ViT (DINOv2 or DINOv3 family) behind a small, stable interface.
 
     Args:
-        name: ``tiny``/``small``/``base``/``large`` or any timm ViT model name
-            (e.g. ``vit_base_patch14_reg4_dinov2``).
+        name: ``tiny``/``small``/``base``/``large`` (DINOv2) or any timm ViT model name
+            (e.g. ``vit_base_patch14_reg4_dinov2``, or DINOv3's ``vit_base_patch16_dinov3``).
         img_size: training image size; other sizes still work (position embeddings are interpolated).
         patch_size: patch size; ``null`` keeps the model's (14). With pretrained weights timm resamples
             the patch embedding.
@@ -216,7 +216,7 @@ class ViTEncoder(Encoder):
 
 
 def plain_timm_arguments(
-    model_name: str, vit: VisionTransformer, img_size: int, layer_scale_init: float | None, fresh: bool
+    model_name: str, vit: TimmViT, img_size: int, layer_scale_init: float | None, fresh: bool
 ) -> tuple[str, dict[str, Any]]:
     """The model name and keyword arguments with which plain timm (without selfsup3d) builds ``vit``'s
     architecture: ``timm.create_model(name, checkpoint_path=..., **kwargs)``.
@@ -237,7 +237,7 @@ def plain_timm_arguments(
         if layer_scale_init is not None:
             kwargs["init_values"] = float(layer_scale_init)
         elif fresh:
-            kwargs["init_values"] = float(f"{float(vit.blocks[0].ls1.gamma.detach().flatten()[0]):.6g}")
+            kwargs["init_values"] = float(f"{float(layer_scale(vit.blocks[0]).detach().flatten()[0]):.6g}")
         # else pretrained weights replaced the start value: the model name's own default (what was built) applies
     kwargs.update(num_classes=0, dynamic_img_size=True)
     return base, kwargs

@@ -2,8 +2,8 @@
 
 Accepted, all under one function, :func:`read_encoder_state_dict`:
 
-* a timm state dict (``.pth``, ``.pt``, ``.bin``), also the original DINOv2 release files
-  (timm's ``checkpoint_filter_fn`` converts their keys and resamples position embeddings);
+* a timm state dict (``.pth``, ``.pt``, ``.bin``), also the original DINOv2 and DINOv3 release files
+  (timm's ``checkpoint_filter_fn`` of the model's family converts their keys and resamples position embeddings);
 * a ``.safetensors`` file, e.g. an encoder exported by ``selfsup3d export``;
 * a selfsup3d Lightning checkpoint (``.ckpt``) of any objective: its ``encoder.`` weights are used,
   heads and teacher are ignored.
@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from timm.models import eva, vision_transformer
 from torch import Tensor
 
 from selfsup3d.encoders.architecture import architecture_differences, recorded_architecture, vit_architecture
+from selfsup3d.encoders.timm_factory import TimmViT
 from selfsup3d.errors import CheckpointMismatchError, WeightsFileError
 
 # Where the timm ViT sits inside the state dicts that selfsup3d writes, most specific first.
@@ -89,22 +90,23 @@ def encoder_tensors(obj: Mapping[str, object]) -> dict[str, Tensor]:
     return sd
 
 
-def read_encoder_state_dict(source: str | Path | Mapping[str, object], model: VisionTransformer) -> dict[str, Tensor]:
+def read_encoder_state_dict(source: str | Path | Mapping[str, object], model: TimmViT) -> dict[str, Tensor]:
     """Weights for ``model`` (timm key schema) from a file path or an in-memory state dict."""
     obj, _ = _read(source)
     return _state_dict_for(obj, source, model)
 
 
 def _state_dict_for(
-    obj: Mapping[str, object], source: str | Path | Mapping[str, object], model: VisionTransformer
+    obj: Mapping[str, object], source: str | Path | Mapping[str, object], model: TimmViT
 ) -> dict[str, Tensor]:
     sd = encoder_tensors(obj)
     if not sd:
         raise CheckpointMismatchError(
             f"no tensors found in {source if isinstance(source, (str, Path)) else 'state dict'}"
         )
-    # timm converts original DINOv2 / CLIP layouts and resamples position and patch embeddings.
-    return checkpoint_filter_fn(sd, model)
+    # timm converts original DINOv2 / DINOv3 / CLIP layouts and resamples position and patch embeddings.
+    family = eva if isinstance(model, eva.Eva) else vision_transformer
+    return family.checkpoint_filter_fn(sd, model)
 
 
 def _describe(names: list[str], limit: int = 12) -> str:
@@ -112,7 +114,7 @@ def _describe(names: list[str], limit: int = 12) -> str:
     return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def load_encoder_weights(model: VisionTransformer, source: str | Path | Mapping[str, object]) -> None:
+def load_encoder_weights(model: TimmViT, source: str | Path | Mapping[str, object]) -> None:
     """Load weights into a timm ViT strictly; on any mismatch raise :class:`CheckpointMismatchError` naming the
     architecture fields that differ from the ones the file records, and the missing, unexpected and mis-shaped
     keys."""

@@ -13,6 +13,8 @@ a shared encoder. Its author writes:
   argument: in a multi-task run it is the shared one); ``loss`` is optimised, every other scalar is logged as
   ``<stage>/<name>``, larger tensors go to callbacks;
 * :meth:`~PretrainObjective.check_data` ``(spec)``: refuse, at start-up, data it cannot train on;
+  :meth:`~PretrainObjective.needs_cameras`: whether (and by which setting) it reads the data's cameras, so that
+  an unposed source (video, frame folders) is refused in one line before any step;
 * when needed: :meth:`~PretrainObjective.bind` (find another component of a multi-task run),
   :meth:`~PretrainObjective.exports` (products besides the encoder), :meth:`~PretrainObjective.compile_targets`
   (the blocks ``compile: true`` compiles), :meth:`~PretrainObjective.encoder_input_size` (when it resizes the
@@ -43,6 +45,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -169,6 +172,23 @@ class PretrainObjective(ResumeMixin, StepGuardsMixin, MovingAverageMixin, Optimi
         spec's :meth:`~selfsup3d.datamodules.DataSpec.key` and :meth:`key`). ``spec`` is already adapted to
         :attr:`input_kind` (a multi-view source given to a single-view objective arrives as images)."""
 
+    def needs_cameras(self) -> str | None:
+        """Why this objective reads the data's cameras (``K``, ``c2w``) in training, naming the setting that makes
+        it (e.g. ``"model.init_args.cameras=data"``), or ``None`` (the default: it does not). An objective that
+        returns a reason is refused at start-up on a source whose scenes carry no cameras (:meth:`check_cameras`)."""
+        return None
+
+    def check_cameras(self, spec: DataSpec) -> None:
+        """Refuse, in one line naming the source, a multi-view source without cameras for an objective that needs
+        them (:meth:`needs_cameras`)."""
+        reason = self.needs_cameras()
+        if reason is not None and spec.kind == "multi_view" and not spec.has_cameras:
+            raise ConfigError(
+                f"{type(self).__name__} needs the data's cameras ({reason}), but the scenes of "
+                f"{spec.key('train_urls')} carry no cameras.json (an unposed source, e.g. converted video or "
+                "frames; the start-up inventory counts them); use posed scenes"
+            )
+
     def bind(self, components: Mapping[str, PretrainObjective]) -> None:
         """In a multi-task run, called once with all components by name (an objective that uses another's
         heads, e.g. its camera estimator, finds it here). Nothing to do by default."""
@@ -228,6 +248,7 @@ class PretrainObjective(ResumeMixin, StepGuardsMixin, MovingAverageMixin, Optimi
                 "train several objectives together with selfsup3d.objectives.MultiTask"
             )
         self.data_spec = self.adapt_spec(next(iter(specs.values())))
+        self.check_cameras(self.data_spec)
         self.check_data(self.data_spec)
         self.check_image_size(self.data_spec, self.encoder)
 
@@ -316,7 +337,15 @@ def load_objective(checkpoint: str | Path, map_location: str = "cpu") -> Pretrai
     cls = getattr(importlib.import_module(module), name)
     if not (isinstance(cls, type) and issubclass(cls, PretrainObjective)):
         raise ValueError(f"{checkpoint} holds a {class_path}, not a selfsup3d objective")
-    return cls.load_from_checkpoint(str(checkpoint), map_location=map_location, weights_only=True)
+    instantiator = hparams.get("_instantiator")
+    if not isinstance(instantiator, str):
+        return cls.load_from_checkpoint(str(checkpoint), map_location=map_location, weights_only=True)
+    # rebuilt by the CLI's instantiator, as the CLI built it: the hyper-parameters are the checkpoint's (else
+    # save_hyperparameters would see a multi-task module's objectives as the instantiator's factories, which
+    # are not plain data, and leave them out with a warning)
+    given = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    with _given_hyperparameters_context(given, instantiator):
+        return cls.load_from_checkpoint(str(checkpoint), map_location=map_location, weights_only=True)
 
 
 def component_outputs(

@@ -214,6 +214,11 @@ class FeatureConsensus(PretrainObjective):
             self.teacher = build_teacher(teacher, encoder, kwargs.get("init_encoder_from"))
 
     # ------------------------------------------------------------------ set-up
+    def needs_cameras(self) -> str | None:
+        if self.cameras != "data":
+            return None
+        return f"{self.key('cameras')}=data; `predicted` takes a masked-view objective's cameras in a multi-task run"
+
     def check_data(self, spec: DataSpec) -> None:
         h, w = spec.image_hw
         if h % self.patch_size or w % self.patch_size:
@@ -226,8 +231,6 @@ class FeatureConsensus(PretrainObjective):
                 f"FeatureConsensus fuses the views' depth into the scene, but the data at {spec.key_prefix} has no "
                 "depth: use scenes with depth (`selfsup3d data render`, converted captures with depth)"
             )
-        if self.cameras == "data" and not spec.has_cameras:
-            raise ConfigError(f"the data at {spec.key_prefix} has no cameras: set {self.key('cameras')} predicted")
         if self.cameras == "predicted" and not self._camera_source:
             raise ConfigError(
                 f"{self.key('cameras')}=predicted takes the cameras of a masked-view objective in the same "

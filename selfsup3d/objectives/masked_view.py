@@ -238,13 +238,13 @@ class MaskedViewPrediction(PretrainObjective):
         self.dim = dim
 
     # ------------------------------------------------------------------ set-up checks
+    def needs_cameras(self) -> str | None:
+        if self.cameras_from != "data":
+            return None
+        return f"{self.key('cameras')}=data renders with them; {self.key('cameras')}=predicted learns its own"
+
     def check_data(self, spec: DataSpec) -> None:
-        """The resolution must be whole in patches, both view sets non-empty, and the oracle needs cameras."""
-        if self.cameras_from == "data" and not spec.has_cameras:
-            raise ConfigError(
-                f"{self.key('cameras')}=data renders with the data's cameras, but the source at {spec.key_prefix} "
-                f"has none (unposed scenes): train with {self.key('cameras')}=predicted or on posed data"
-            )
+        """The resolution must be whole in patches and both view sets non-empty."""
         h, w = spec.image_hw
         if h % self.patch_size or w % self.patch_size:
             shown = h if h == w else [h, w]

@@ -7,7 +7,8 @@ built over one shared encoder and trained together::
 
 * The encoder is stored once (a checkpoint has one ``encoder.*`` copy); the objectives keep their heads, their
   frozen teachers (left out of checkpoints when they can be rebuilt) and their losses, under
-  ``objectives.<name>.*``.
+  ``objectives.<name>.*``. Objectives that name the same teacher share one frozen copy
+  (:func:`~selfsup3d.encoders.teacher.sharing_teachers`), held under each of their names.
 * Each objective reads one named data source of a :class:`~selfsup3d.datamodules.CombinedShards` datamodule
   (``sources``), or the only source of a plain datamodule. A multi-view source feeds an objective that reads
   single images as its views (``image_views`` of each scene).
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.datamodules.views import batch_size
 from selfsup3d.encoders.base import Encoder
+from selfsup3d.encoders.teacher import sharing_teachers
 from selfsup3d.errors import ConfigError, config_prefix, require
 from selfsup3d.objectives.base import PretrainObjective
 from selfsup3d.objectives.run.recipe import building_components
@@ -104,23 +106,28 @@ class MultiTask(PretrainObjective):
             raise ConfigError(f"{self.key('sources')} names no objective: {', '.join(unknown)}")
         require(image_views is None or image_views >= 1, self.key("image_views"), ">= 1 or null", image_views)
         built: dict[str, PretrainObjective] = {}
-        for name, factory in objectives.items():
-            prefix = f"{self.key('objectives')}.{name}.init_args"
-            with _own_hyperparameters(), config_prefix(prefix), building_components(self.key_prefix):
-                component = factory(encoder)
-            require(
-                isinstance(component, PretrainObjective),
-                f"{self.key('objectives')}.{name}",
-                "a PretrainObjective",
-                type(component),
-            )
-            if component.encoder is not encoder:
-                raise ConfigError(f"{self.key('objectives')}.{name} was built with another encoder than the shared one")
-            if component.recipe is not None:  # built before, as a run of its own
-                raise ConfigError(f"{self.key('objectives')}.{name} was built outside the multi-task module: give a "
-                                  "factory that builds it (a class_path, or functools.partial in Python)")  # fmt: skip
-            del component.encoder  # the encoder is this module's: stored, moved and optimised once
-            built[name] = component
+        with sharing_teachers():  # objectives that name the same teacher hold one frozen copy
+            for name, factory in objectives.items():
+                prefix = f"{self.key('objectives')}.{name}.init_args"
+                with _own_hyperparameters(), config_prefix(prefix), building_components(self.key_prefix):
+                    component = factory(encoder)
+                require(
+                    isinstance(component, PretrainObjective),
+                    f"{self.key('objectives')}.{name}",
+                    "a PretrainObjective",
+                    type(component),
+                )
+                if component.encoder is not encoder:
+                    raise ConfigError(
+                        f"{self.key('objectives')}.{name} was built with another encoder than the shared one"
+                    )
+                if component.recipe is not None:  # built before, as a run of its own
+                    raise ConfigError(
+                        f"{self.key('objectives')}.{name} was built outside the multi-task module: give a factory "
+                        "that builds it (a class_path, or functools.partial in Python)"
+                    )
+                del component.encoder  # the encoder is this module's: stored, moved and optimised once
+                built[name] = component
         for component in built.values():
             with config_prefix(component.key_prefix):
                 component.bind(built)
@@ -155,6 +162,7 @@ class MultiTask(PretrainObjective):
             self._routes[name] = source
             with config_prefix(f"{self.key('objectives')}.{name}.init_args"):
                 component.data_spec = component.adapt_spec(specs[source])
+                component.check_cameras(component.data_spec)
                 component.check_data(component.data_spec)
                 component.check_image_size(component.data_spec, self.encoder)
         unused = sorted(set(specs) - set(self._routes.values()))
