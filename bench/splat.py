@@ -71,7 +71,7 @@ def check_reference() -> float:
         grads = torch.autograd.grad(image.sum() + alpha.sum(), (means, opacities, colours), retain_graph=True)
         results.append((image, alpha, grads))
     (i1, a1, g1), (i2, a2, g2) = results
-    worst = max(float((i1 - i2).abs().max()), float((a1 - a2).abs().max()))
+    worst = max(float((i1 - i2).detach().abs().max()), float((a1 - a2).detach().abs().max()))
     for x, y in zip(g1, g2):
         worst = max(worst, float((x - y).abs().max()))
     return worst
