@@ -9,7 +9,7 @@ from selfsup3d.callbacks.camera_token_probe import CameraTokenProbe
 from selfsup3d.callbacks.consensus import ConsensusPictures, SceneRetrieval
 from selfsup3d.callbacks.export import EncoderExport
 from selfsup3d.callbacks.lr import LearningRates
-from selfsup3d.callbacks.masked_view import MaskedViewPictures
+from selfsup3d.callbacks.masked_view import MaskedViewPictures, OracleComparison
 from selfsup3d.callbacks.probe import ProbeCallback
 from selfsup3d.callbacks.progress import RichProgress, TQDMProgress, default_progress_bar
 from selfsup3d.callbacks.requeue import StepBoundaryRequeue
@@ -21,6 +21,7 @@ __all__ = [
     "EncoderExport",
     "LearningRates",
     "MaskedViewPictures",
+    "OracleComparison",
     "ProbeCallback",
     "RichProgress",
     "SceneRetrieval",

@@ -5,11 +5,13 @@ At every validation, from the first validation batch (rank 0 only):
 * ``masked_view/renders``: per scene, a row of context views (set A), a row of targets (set B), a row of
   the model's renders of them and, when the batch has true cameras, a row of the nearest-view baseline;
 * ``masked_view/cameras_<i>``: a 3D plot of the true camera positions and viewing directions beside the
-  predicted ones after similarity alignment (needs the batch's true cameras).
+  predicted ones after similarity alignment (needs the batch's true cameras);
+* ``masked_view/gaussians`` (explicit renderer): per scene, the context views, the depth of their Gaussians
+  (near is bright), their opacity and colour, and, when the batch has depth, the data's depth.
 
 After ``selfsup3d validate`` it also prints a short summary: the model's PSNR/SSIM beside the baselines and
 the camera errors (on unposed scenes, e.g. converted video, the render figures and a line saying that the pose
-figures need cameras).
+figures need cameras); with :class:`OracleComparison` in the run, beside the oracle's figures on the same views.
 
 Reads the tensors that :meth:`MaskedViewPrediction.evaluate` returns (``context``, ``target``, ``render``,
 ``pred_c2w``, ``gt_c2w``), for the objective fitted alone or for each masked-view component of a multi-task
@@ -27,6 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.trainer.states import TrainerFn  # noqa: E402
@@ -35,8 +38,10 @@ from torch import Tensor  # noqa: E402
 
 from selfsup3d.callbacks.base import ObjectiveCallback  # noqa: E402
 from selfsup3d.callbacks.images import image_grid, tensorboard  # noqa: E402
+from selfsup3d.datamodules.views import batch_size  # noqa: E402
+from selfsup3d.errors import ConfigError  # noqa: E402
 from selfsup3d.metrics.nvs import nearest_view_baseline  # noqa: E402
-from selfsup3d.objectives.base import PretrainObjective  # noqa: E402
+from selfsup3d.objectives.base import PretrainObjective, load_objective  # noqa: E402
 from selfsup3d.objectives.masked_view import MaskedViewPrediction  # noqa: E402
 
 
@@ -97,7 +102,13 @@ def summary_text(metrics: Mapping[str, float]) -> str:
         ("per-pixel mean of the context views", "_context_mean"),
         ("nearest context view by true camera", "_nearest"),
     ]
+    if "oracle/psnr" in m:
+        rows.insert(1, ("the oracle: the same model trained with the data's cameras (LVSM)", "oracle/"))
     for label, suffix in rows:
+        if suffix == "oracle/" and "oracle/psnr" in m:
+            line = f"  {m['oracle/psnr']:7.2f}  {m.get('oracle/ssim', float('nan')):5.3f}  {label}"
+            lines.append(line + f" (model {m['psnr'] - m['oracle/psnr']:+.2f} dB)")
+            continue
         if f"psnr{suffix}" in m:
             line = f"  {m[f'psnr{suffix}']:7.2f}  {m.get(f'ssim{suffix}', float('nan')):5.3f}  {label}"
             if suffix:
@@ -111,6 +122,24 @@ def summary_text(metrics: Mapping[str, float]) -> str:
         )
     if "rot_err_identity" in m:
         lines.append(f"  (cameras that never turn: rotation error {m['rot_err_identity']:.1f} deg)")
+    if "rpa30" in m:
+        lines.append(
+            f"Relative pose accuracy (all view pairs, max of rotation and translation-direction error) RPA@5/15/30 "
+            f"{m.get('rpa5', float('nan')):.3f}/{m.get('rpa15', float('nan')):.3f}/{m['rpa30']:.3f}"
+        )
+    if "psnr_still_cameras" in m:
+        drop = m["psnr"] - m["psnr_still_cameras"]
+        lines.append(
+            f"With every camera at the canonical pose the render is {m['psnr_still_cameras']:.2f} dB "
+            f"({-drop:+.2f} dB): the render {'rests on' if drop >= 1 else 'hardly uses'} the cameras"
+        )
+    if "depth_abs_rel" in m:
+        lines.append(
+            f"Depth of the context views' Gaussians vs the data's (median-scaled per scene): AbsRel "
+            f"{m['depth_abs_rel']:.3f}, delta<1.25 {m.get('depth_delta1', float('nan')):.3f}; a constant depth: "
+            f"AbsRel {m.get('depth_abs_rel_constant', float('nan')):.3f}, delta<1.25 "
+            f"{m.get('depth_delta1_constant', float('nan')):.3f}"
+        )
     if "probe_r10" in m:
         lines.append(
             f"RayZer pose probe on the camera tokens: R@10 {m['probe_r10']:.3f} (chance "
@@ -167,6 +196,10 @@ class MaskedViewPictures(ObjectiveCallback):
         writer = tensorboard(trainer)
         if writer is not None and all(isinstance(outputs.get(k), Tensor) for k in ("context", "target", "render")):
             self.log_pictures(writer, name or "masked_view", outputs, trainer.global_step)
+            if isinstance(outputs.get("context_depth"), Tensor):
+                writer.add_image(
+                    f"{name or 'masked_view'}/gaussians", self.gaussian_grid(outputs, batch), trainer.global_step
+                )
 
     def log_pictures(self, writer: Any, tag: str, outputs: Mapping[str, Any], step: int) -> None:
         """The render grid and the camera plots of one validation batch's outputs, under ``tag/``."""
@@ -178,6 +211,38 @@ class MaskedViewPictures(ObjectiveCallback):
                     outputs["pred_c2w"][i], outputs["gt_c2w"][i], num_context, f"scene {i}: true o, predicted x"
                 )
                 writer.add_figure(f"{tag}/cameras_{i}", fig, step, close=True)
+
+    def gaussian_grid(self, outputs: Mapping[str, Any], batch: Any) -> Tensor:
+        """``[3, H', W']`` picture of the explicit renderer's Gaussians: for each scene, rows of context views, the
+        Gaussians' depth (inverse depth, normalised per scene: near is bright), opacity and colour, and the
+        data's depth when the batch has it."""
+        context, depth = outputs["context"], outputs["context_depth"].float()
+        true = batch.get("depth") if isinstance(batch, Mapping) else None
+        rows: list[Tensor] = []
+        labels: list[str] = []
+        va = context.shape[1]
+
+        def inverse(d: Tensor) -> Tensor:
+            inv = torch.where(d > 0, 1.0 / d.clamp(min=1e-6), torch.zeros_like(d))
+            lo, hi = inv[inv > 0].min() if (inv > 0).any() else 0.0, inv.max()
+            return ((inv - lo) / (hi - lo).clamp(min=1e-6)).clamp(0, 1).expand(-1, 3, -1, -1)
+
+        for i in range(min(self.max_scenes, context.shape[0])):
+            rows += [context[i, : self.max_views], inverse(depth[i, : self.max_views])]
+            labels += [f"scene {i}: context", "Gaussian depth"]
+            if isinstance(outputs.get("opacity"), Tensor):
+                rows.append(outputs["opacity"][i, : self.max_views].float().expand(-1, 3, -1, -1))
+                labels.append("opacity")
+            if isinstance(outputs.get("colour"), Tensor):
+                rows.append(outputs["colour"][i, : self.max_views].float())
+                labels.append("colour")
+            if isinstance(true, Tensor):
+                rows.append(inverse(true[i, :va][: self.max_views].float()))
+                labels.append("data depth")
+        factor = math.ceil(self.min_size / min(context.shape[-2:]))
+        if factor > 1:
+            rows = [F.interpolate(row.float(), scale_factor=factor, mode="nearest") for row in rows]
+        return image_grid(rows, labels=labels)
 
     def render_grid(self, outputs: Mapping[str, Any]) -> Tensor:
         """``[3, H', W']`` picture: for each scene, rows of context views, targets, renders (and nearest views)."""
@@ -201,3 +266,50 @@ class MaskedViewPictures(ObjectiveCallback):
         if factor > 1:
             rows = [F.interpolate(row.float(), scale_factor=factor, mode="nearest") for row in rows]
         return image_grid(rows, labels=labels)
+
+
+class OracleComparison(ObjectiveCallback):
+    """Scores the supervised oracle beside the self-supervised model on the same validation views.
+
+    The oracle is a masked-view checkpoint trained with ``cameras: data`` (LVSM: the rays come from the data's
+    cameras; RayZer's paper compares against it). At every validation it renders each batch's targets with the
+    oracle too and logs its figures as ``val/oracle/<name>`` (``psnr``, ``ssim``, depth errors), which the
+    :class:`MaskedViewPictures` summary prints beside the model's.
+
+    Args:
+        checkpoint: the oracle's checkpoint (``.../checkpoints/last.ckpt`` of a run with ``cameras: data``).
+    """
+
+    objective = MaskedViewPrediction
+
+    def __init__(self, checkpoint: str) -> None:
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.oracle: MaskedViewPrediction | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        oracle = load_objective(self.checkpoint)
+        if not isinstance(oracle, MaskedViewPrediction):
+            raise ConfigError(
+                f"OracleComparison's checkpoint {self.checkpoint} holds a {type(oracle).__name__}, not a "
+                "MaskedViewPrediction"
+            )
+        if oracle.cameras_from != "data":
+            raise ConfigError(
+                f"OracleComparison's checkpoint {self.checkpoint} was trained with cameras: {oracle.cameras_from}; the "
+                "oracle is a run with model.init_args.cameras=data (the data's cameras)"
+            )
+        self.oracle = oracle.eval().requires_grad_(False).to(pl_module.device)
+
+    @torch.no_grad()
+    def on_validation_component(
+        self, trainer: Trainer, pl_module: PretrainObjective, name: str, component: Any, outputs: Any, batch: Any
+    ) -> None:
+        assert self.oracle is not None
+        out = self.oracle.step(batch, "val", self.oracle.encoder_for("val"))
+        keep = {k: v for k, v in out.items() if k in ORACLE_FIGURES}
+        pl_module.log_scalars("val", keep, batch_size(batch), prefix=f"{name}/oracle/" if name else "oracle/")
+
+
+ORACLE_FIGURES = ("psnr", "ssim", "loss", "depth_abs_rel", "depth_delta1")
+"""What :class:`OracleComparison` logs of the oracle."""

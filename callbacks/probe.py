@@ -52,7 +52,6 @@ from selfsup3d.eval.dense import (
     NormalMetrics,
     PixelHead,
     log_depth_loss,
-    median_scale,
     normal_loss,
     normals_from_depth,
 )
@@ -60,6 +59,7 @@ from selfsup3d.eval.features import Features, Views, encoder_features, pixel_uv,
 from selfsup3d.eval.probes import FeatureBank, LinearProbe, knn_predict
 from selfsup3d.eval.report import bar_chart
 from selfsup3d.eval.suite import named_metrics
+from selfsup3d.metrics.depth import median_scale
 from selfsup3d.objectives.base import PretrainObjective
 
 ONLINE_PROBES: tuple[str, ...] = ("correspondence", "depth", "normals", "linear", "knn")

@@ -102,6 +102,27 @@ def test_masks_and_depth_agree():
                 assert np.all(depth[~mask] == 0)  # nothing but the object has geometry
 
 
+def test_room_scenes_have_depth_everywhere_and_leave_other_scenes_as_they_were():
+    """``room_probability``: the object in a textured room (ground and four walls), so every pixel has geometry;
+    at the default 0 the scenes are byte-identical to before (the random stream is not touched)."""
+    client = connect()
+    try:
+        settings = RenderSettings(num_views=3, size=32, seed=0, room_probability=1.0, trajectory="orbit")
+        rooms = [render_scene(client, "val", i, settings) for i in range(2)]
+        plain = render_scene(client, "val", 0, RenderSettings(num_views=3, size=32, seed=0, trajectory="orbit"))
+        again = render_scene(
+            client, "val", 0, RenderSettings(num_views=3, size=32, seed=0, trajectory="orbit", room_probability=0.0)
+        )
+    finally:
+        p.disconnect(client)
+    for scene in rooms:
+        assert scene.meta["background"] == "room"
+        assert all(np.all(depth > 0) for depth in scene.depth)  # walls and floor behind everything
+        assert np.std(np.stack(scene.images).astype(float)) > 10  # textured, not a flat colour
+    assert plain.meta["background"] != "room"
+    assert all(np.array_equal(a, b) for a, b in zip(plain.images, again.images))
+
+
 def test_objects_are_centred_and_fill_the_frame():
     fills, offsets = [], []
     for scene in render_scenes(num_scenes=12, num_views=3, size=32):

@@ -300,3 +300,103 @@ def test_picture_grid_rows_and_enlargement():
     assert plain.shape[:2] == (3, 4 * (size + 4)) and plain.shape[-1] > va * (size + 4)
     # the enlarged context row shows the views pixel for pixel
     assert torch.equal(grid[:, 2 : 2 + 64 : 4, margin + 2 : margin + 2 + 64 : 4], outputs["context"][0, 0])
+
+
+# ---------------------------------------------------------------------------- the explicit renderer (E-RayZer)
+GAUSSIANS = {"renderer": "gaussians", "gaussian_eps2d": 0.05}
+
+
+@pytest.mark.parametrize(("views", "context"), [(2, 1), (5, 2)])
+def test_gaussian_renderer_any_view_count_and_its_outputs(views, context):
+    model = make_model(**GAUSSIANS)
+    batch = sphere_scenes(2, views, 32, context)
+    pred = model(batch["images"], context)
+    assert pred["render"].shape == (2, views - context, 3, 32, 32)
+    assert pred["depth"].shape == pred["opacity"].shape == (2, context, 1, 32, 32)
+    assert pred["colour"].shape == (2, context, 3, 32, 32)
+    assert pred["alpha"].shape == pred["target_depth"].shape == (2, views - context, 1, 32, 32)
+    # every pixel starts at the initial depth, opacity and its own colour
+    assert torch.allclose(pred["depth"], torch.ones_like(pred["depth"]), rtol=0.02)
+    assert torch.allclose(pred["colour"], batch["images"][:, :context].clamp(1e-3, 1 - 1e-3), atol=0.02)
+    assert model.renderer is None and model.gaussians is not None
+
+
+@pytest.mark.parametrize("renderer", ["latent", "gaussians"])
+def test_nan_cameras_leave_the_explicit_and_latent_losses_unchanged(renderer):
+    """``cameras: predicted`` never reads the batch's cameras, whichever renderer draws the targets."""
+    batch = sphere_scenes(2, 4, 32, 2)
+    poisoned = dict(batch, K=torch.full_like(batch["K"], math.nan), c2w=torch.full_like(batch["c2w"], math.nan))
+    grads = []
+    for b in (batch, poisoned):
+        model = make_model(renderer=renderer)
+        loss = model.step(b, "train", model.encoder)["loss"]
+        loss.backward()
+        assert torch.isfinite(loss)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name, grad in grads[0].items():
+        assert torch.equal(grad, grads[1][name]), name
+
+
+def test_gradients_of_the_explicit_renderer_reach_cameras_depth_and_encoder():
+    model = make_model(**GAUSSIANS)
+    model.step(sphere_scenes(2, 4, 32, 2), "train", model.encoder)["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    # the class token feeds nothing, the scene tokens feed only the background colour here
+    assert [n for n in missing if "cls_token" not in n] == []
+    assert model.camera.pose_head.fc2.weight.grad.abs().sum() > 0
+    assert model.gaussians.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("renderer", ["latent", "gaussians"])
+def test_oracle_cameras_come_from_the_data(renderer):
+    """``cameras: data`` (the LVSM oracle) renders with the batch's cameras: relative to view 0, the farthest
+    camera at distance 1; other cameras give another loss; a source without cameras is refused at start-up."""
+    model = make_model(renderer=renderer, cameras="data")
+    batch = sphere_scenes(2, 4, 32, 2)
+    K, c2w = model.data_cameras(batch)
+    assert torch.allclose(c2w[:, 0], torch.eye(4).expand(2, 4, 4), atol=1e-5)
+    assert torch.allclose(c2w[:, :, :3, 3].norm(dim=-1).amax(1), torch.ones(2))
+    assert torch.equal(K, batch["K"])
+    moved = dict(batch, c2w=batch["c2w"].flip(1))
+    reference = model.step(batch, "train", model.encoder)["loss"]
+    assert not torch.equal(model.step(moved, "train", model.encoder)["loss"], reference)
+    # a rigid motion and a scale of the whole world leave the oracle's cameras as they were
+    world = look_at(torch.tensor([[0.3, -2.0, 1.0]]), torch.zeros(1, 3))[0]
+    scaled = batch["c2w"].clone()
+    scaled[..., :3, 3] *= 3.0
+    same = dict(batch, c2w=world @ scaled)
+    torch.testing.assert_close(model.data_cameras(same)[1], c2w, atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match=r"needs the data's cameras \(model.init_args.cameras=data renders"):
+        model.check_cameras(DataSpec("multi_view", (32, 32), 4, 2, has_cameras=False))
+    assert make_model(renderer=renderer).needs_cameras() is None
+    with pytest.raises(ConfigError, match="this batch has none"):
+        model.step({k: v for k, v in batch.items() if k not in ("K", "c2w")}, "train", model.encoder)
+
+
+def test_validation_of_the_explicit_renderer_scores_pose_pairs_and_depth():
+    model = make_model(**GAUSSIANS)
+    batch = sphere_scenes(2, 5, 32, 3)
+    batch["depth"] = torch.rand(2, 5, 1, 32, 32) + 1.0
+    out = model.step(batch, "val", model.encoder)
+    for key in ("rpa5", "rpa15", "rpa30", "depth_abs_rel", "depth_delta1", "depth_abs_rel_constant",
+                "psnr_still_cameras", "rot_err_identity"):  # fmt: skip
+        assert out[key].ndim == 0 and torch.isfinite(out[key]), key
+    assert 0 <= out["rpa30"] <= 1 and out["rpa5"] <= out["rpa15"] <= out["rpa30"]
+    assert out["context_depth"].shape == (2, 3, 1, 32, 32)
+
+
+def test_focal_is_held_for_the_first_steps():
+    model = make_model(**GAUSSIANS, focal_freeze_steps=5)
+    model.train()
+    model.step(sphere_scenes(2, 4, 32, 2), "train", model.encoder)["loss"].backward()
+    assert model.camera.focal_head.weight.grad is None or not model.camera.focal_head.weight.grad.any()
+    model.zero_grad()
+    model.focal_freeze_steps = 0
+    model.step(sphere_scenes(2, 4, 32, 2), "train", model.encoder)["loss"].backward()
+    assert model.camera.focal_head.weight.grad.abs().sum() > 0
+
+
+def test_register_tokens_change_nothing_but_the_attention():
+    model = make_model(**GAUSSIANS, register_tokens=4)
+    pred = model(sphere_scenes(1, 3, 32, 2)["images"], 2)
+    assert pred["camera_tokens"].shape == (1, 3, HEADS["dim"]) and model.camera.registers.shape == (4, HEADS["dim"])

@@ -139,7 +139,15 @@ def test_a_start_refused_once_the_data_is_read_leaves_no_run_folder(tmp_path, sh
     assert not list((tmp_path / "lightning_logs").glob("*"))
 
 
-@pytest.mark.parametrize("name", ["configs/masked_view.yaml", "configs/demo/masked_view.yaml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "configs/masked_view.yaml",
+        "configs/masked_view_gaussians.yaml",
+        "configs/demo/masked_view.yaml",
+        "configs/demo/masked_view_gaussians.yaml",
+    ],
+)
 def test_shipped_configs_parse(name, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", str(ROOT / name), "--print_config"])
@@ -194,6 +202,42 @@ def test_training_steps_run_on_nan_cameras(tmp_path, shard_urls):
     after = list(model.parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(after, before)), "training did not move the weights"
+
+
+def test_explicit_renderer_fits_and_validate_prints_the_oracle_beside_it(tmp_path, shard_urls, capsys):
+    """The explicit renderer through the CLI (its pictures and figures in TensorBoard); an oracle
+    (``cameras: data``) trained through the CLI, then the self-supervised model validated with
+    :class:`OracleComparison` naming the oracle's checkpoint: the summary has the oracle's row on the same views;
+    a checkpoint trained on predicted cameras is refused as an oracle, naming the key."""
+    explicit = ["--model.init_args.renderer", "gaussians"]
+    oracle_dir, model_dir = tmp_path / "oracle", tmp_path / "model"
+    oracle_dir.mkdir(), model_dir.mkdir()
+    main(["fit", "--config", str(write_config(oracle_dir, shard_urls)), *explicit,
+          "--model.init_args.cameras", "data"])  # fmt: skip
+    cfg = write_config(model_dir, shard_urls)
+    main(["fit", "--config", str(cfg), *explicit])
+    oracle_ckpt = oracle_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    model_ckpt = model_dir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    events = EventAccumulator(str(model_dir / "lightning_logs" / "version_0"), size_guidance={"images": 0})
+    events.Reload()
+    assert "masked_view/gaussians" in events.Tags()["images"]  # depth, opacity and colour of the Gaussians
+    for name in ("rpa5", "rpa15", "rpa30", "psnr_still_cameras"):  # depth figures: the training shards have none
+        assert f"val/{name}" in events.Tags()["scalars"], name
+    callback = lambda ckpt: yaml.safe_dump(  # noqa: E731
+        {"class_path": "selfsup3d.callbacks.OracleComparison", "init_args": {"checkpoint": str(ckpt)}}
+    )
+    capsys.readouterr()
+    main(["validate", "--config", str(cfg), *explicit, "--ckpt_path", str(model_ckpt),
+          "--trainer.callbacks+", callback(oracle_ckpt)])  # fmt: skip
+    printed = capsys.readouterr().out
+    oracle_row = next(line for line in printed.splitlines() if "the oracle" in line)
+    assert "dB)" in oracle_row and "(model " in oracle_row, oracle_row
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", "--config", str(cfg), *explicit, "--ckpt_path", str(model_ckpt),
+              "--trainer.callbacks+", callback(model_ckpt)])  # fmt: skip
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "cameras: predicted" in err and "model.init_args.cameras=data" in err and "Traceback" not in err
 
 
 def test_a_checkpoint_of_another_objective_is_refused_in_one_line(tmp_path, shard_urls, capsys):

@@ -16,10 +16,11 @@ from selfsup3d.eval.correspondence import (
     scene_correspondence,
     visible_queries,
 )
-from selfsup3d.eval.dense import DepthMetrics, NormalMetrics, median_scale, normals_from_depth
+from selfsup3d.eval.dense import DepthMetrics, NormalMetrics, normals_from_depth
 from selfsup3d.eval.feature_pose_probe import PoseAUC, pose_errors, prior_pose, relative_pose_targets
 from selfsup3d.eval.features import ColourFeatures, OracleFeatures, Views, pixel_uv, resample_grid, sample_at
 from selfsup3d.geometry.cameras import intrinsics_from_fov, look_at, make_se3
+from selfsup3d.metrics.depth import median_scale
 from selfsup3d.metrics.pose import pose_auc
 from selfsup3d.metrics.view_retrieval import retrieval_chance, retrieval_hits
 

@@ -86,6 +86,10 @@ class RenderSettings:
         seed: global seed; scene ``i`` of split ``s`` depends only on ``(seed, s, i)``.
         fov_range: vertical field of view range in degrees, drawn per scene.
         plane_probability: share of scenes with a ground plane (the others have a solid background).
+        room_probability: share of scenes placed in a textured room instead: a ground plane and four walls, each
+            with its own procedural texture (smooth colour noise at several scales), so that every part of every
+            view has texture and depth, as in the scene-level captures RayZer-style models learn from. Drawn
+            before ``plane_probability``; 0 (the default) leaves every other scene as it was.
         distance_range: camera distance as a multiple of the tightest framing distance (per view on the
             sphere, per scene on an orbit).
         trajectory: ``sphere`` (stratified azimuths over the full circle, random elevation per view) or
@@ -99,6 +103,7 @@ class RenderSettings:
     seed: int = 0
     fov_range: tuple[float, float] = (30.0, 50.0)
     plane_probability: float = 0.5
+    room_probability: float = 0.0
     distance_range: tuple[float, float] = (0.85, 1.2)
     trajectory: str = "sphere"
     arc_deg: float = 360.0
@@ -295,6 +300,51 @@ def _aabb(p: Any, body: int, client: int) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
+ROOM_SIZE = 8.0
+"""Half-width of the textured room in object radii (cameras frame the object from at most about 4.5 radii)."""
+
+
+def procedural_texture(rng: np.random.Generator, size: int = 128) -> np.ndarray:
+    """A ``[size, size, 3]`` uint8 texture: smooth random colour noise summed over several scales."""
+    out = np.zeros((size, size, 3))
+    for cells in (3, 6, 12, 24):
+        noise = rng.uniform(0.0, 1.0, (cells, cells, 3))
+        # bilinear upsampling of the noise grid (separable; no image library needed)
+        x = np.linspace(0, cells - 1, size)
+        i0 = np.clip(np.floor(x).astype(int), 0, cells - 2) if cells > 1 else np.zeros(size, int)
+        f = (x - i0)[:, None]
+        rows = noise[i0] * (1 - f[..., None]) + noise[np.minimum(i0 + 1, cells - 1)] * f[..., None]
+        grid = rows[:, i0] * (1 - f.T[..., None]) + rows[:, np.minimum(i0 + 1, cells - 1)] * f.T[..., None]
+        out += grid / cells**0.3
+    out = (out - out.min()) / max(float(out.max() - out.min()), 1e-9)
+    return (out * 255).astype(np.uint8)
+
+
+def _build_room(p: Any, client: int, plane: int, centre: np.ndarray, radius: float, rng: np.random.Generator) -> None:
+    """Texture the ground ``plane`` and put four textured walls around ``centre`` (``ROOM_SIZE`` radii away)."""
+    import tempfile
+
+    from PIL import Image
+
+    half = ROOM_SIZE * radius
+    with tempfile.TemporaryDirectory() as folder:
+
+        def texture() -> int:
+            path = os.path.join(folder, f"{len(os.listdir(folder))}.png")
+            Image.fromarray(procedural_texture(rng)).save(path)
+            return p.loadTexture(path, physicsClientId=client)
+
+        p.changeVisualShape(plane, -1, textureUniqueId=texture(), rgbaColor=[1, 1, 1, 1], physicsClientId=client)
+        for k in range(4):
+            angle = k * math.pi / 2
+            shape = p.createVisualShape(p.GEOM_BOX, halfExtents=[0.02 * half, half, half], physicsClientId=client)
+            position = [centre[0] + half * math.cos(angle), centre[1] + half * math.sin(angle), half]
+            wall = p.createMultiBody(
+                0, -1, shape, position, p.getQuaternionFromEuler([0, 0, angle]), physicsClientId=client
+            )
+            p.changeVisualShape(wall, -1, textureUniqueId=texture(), rgbaColor=[1, 1, 1, 1], physicsClientId=client)
+
+
 def render_scene(client: int, split: str, index: int, settings: RenderSettings) -> Scene:
     """Render scene ``index`` of ``split`` (deterministic) with the pybullet ``client``."""
     import pybullet as p
@@ -308,7 +358,8 @@ def render_scene(client: int, split: str, index: int, settings: RenderSettings) 
         orientation = p.getQuaternionFromEuler([0, 0, yaw])
         body = p.loadURDF(asset, [0, 0, 0], orientation, useFixedBase=True, physicsClientId=client)
         lo, hi = _aabb(p, body, client)
-        use_plane = bool(rng.random() < settings.plane_probability)
+        use_room = settings.room_probability > 0 and bool(rng.random() < settings.room_probability)
+        use_plane = use_room or bool(rng.random() < settings.plane_probability)
         if use_plane:  # rest the object on the ground plane z = 0
             p.resetBasePositionAndOrientation(body, [0, 0, -lo[2]], orientation, physicsClientId=client)
             lo, hi = lo - [0, 0, lo[2]], hi - [0, 0, lo[2]]
@@ -316,6 +367,8 @@ def render_scene(client: int, split: str, index: int, settings: RenderSettings) 
             plane_colour = [*rng.uniform(0.15, 1.0, 3).tolist(), 1.0]
             p.changeVisualShape(plane, -1, rgbaColor=plane_colour, physicsClientId=client)
     centre = (lo + hi) / 2
+    if use_room:
+        _build_room(p, client, plane, centre, max(float(np.linalg.norm(hi - lo)) / 2, 1e-3), rng)
     radius = max(float(np.linalg.norm(hi - lo)) / 2, 1e-3)
     fov = math.radians(rng.uniform(*settings.fov_range))
     focal = 0.5 * size / math.tan(fov / 2)
@@ -342,7 +395,7 @@ def render_scene(client: int, split: str, index: int, settings: RenderSettings) 
         distance = _framing_distance(corners, direction, fov) * scale
         c2w = look_at_c2w(centre + distance * direction, centre)
         near = max(distance - 1.5 * radius, distance * 0.05)
-        far = distance + (8.0 if use_plane else 1.5) * radius
+        far = distance + (ROOM_SIZE * 3 if use_room else 8.0 if use_plane else 1.5) * radius
         with _quiet_stdout():
             _, _, rgba, buffer, seg = p.getCameraImage(
                 size,
@@ -371,7 +424,7 @@ def render_scene(client: int, split: str, index: int, settings: RenderSettings) 
         "label": CLASS_NAMES.index(family),
         "class_name": family,
         "asset": asset,
-        "background": "plane" if use_plane else "solid",
+        "background": "room" if use_room else "plane" if use_plane else "solid",
     }
     return Scene(
         key=key,

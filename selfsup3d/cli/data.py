@@ -58,7 +58,13 @@ def _add_output_arguments(parser: argparse.ArgumentParser, shard_size: int, imag
 
 def _render(args: argparse.Namespace) -> int:
     settings = RenderSettings(
-        num_views=args.views, size=args.size, seed=args.seed, trajectory=args.trajectory, arc_deg=args.arc
+        num_views=args.views,
+        size=args.size,
+        seed=args.seed,
+        trajectory=args.trajectory,
+        arc_deg=args.arc,
+        plane_probability=args.plane_probability,
+        room_probability=args.room_probability,
     )
     info = render_dataset(
         args.out,
@@ -430,6 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument(
         "--arc", type=float, default=360.0, help="the orbit's arc in degrees, 360 = closed loop (default %(default)s)"
+    )
+    render.add_argument(
+        "--plane-probability",
+        type=float,
+        default=0.5,
+        help="share of scenes on a ground plane; the others on a solid background (default %(default)s)",
+    )
+    render.add_argument(
+        "--room-probability",
+        type=float,
+        default=0.0,
+        help="share of scenes in a room of procedurally textured ground and walls, drawn first (default %(default)s)",
     )
     _add_output_arguments(render, shard_size=128, image_format="png")
     render.set_defaults(func=_render)

@@ -58,11 +58,6 @@ def normals_from_depth(depth: Tensor, K: Tensor, max_rel_jump: float = 0.05) -> 
     return out.permute(0, 3, 1, 2).float(), valid[:, None]
 
 
-def median_scale(pred: Tensor, target: Tensor) -> Tensor:
-    """``pred`` scaled so its median matches ``target``'s (1-D tensors of one image's valid pixels)."""
-    return pred * (target.median() / pred.median().clamp(min=1e-12))
-
-
 class DepthMetrics(Metric):
     """RMSE, AbsRel and δ<1.25 of predicted against true depth, pooled over pixels (sums only)."""
 

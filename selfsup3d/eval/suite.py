@@ -39,7 +39,6 @@ from selfsup3d.eval.dense import (
     PixelHead,
     Standardize,
     log_depth_loss,
-    median_scale,
     normal_loss,
     normals_from_depth,
 )
@@ -65,6 +64,7 @@ from selfsup3d.eval.features import (
 from selfsup3d.eval.fitting import fit_head
 from selfsup3d.eval.probes import knn_predict
 from selfsup3d.eval.scenes import SceneSet
+from selfsup3d.metrics.depth import median_scale
 from selfsup3d.metrics.view_retrieval import retrieval_chance, retrieval_hits
 
 PROBES: tuple[str, ...] = ("correspondence", "depth", "normals", "pose", "classification", "retrieval")

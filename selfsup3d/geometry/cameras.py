@@ -66,6 +66,17 @@ def relative_pose(c2w: Tensor, reference: Tensor) -> Tensor:
     return se3_compose(se3_inverse(reference), c2w)
 
 
+def relative_to_first(c2w: Tensor) -> tuple[Tensor, Tensor]:
+    """Poses ``c2w [B, V, 4, 4]`` in the frame of view 0 and scaled so that the farthest camera centre is at
+    distance 1: ``(c2w [B, V, 4, 4], scale [B])``, the scale the world was divided by (depths in the new units are
+    ``depth / scale``). How a model that predicts cameras relative to its canonical view sees a scene."""
+    rel = torch.linalg.inv(c2w[:, :1]) @ c2w
+    scale = rel[:, :, :3, 3].norm(dim=-1).amax(dim=1).clamp(min=1e-6)  # [B]
+    rel = torch.cat([rel[..., :3, :3], rel[..., :3, 3:] / scale[:, None, None, None]], dim=-1)
+    rel = torch.cat([rel, rel.new_tensor([0.0, 0.0, 0.0, 1.0]).expand(*rel.shape[:2], 1, 4)], dim=-2)
+    return rel, scale
+
+
 def rotation_angle(rot: Tensor) -> Tensor:
     """Angle in radians of rotations ``[..., 3, 3]`` (numerically safe near 0 and π)."""
     cos = ((rot.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) / 2.0).clamp(-1.0, 1.0)

@@ -86,7 +86,8 @@ class CameraEstimator(nn.Module):
     The pose of view ``v`` comes from an MLP on ``[camera token of view 0 ‖ camera token of v]`` as a 6D
     rotation and a translation added to the identity; the focal length from the canonical camera token as
     ``f0 · r^tanh(x)`` with ``f0`` the focal of ``init_fov_deg`` and ``r`` = ``focal_range``. Both output
-    layers start near zero.
+    layers start near zero. ``register_tokens`` learnable tokens per view (E-RayZer: 4) sit beside the camera
+    token as scratch space for attention (Darcet et al. 2024); nothing reads them.
 
     Args:
         in_dim: encoder width.
@@ -96,6 +97,7 @@ class CameraEstimator(nn.Module):
         mlp_ratio: MLP width ratio.
         init_fov_deg: horizontal field of view the focal head starts at.
         focal_range: the focal length stays within this factor of the initial one.
+        register_tokens: learnable register tokens per view.
     """
 
     def __init__(
@@ -107,11 +109,13 @@ class CameraEstimator(nn.Module):
         mlp_ratio: float,
         init_fov_deg: float,
         focal_range: float = 2.0,
+        register_tokens: int = 0,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.proj = nn.Linear(in_dim, dim)
         self.camera_token = nn.Parameter(torch.zeros(1, dim))
+        self.registers = nn.Parameter(torch.zeros(register_tokens, dim)) if register_tokens else None
         self.role_embed = nn.Parameter(torch.zeros(2, dim))  # 0: canonical view, 1: any other view
         self.transformer = Transformer(dim, depth, num_heads, mlp_ratio)
         self.pose_head = Mlp(2 * dim, dim, 9)
@@ -120,6 +124,8 @@ class CameraEstimator(nn.Module):
         self.log_focal0 = math.log(0.5 / math.tan(math.radians(init_fov_deg) / 2.0))
         self.log_focal_range = math.log(focal_range)
         trunc_normal_(self.camera_token, std=0.02)
+        if self.registers is not None:
+            trunc_normal_(self.registers, std=0.02)
         trunc_normal_(self.role_embed, std=0.02)
         init_linear(self.proj)
         self.pose_head.apply(init_linear)
@@ -129,7 +135,7 @@ class CameraEstimator(nn.Module):
         self.register_buffer("identity_6d", torch.tensor(IDENTITY_6D), persistent=False)
 
     def no_weight_decay(self) -> set[str]:
-        return {"camera_token", "role_embed"}
+        return {"camera_token", "registers", "role_embed"}
 
     def forward(self, feats: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Cameras of ``[B, V, N, in_dim]`` encoder tokens on a ``grid`` patch grid.
@@ -154,10 +160,12 @@ class CameraEstimator(nn.Module):
         roles = torch.ones(v, dtype=torch.long, device=feats.device)
         roles[0] = 0
         role = self.role_embed[roles]  # [V, D]
-        cam = (self.camera_token + role)[None, :, None, :].expand(b, -1, -1, -1)  # [B, V, 1, D]
-        x = torch.cat([cam, x + role[None, :, None, :]], dim=2).reshape(b, v * (n + 1), self.dim)
-        x = self.transformer(x, frames=v).reshape(b, v, n + 1, self.dim)
-        return x[:, :, 0], x[:, :, 1:]
+        extra = self.camera_token if self.registers is None else torch.cat([self.camera_token, self.registers])
+        cam = (extra[None] + role[:, None]).to(x.dtype)[None].expand(b, -1, -1, -1)  # [B, V, 1 + R, D]
+        x = torch.cat([cam, x + role[None, :, None, :]], dim=2)
+        k = extra.shape[0]
+        x = self.transformer(x.reshape(b, v * (n + k), self.dim), frames=v).reshape(b, v, n + k, self.dim)
+        return x[:, :, 0], x[:, :, k:]
 
     def predict(self, feats: Tensor, grid: tuple[int, int], image_hw: tuple[int, int]) -> PredictedCameras:
         """The cameras of ``[B, V, N, in_dim]`` encoder tokens on a ``grid`` patch grid of ``image_hw`` images."""

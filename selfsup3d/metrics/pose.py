@@ -174,3 +174,14 @@ def camera_metrics(
     for tau in thresholds:
         metrics[f"auc{tau}"] = pose_auc(rot, trans, tau)
     return metrics, aligned
+
+
+def relative_pose_accuracy(
+    pred_c2w: Tensor, gt_c2w: Tensor, thresholds: tuple[int, ...] = (5, 15, 30)
+) -> dict[str, Tensor]:
+    """RPA@τ (the VGGT / E-RayZer protocol): the fraction of view pairs whose relative pose is within ``τ``
+    degrees, a pair's error being the larger of its relative rotation error and its translation direction
+    error; pooled over the leading dimensions. Pairwise, so no alignment is needed. ``{"rpa5": ..., ...}``."""
+    err = torch.maximum(relative_rotation_error(pred_c2w.float(), gt_c2w.float()),
+                        translation_direction_error(pred_c2w.float(), gt_c2w.float()))  # fmt: skip
+    return {f"rpa{tau}": (err < tau).float().mean() for tau in thresholds}

@@ -35,7 +35,7 @@ tokens). The heads live in :mod:`selfsup3d.heads.camera` and :mod:`selfsup3d.hea
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,15 +44,17 @@ from torch import Tensor, nn
 from selfsup3d.datamodules.spec import DataSpec
 from selfsup3d.encoders.base import Encoder
 from selfsup3d.errors import ConfigError, require
-from selfsup3d.geometry.cameras import fov_from_focal
+from selfsup3d.geometry.cameras import fov_from_focal, relative_to_first
 from selfsup3d.geometry.rays import patchify, plucker_map
 from selfsup3d.heads.camera import CameraEstimator, DepthHead
+from selfsup3d.heads.gaussians import PixelGaussianHead, render_gaussians
 from selfsup3d.heads.latent_renderer import ContextBlend, Renderer, SceneReconstructor
 from selfsup3d.layers.positions import sincos_positions
 from selfsup3d.losses.perceptual import PerceptualLoss
 from selfsup3d.losses.reprojection import min_reprojection_loss
+from selfsup3d.metrics.depth import scaled_depth_errors
 from selfsup3d.metrics.nvs import context_mean_baseline, mean_colour_baseline, nearest_view_baseline, psnr, ssim
-from selfsup3d.metrics.pose import camera_metrics, relative_rotation_error
+from selfsup3d.metrics.pose import camera_metrics, relative_pose_accuracy, relative_rotation_error
 from selfsup3d.objectives.base import PretrainObjective
 
 
@@ -141,6 +143,19 @@ class MaskedViewPrediction(PretrainObjective):
         # a photometric check of the cameras between the views themselves (off in RayZer)
         reprojection_weight: float = 0.0,
         reprojection_auto_mask: bool = True,
+        # the renderer and where the cameras come from
+        renderer: Literal["latent", "gaussians"] = "latent",
+        cameras: Literal["predicted", "data"] = "predicted",
+        gaussian_opacity_bias: float = 0.0,
+        gaussian_size_px: float = 0.5,
+        gaussian_init_depth: float = 1.0,
+        gaussian_near: float = 0.05,
+        gaussian_far: float | None = None,
+        gaussian_min_opacity: float = 0.0,
+        gaussian_eps2d: float = 0.3,
+        focal_freeze_steps: int = 0,
+        register_tokens: int = 0,
+        photometric_scales: int = 1,
         # memory and optimisation (RayZer's)
         grad_checkpointing: bool = False,
         lr: float = 4e-4,
@@ -171,11 +186,36 @@ class MaskedViewPrediction(PretrainObjective):
         patch, in_dim = encoder.patch_size, encoder.embed_dim
         self.patch_size = patch
         ray_dim = 6 * patch * patch
-        self.camera = CameraEstimator(in_dim, dim, camera_layers, num_heads, mlp_ratio, init_fov_deg, focal_range)
+        self.camera = CameraEstimator(
+            in_dim, dim, camera_layers, num_heads, mlp_ratio, init_fov_deg, focal_range, register_tokens
+        )
         self.reconstructor = SceneReconstructor(
             in_dim, ray_dim, dim, scene_layers, num_heads, mlp_ratio, num_scene_tokens
         )
-        self.renderer = Renderer(ray_dim, dim, render_layers, num_heads, mlp_ratio, patch, refine_base=blend_context)
+        self.renderer_kind = renderer
+        self.photometric_scales = photometric_scales
+        self.gaussian_eps2d = gaussian_eps2d
+        self.cameras_from = cameras
+        self.focal_freeze_steps = focal_freeze_steps
+        self.renderer = (
+            Renderer(ray_dim, dim, render_layers, num_heads, mlp_ratio, patch, refine_base=blend_context)
+            if renderer == "latent"
+            else None
+        )
+        self.gaussians = (
+            PixelGaussianHead(
+                dim,
+                patch,
+                near=gaussian_near,
+                init_depth=gaussian_init_depth,
+                opacity_bias=gaussian_opacity_bias,
+                size_px=gaussian_size_px,
+                far=gaussian_far,
+                min_opacity=gaussian_min_opacity,
+            )
+            if renderer == "gaussians"
+            else None
+        )
         self.blend = ContextBlend(blend_sharpness) if blend_context else None
         self.reprojection_weight = reprojection_weight
         self.reprojection_auto_mask = reprojection_auto_mask
@@ -191,12 +231,18 @@ class MaskedViewPrediction(PretrainObjective):
             self.perceptual = PerceptualLoss(perceptual_weights, perceptual_layers)
         self.grad_checkpointing = grad_checkpointing
         for head in (self.camera, self.reconstructor, self.renderer):
-            head.transformer.grad_checkpointing = grad_checkpointing
+            if head is not None:
+                head.transformer.grad_checkpointing = grad_checkpointing
         self.render_context_tokens = render_context_tokens
         self.ray_positions = ray_positions
         self.dim = dim
 
     # ------------------------------------------------------------------ set-up checks
+    def needs_cameras(self) -> str | None:
+        if self.cameras_from != "data":
+            return None
+        return f"{self.key('cameras')}=data renders with them; {self.key('cameras')}=predicted learns its own"
+
     def check_data(self, spec: DataSpec) -> None:
         """The resolution must be whole in patches and both view sets non-empty."""
         h, w = spec.image_hw
@@ -216,10 +262,17 @@ class MaskedViewPrediction(PretrainObjective):
             )
 
     def compile_targets(self) -> list[nn.Module]:
-        return [block for head in (self.camera, self.reconstructor, self.renderer) for block in head.transformer.blocks]
+        heads = [h for h in (self.camera, self.reconstructor, self.renderer) if h is not None]
+        return [block for head in heads for block in head.transformer.blocks]
 
     # ------------------------------------------------------------------ model
-    def forward(self, images: Tensor, num_context: int, encoder: Encoder | None = None) -> dict[str, Tensor]:
+    def forward(
+        self,
+        images: Tensor,
+        num_context: int,
+        encoder: Encoder | None = None,
+        true_cameras: tuple[Tensor, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
         """Predict cameras for all views and render set B from set A.
 
         Args:
@@ -242,46 +295,79 @@ class MaskedViewPrediction(PretrainObjective):
         enc = (encoder if encoder is not None else self.encoder)(images.flatten(0, 1))
         feats = enc.patches.unflatten(0, (b, v))  # [B, V, N, De]
         cameras = self.camera.predict(feats, enc.grid, (h, w))
-        render = self.render_from(images, feats, cameras.K, cameras.c2w, num_context)
-        out = {"render": render, "c2w": cameras.c2w, "K": cameras.K, "focal": cameras.focal,
-               "camera_tokens": cameras.tokens, "features": feats}  # fmt: skip
+        K, c2w, focal = cameras.K, cameras.c2w, cameras.focal
+        if self.training and self.global_step < self.focal_freeze_steps:  # E-RayZer: the focal length held at first
+            K, focal = K.detach(), focal.detach()
+        if true_cameras is not None:  # the supervised oracle (LVSM): rays from the data's cameras
+            K, c2w = true_cameras
+            focal = K[:, 0, 0, 0] / w
+        rendered = self.render_from(images, feats, K, c2w, num_context)
+        out = {"c2w": c2w, "K": K, "focal": focal, "camera_tokens": cameras.tokens, "features": feats, **rendered}
         if self.depth is not None:
-            out["depth"] = self.depth(cameras.patches, h, w)
+            out["reprojection_depth"] = self.depth(cameras.patches, h, w)
         return out
 
-    def render_from(self, images: Tensor, feats: Tensor, K: Tensor, c2w: Tensor, num_context: int) -> Tensor:
+    def render_from(self, images: Tensor, feats: Tensor, K: Tensor, c2w: Tensor, num_context: int) -> dict[str, Tensor]:
         """Render set B from set A's views and encoder tokens ``feats [B, V, N, De]`` with the cameras ``K``,
-        ``c2w`` (``[B, V, ...]``, the predicted ones in training; others for the camera-dependence check)."""
+        ``c2w`` (``[B, V, ...]``, the predicted ones in training; others for the camera-dependence check):
+        ``render [B, Vb, 3, H, W]``, and for the Gaussian renderer the context views' ``depth [B, Va, 1, H, W]``,
+        the targets' ``alpha`` and ``target_depth``, and the Gaussians' ``opacity`` and ``colour`` maps."""
         h, w = images.shape[-2:]
         grid = (h // self.patch_size, w // self.patch_size)
         with torch.autocast(device_type=images.device.type, enabled=False):
             rays = patchify(plucker_map(K, c2w, h, w), self.patch_size)  # [B, V, N, 6 p²]
         pos = sincos_positions(grid, self.dim, images.device, torch.float32) if self.ray_positions else None
+        if self.gaussians is not None:
+            tokens = self.reconstructor(feats[:, :num_context], rays[:, :num_context], pos, keep_context=True)
+            n = grid[0] * grid[1]
+            tokens = tokens[:, -num_context * n :].unflatten(1, (num_context, n))
+            g = self.gaussians(tokens, images[:, :num_context], K[:, :num_context], c2w[:, :num_context])
+            with torch.autocast(device_type=images.device.type, enabled=False):
+                out = render_gaussians(g, K[:, num_context:], c2w[:, num_context:], h, w, eps2d=self.gaussian_eps2d)
+            return {
+                "render": out["image"], "alpha": out["alpha"], "target_depth": out["depth"], "depth": g.depth,
+                **g.maps(num_context, h, w),
+            }  # fmt: skip
         scene = self.reconstructor(feats[:, :num_context], rays[:, :num_context], pos, self.render_context_tokens)
         base = None
         if self.blend is not None:
             base = self.blend(images[:, :num_context], c2w[:, :num_context], c2w[:, num_context:])
-        return self.renderer(rays[:, num_context:], scene, h, w, pos, base)
+        return {"render": self.renderer(rays[:, num_context:], scene, h, w, pos, base)}
+
+    def data_cameras(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """The batch's cameras as the model sees its own: relative to view 0 and scaled so that the farthest camera
+        centre is at distance 1 (the supervised LVSM oracle, ``cameras: data``)."""
+        K, c2w = batch.get("K"), batch.get("c2w")
+        if K is None or c2w is None:
+            raise ConfigError(f"{self.key('cameras')}=data needs cameras in the data (K and c2w); this batch has none")
+        return K.float(), relative_to_first(c2w.float())[0]
 
     def photometric_loss(self, render: Tensor, target: Tensor) -> dict[str, Tensor]:
         """MSE (plus the weighted perceptual term when on) between renders and targets ``[B, Vb, 3, H, W]``."""
         mse = F.mse_loss(render.float(), target.float())
         out = {"mse": mse, "loss": mse}
+        if self.photometric_scales > 1:  # the same MSE on 2x, 4x, ... average-pooled images: wider basins
+            r, t = render.float().flatten(0, 1), target.float().flatten(0, 1)
+            for _ in range(self.photometric_scales - 1):
+                if min(r.shape[-2:]) < 2:
+                    break
+                r, t = F.avg_pool2d(r, 2), F.avg_pool2d(t, 2)
+                out["loss"] = out["loss"] + F.mse_loss(r, t)
         if self.perceptual is not None:
             perc = self.perceptual(render.flatten(0, 1), target.flatten(0, 1))
             out["perceptual"] = perc
-            out["loss"] = mse + self.perceptual_weight * perc
+            out["loss"] = out["loss"] + self.perceptual_weight * perc
         return out
 
     def step(self, batch: dict[str, Any], stage: str, encoder: Encoder) -> dict[str, Any]:
         images = batch["images"]
         num_context = int(batch["num_context"])
-        pred = self(images, num_context, encoder)
+        pred = self(images, num_context, encoder, self.data_cameras(batch) if self.cameras_from == "data" else None)
         target = images[:, num_context:]
         out: dict[str, Any] = self.photometric_loss(pred["render"], target)
-        if "depth" in pred:
+        if self.depth is not None:
             reprojection = min_reprojection_loss(
-                images, pred["depth"], pred["K"], pred["c2w"], auto_mask=self.reprojection_auto_mask
+                images, pred["reprojection_depth"], pred["K"], pred["c2w"], auto_mask=self.reprojection_auto_mask
             )
             out["reprojection"] = reprojection["loss"]
             out["reprojection_used"] = reprojection["used"]
@@ -313,7 +399,7 @@ class MaskedViewPrediction(PretrainObjective):
         out.update(context=context, target=target, render=render, camera_tokens=pred["camera_tokens"].detach())
         # does the render depend on the cameras? the same model with every camera at the canonical pose
         still_c2w = torch.eye(4, device=images.device).expand_as(pred["c2w"])
-        still = self.render_from(images, pred["features"], pred["K"], still_c2w, num_context).float()
+        still = self.render_from(images, pred["features"], pred["K"], still_c2w, num_context)["render"].float()
         out["psnr_still_cameras"] = psnr(still, target).mean()
         gt_c2w = batch.get("c2w")
         if gt_c2w is not None:
@@ -323,10 +409,20 @@ class MaskedViewPrediction(PretrainObjective):
             out["ssim_nearest"] = ssim(nearest, target).mean()
             metrics, aligned = camera_metrics(pred["c2w"], gt_c2w)
             out.update(metrics)
+            out.update(relative_pose_accuracy(pred["c2w"], gt_c2w))
             # the rotation error of cameras that never turn (all identity): what rot_err must beat
             still = torch.eye(4, device=gt_c2w.device).expand_as(gt_c2w)
             out["rot_err_identity"] = relative_rotation_error(still, gt_c2w).mean()
             out.update(pred_c2w=aligned, gt_c2w=gt_c2w)
+        if "depth" in pred:  # the explicit renderer's Gaussians (pictures), and their depth against the data's
+            out.update(context_depth=pred["depth"].detach(), opacity=pred["opacity"].detach())
+            out.update(colour=pred["colour"].detach())
+            gt_depth = batch.get("depth")
+            if gt_depth is not None:
+                errors = scaled_depth_errors(pred["depth"], gt_depth[:, :num_context].float())
+                constant = scaled_depth_errors(torch.ones_like(pred["depth"]), gt_depth[:, :num_context].float())
+                out.update({f"depth_{k}": v for k, v in errors.items()})
+                out.update({f"depth_{k}_constant": v for k, v in constant.items()})
         gt_K = batch.get("K")
         if gt_K is not None:
             true_focal = gt_K[..., 0, 0].float().mean(-1)  # [B], pixels
