@@ -32,6 +32,7 @@ from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 
 from selfsup3d.datamodules import MultiViewShards
 from selfsup3d.geometry.cameras import relative_to_first, rotation_angle
+from selfsup3d.geometry.splat import project, rasterize
 from selfsup3d.heads.gaussians import pixel_aligned, render_gaussians
 from selfsup3d.metrics.depth import scaled_depth_errors
 from selfsup3d.metrics.nvs import psnr
@@ -70,13 +71,47 @@ def fit(params: Sequence[torch.Tensor], loss_fn: Callable[[], torch.Tensor], ste
         opt.step()
 
 
+def surfel_covariances(means: torch.Tensor, pixel: torch.Tensor, size_px: float, stretch: float = 3.0) -> torch.Tensor:
+    """``[B, V, H, W, 3, 3]`` covariances of pixel-aligned Gaussians flattened onto the surface the depth map
+    describes: ``size_px² (∂P/∂u ∂P/∂uᵀ + ∂P/∂v ∂P/∂vᵀ)`` plus a thin normal part, from the world points
+    ``means [B, V, H, W, 3]`` (finite differences), so each covers its pixel's footprint on a slanted surface;
+    a step no longer than ``stretch`` times the fronto-parallel footprint ``pixel [B, V, H, W]`` (depth over focal
+    length), so depth edges do not smear."""
+    limit = (stretch * pixel)[..., None]
+
+    def step(d: torch.Tensor) -> torch.Tensor:
+        return d * (limit / d.norm(dim=-1, keepdim=True).clamp(min=1e-9)).clamp(max=1.0)
+
+    du = step(torch.gradient(means, dim=3)[0])
+    dv = step(torch.gradient(means, dim=2)[0])
+    normal = torch.nn.functional.normalize(torch.linalg.cross(du, dv), dim=-1)
+    thickness = 0.05 * torch.minimum(du.norm(dim=-1), dv.norm(dim=-1))[..., None, None]
+    outer = lambda x: x[..., :, None] * x[..., None, :]  # noqa: E731
+    return size_px**2 * (outer(du) + outer(dv)) + thickness**2 * outer(normal)
+
+
 def splat(images: torch.Tensor, depth: torch.Tensor, K: torch.Tensor, c2w: torch.Tensor, nc: int, a) -> torch.Tensor:
-    """The targets rendered from the context views' Gaussians at ``depth [B, Vc, H, W]``."""
+    """The targets rendered from the context views' Gaussians at ``depth [B, Vc, H, W]``: isotropic Gaussians of
+    ``--size-px`` pixels (the objective's), or ``--footprint surfel`` (:func:`surfel_covariances`)."""
     colour = images[:, :nc]
     opacity = torch.full_like(depth, a.opacity)
     background = colour.mean(dim=(1, 3, 4))
     g = pixel_aligned(colour, depth, opacity, a.size_px, K[:, :nc], c2w[:, :nc], background)
-    return render_gaussians(g, K[:, nc:], c2w[:, nc:], *images.shape[-2:], with_depth=False, eps2d=a.eps2d)["image"]
+    h, w = images.shape[-2:]
+    if a.footprint == "isotropic":
+        return render_gaussians(g, K[:, nc:], c2w[:, nc:], h, w, with_depth=False, eps2d=a.eps2d)["image"]
+    b, t = K.shape[0], K.shape[1] - nc
+    pixel = depth / K[:, :nc, 0, 0, None, None]
+    covs = surfel_covariances(g.means.reshape(b, nc, h, w, 3), pixel, a.size_px).reshape(b, -1, 3, 3)
+    per_target = lambda x: x[:, None].expand(b, t, *x.shape[1:]).reshape(b * t, *x.shape[1:])  # noqa: E731
+    projected = project(
+        per_target(g.means), per_target(covs), K[:, nc:].reshape(-1, 3, 3), c2w[:, nc:].reshape(-1, 4, 4), h, w,
+        eps2d=a.eps2d,
+    )  # fmt: skip
+    image, _ = rasterize(
+        projected, per_target(g.opacities), per_target(g.colours), h, w, background.repeat_interleave(t, 0)
+    )
+    return image.unflatten(0, (b, t))
 
 
 def fit_depth(batch: dict, a) -> None:
@@ -170,6 +205,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default=None, help="pose: a masked-view checkpoint's Gaussians")
     parser.add_argument("--size-px", type=float, default=0.3, help="Gaussian size (pixels, standard deviation)")
     parser.add_argument("--eps2d", type=float, default=0.05)
+    parser.add_argument(
+        "--footprint", choices=["isotropic", "surfel"], default="isotropic",
+        help="isotropic: the objective's Gaussians; surfel: flattened onto the depth map's surface (anisotropic)",
+    )  # fmt: skip
     parser.add_argument("--opacity", type=float, default=0.999)
     parser.add_argument("--threads", type=int, default=1)
     a = parser.parse_args(argv)
