@@ -12,7 +12,6 @@ from selfsup3d.geometry.cameras import camera_directions, intrinsics_from_fov, l
 from selfsup3d.geometry.splat import (
     covariance,
     project,
-    quaternion_to_matrix,
     rasterize,
     rasterize_reference,
 )
@@ -101,11 +100,12 @@ def test_gaussians_behind_the_camera_are_not_drawn():
     assert alpha.abs().max() == 0
 
 
-def test_quaternions_give_rotations():
-    q = torch.tensor([math.cos(math.pi / 8), 0.0, 0.0, math.sin(math.pi / 8)])  # 45 degrees about z
-    R = quaternion_to_matrix(q)
-    torch.testing.assert_close(R @ torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.5**0.5, 0.5**0.5, 0.0]))
-    torch.testing.assert_close(R @ R.T, torch.eye(3), atol=1e-6, rtol=0)
+def test_covariances_rotate_with_wxyz_quaternions():
+    q = torch.tensor([math.cos(math.pi / 8), 0.0, 0.0, math.sin(math.pi / 8)])  # (w, x, y, z): 45 degrees about z
+    cov = covariance(torch.tensor([3.0, 1.0, 2.0]), 2.0 * q)  # not normalised: normalised first
+    axis = torch.tensor([0.5**0.5, 0.5**0.5, 0.0])  # the x axis turned 45 degrees about z
+    torch.testing.assert_close(cov @ axis, 9.0 * axis)
+    torch.testing.assert_close(cov[2, 2], torch.tensor(4.0))
 
 
 def plane_scene(size: int = 32):

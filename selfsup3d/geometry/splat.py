@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from kornia.geometry.conversions import quaternion_to_rotation_matrix
 from torch import Tensor
 
 from selfsup3d.geometry.cameras import se3_inverse
@@ -43,24 +43,14 @@ T_MIN = 1e-4
 """Compositing stops before the Gaussian that would bring the transmittance to this or below."""
 
 
-def quaternion_to_matrix(quats: Tensor) -> Tensor:
-    """Rotations ``[..., 3, 3]`` of quaternions ``[..., 4]`` in ``(w, x, y, z)`` order (normalised first)."""
-    w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
-    rows = (
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    )  # fmt: skip
-    return torch.stack(rows, dim=-1).unflatten(-1, (3, 3))
-
-
 def covariance(scales: Tensor, quats: Tensor | None = None) -> Tensor:
     """3D covariances ``R S Sᵀ Rᵀ`` ``[..., 3, 3]`` of per-axis standard deviations ``scales [..., 3]`` (or
-    ``[..., 1]`` for isotropic Gaussians) and rotations ``quats [..., 4]`` (``None``: axis-aligned)."""
+    ``[..., 1]`` for isotropic Gaussians) and rotations ``quats [..., 4]`` in ``(w, x, y, z)`` order, as gsplat takes
+    them (normalised by kornia; ``None``: axis-aligned)."""
     scales = scales.expand(*scales.shape[:-1], 3)
     if quats is None:
         return torch.diag_embed(scales * scales)
-    m = quaternion_to_matrix(quats) * scales[..., None, :]
+    m = quaternion_to_rotation_matrix(quats) * scales[..., None, :]
     return m @ m.transpose(-1, -2)
 
 
