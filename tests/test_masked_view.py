@@ -185,6 +185,8 @@ def test_configuration_errors_name_the_keys():
         make_model(perceptual_weight=0.5)
     with pytest.raises(ConfigError, match="render_layers"):
         make_model(render_layers=0)
+    with pytest.raises(ConfigError, match="model.init_args.blend_context=true is an aid of the latent renderer"):
+        make_model(renderer="gaussians", blend_context=True)
 
     model = make_model()
 
@@ -359,6 +361,9 @@ def test_oracle_cameras_come_from_the_data(renderer):
     assert torch.equal(K, batch["K"])
     moved = dict(batch, c2w=batch["c2w"].flip(1))
     reference = model.step(batch, "train", model.encoder)["loss"]
+    reference.backward()  # the camera estimator is frozen and not run: every trainable weight has a gradient (DDP)
+    assert not any(p.requires_grad for p in model.camera.parameters())
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     assert not torch.equal(model.step(moved, "train", model.encoder)["loss"], reference)
     # a rigid motion and a scale of the whole world leave the oracle's cameras as they were
     world = look_at(torch.tensor([[0.3, -2.0, 1.0]]), torch.zeros(1, 3))[0]
@@ -396,7 +401,15 @@ def test_focal_is_held_for_the_first_steps():
     assert model.camera.focal_head.weight.grad.abs().sum() > 0
 
 
-def test_register_tokens_change_nothing_but_the_attention():
+def test_register_tokens_are_read_by_the_cameras_and_absent_when_off():
+    """E-RayZer's per-view register tokens: the same outputs' shapes, one learnable set the cameras depend on
+    (they take part in the estimator's attention), and no parameter at all with ``register_tokens: 0`` (so old
+    checkpoints load)."""
+    images = sphere_scenes(1, 3, 32, 2)["images"]
     model = make_model(**GAUSSIANS, register_tokens=4)
-    pred = model(sphere_scenes(1, 3, 32, 2)["images"], 2)
+    pred = model(images, 2)
     assert pred["camera_tokens"].shape == (1, 3, HEADS["dim"]) and model.camera.registers.shape == (4, HEADS["dim"])
+    with torch.no_grad():
+        model.camera.registers.add_(1.0)
+    assert not torch.allclose(model(images, 2)["camera_tokens"], pred["camera_tokens"])
+    assert not any("registers" in k for k in make_model(**GAUSSIANS).state_dict())

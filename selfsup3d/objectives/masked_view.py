@@ -216,7 +216,14 @@ class MaskedViewPrediction(PretrainObjective):
             if renderer == "gaussians"
             else None
         )
+        if blend_context and renderer != "latent":
+            raise ConfigError(
+                f"{self.key('blend_context')}=true is an aid of the latent renderer; {self.key('renderer')}={renderer} "
+                "places the context pixels itself: set blend_context to false"
+            )
         self.blend = ContextBlend(blend_sharpness) if blend_context else None
+        if cameras == "data":  # the oracle trains no camera estimator: every trainable weight gets a gradient (DDP)
+            self.camera.requires_grad_(False)
         self.reprojection_weight = reprojection_weight
         self.reprojection_auto_mask = reprojection_auto_mask
         self.depth = DepthHead(dim, patch) if reprojection_weight > 0 else None
@@ -294,16 +301,25 @@ class MaskedViewPrediction(PretrainObjective):
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
         enc = (encoder if encoder is not None else self.encoder)(images.flatten(0, 1))
         feats = enc.patches.unflatten(0, (b, v))  # [B, V, N, De]
-        cameras = self.camera.predict(feats, enc.grid, (h, w))
-        K, c2w, focal = cameras.K, cameras.c2w, cameras.focal
-        if self.training and self.global_step < self.focal_freeze_steps:  # E-RayZer: the focal length held at first
-            K, focal = K.detach(), focal.detach()
-        if true_cameras is not None:  # the supervised oracle (LVSM): rays from the data's cameras
+        # the oracle (LVSM) renders with the data's cameras: its (frozen) camera estimator is not run, unless the
+        # reprojection loss's depth head reads its patch tokens
+        cameras = None
+        if true_cameras is None or self.depth is not None:
+            cameras = self.camera.predict(feats, enc.grid, (h, w))
+        if true_cameras is not None:
             K, c2w = true_cameras
             focal = K[:, 0, 0, 0] / w
+        else:
+            assert cameras is not None
+            K, c2w, focal = cameras.K, cameras.c2w, cameras.focal
+            if self.training and self.global_step < self.focal_freeze_steps:  # E-RayZer: the focal held at first
+                K, focal = K.detach(), focal.detach()
         rendered = self.render_from(images, feats, K, c2w, num_context)
-        out = {"c2w": c2w, "K": K, "focal": focal, "camera_tokens": cameras.tokens, "features": feats, **rendered}
+        out = {"c2w": c2w, "K": K, "focal": focal, "features": feats, **rendered}
+        if cameras is not None:
+            out["camera_tokens"] = cameras.tokens
         if self.depth is not None:
+            assert cameras is not None
             out["reprojection_depth"] = self.depth(cameras.patches, h, w)
         return out
 
@@ -396,7 +412,9 @@ class MaskedViewPrediction(PretrainObjective):
         context_mean = context_mean_baseline(context, vb)
         out["psnr_context_mean"] = psnr(context_mean, target).mean()
         out["ssim_context_mean"] = ssim(context_mean, target).mean()
-        out.update(context=context, target=target, render=render, camera_tokens=pred["camera_tokens"].detach())
+        out.update(context=context, target=target, render=render)
+        if "camera_tokens" in pred:  # RayZer's pose probe reads them (the oracle has none)
+            out["camera_tokens"] = pred["camera_tokens"].detach()
         # does the render depend on the cameras? the same model with every camera at the canonical pose
         still_c2w = torch.eye(4, device=images.device).expand_as(pred["c2w"])
         still = self.render_from(images, pred["features"], pred["K"], still_c2w, num_context)["render"].float()
