@@ -20,9 +20,9 @@ from collections.abc import Sequence
 
 import torch
 
-from selfsup3d.geometry.cameras import camera_directions, intrinsics_from_fov, look_at
+from selfsup3d.geometry.cameras import intrinsics_from_fov, look_at
 from selfsup3d.geometry.splat import covariance, project, rasterize, rasterize_reference, reach_radii
-from selfsup3d.heads.gaussians import PixelGaussians, gsplat_available, render_gaussians
+from selfsup3d.heads.gaussians import PixelGaussians, gsplat_available, pixel_aligned, render_gaussians
 
 
 def pixel_gaussians(
@@ -38,18 +38,12 @@ def pixel_gaussians(
     context = torch.arange(0, views + targets, (views + targets) / views).long()[:views]
     target = torch.tensor([i for i in range(views + targets) if i not in context.tolist()])
     depth = 1.5 + 0.2 * torch.rand(scenes, views, size, size, generator=g)
-    dirs = camera_directions(K[context], size, size)  # [V, H, W, 3]
-    points = dirs[None] * depth[..., None]
-    means = (c2w[context][None, :, None, None, :3, :3] @ points[..., None]).squeeze(-1)
-    means = means + c2w[context][None, :, None, None, :3, 3]
-    gaussians = PixelGaussians(
-        means=means.reshape(scenes, -1, 3).to(device),
-        scales=(depth * 0.3 / K[0, 0, 0]).reshape(scenes, -1, 1).to(device),
-        opacities=torch.rand(scenes, views * size * size, generator=g).mul(0.9).add(0.05).to(device),
-        colours=torch.rand(scenes, views * size * size, 3, generator=g).to(device),
-        depth=depth[:, :, None].to(device),
-        background=torch.rand(scenes, 3, generator=g).to(device),
-    )
+    opacity = torch.rand(scenes, views, size, size, generator=g).mul(0.9).add(0.05)
+    colour = torch.rand(scenes, views, 3, size, size, generator=g)
+    background = torch.rand(scenes, 3, generator=g)
+    ctx = (K[context][None].expand(scenes, -1, 3, 3), c2w[context][None].expand(scenes, -1, 4, 4))
+    gaussians = pixel_aligned(colour.to(device), depth.to(device), opacity.to(device), 0.3,
+                              ctx[0].to(device), ctx[1].to(device), background.to(device))  # fmt: skip
     return (
         gaussians,
         K[target][None].expand(scenes, -1, 3, 3).to(device),

@@ -33,7 +33,7 @@ from kornia.geometry.conversions import axis_angle_to_rotation_matrix
 from selfsup3d.datamodules import MultiViewShards
 from selfsup3d.geometry.cameras import relative_to_first, rotation_angle
 from selfsup3d.geometry.splat import project, rasterize
-from selfsup3d.heads.gaussians import pixel_aligned, render_gaussians
+from selfsup3d.heads.gaussians import per_target, pixel_aligned, render_gaussians
 from selfsup3d.metrics.depth import scaled_depth_errors
 from selfsup3d.metrics.nvs import psnr
 from selfsup3d.objectives.base import load_objective
@@ -103,13 +103,12 @@ def splat(images: torch.Tensor, depth: torch.Tensor, K: torch.Tensor, c2w: torch
     b, t = K.shape[0], K.shape[1] - nc
     pixel = depth / K[:, :nc, 0, 0, None, None]
     covs = surfel_covariances(g.means.reshape(b, nc, h, w, 3), pixel, a.size_px).reshape(b, -1, 3, 3)
-    per_target = lambda x: x[:, None].expand(b, t, *x.shape[1:]).reshape(b * t, *x.shape[1:])  # noqa: E731
     projected = project(
-        per_target(g.means), per_target(covs), K[:, nc:].reshape(-1, 3, 3), c2w[:, nc:].reshape(-1, 4, 4), h, w,
+        per_target(g.means, t), per_target(covs, t), K[:, nc:].reshape(-1, 3, 3), c2w[:, nc:].reshape(-1, 4, 4), h, w,
         eps2d=a.eps2d,
     )  # fmt: skip
     image, _ = rasterize(
-        projected, per_target(g.opacities), per_target(g.colours), h, w, background.repeat_interleave(t, 0)
+        projected, per_target(g.opacities, t), per_target(g.colours, t), h, w, background.repeat_interleave(t, 0)
     )
     return image.unflatten(0, (b, t))
 

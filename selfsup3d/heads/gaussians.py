@@ -181,7 +181,7 @@ def render_gaussians(
     return out
 
 
-def _per_target(x: Tensor, t: int) -> Tensor:
+def per_target(x: Tensor, t: int) -> Tensor:
     """``[B, ...]`` -> ``[B * T, ...]``: each scene's tensor once per target camera (a view, no copy)."""
     return x[:, None].expand(x.shape[0], t, *x.shape[1:]).reshape(x.shape[0] * t, *x.shape[1:])
 
@@ -191,16 +191,16 @@ def _render_torch(
 ) -> tuple[Tensor, Tensor]:
     b, t = K.shape[:2]
     projected = project(
-        _per_target(g.means, t), covariance(_per_target(g.scales, t)), K.reshape(b * t, 3, 3).float(),
+        per_target(g.means, t), covariance(per_target(g.scales, t)), K.reshape(b * t, 3, 3).float(),
         c2w.reshape(b * t, 4, 4).float(), height, width, eps2d=eps2d,
     )  # fmt: skip
-    colours = _per_target(g.colours, t)
+    colours = per_target(g.colours, t)
     background = g.background
     if with_depth:  # z-depth differs per target camera: a fourth channel, 0 on the background
         colours = torch.cat([colours, projected.depths[..., None]], dim=-1)
         background = F.pad(background, (0, 1))
     image, alpha = rasterize(
-        projected, _per_target(g.opacities, t), colours, height, width, background.repeat_interleave(t, 0)
+        projected, per_target(g.opacities, t), colours, height, width, background.repeat_interleave(t, 0)
     )
     return image.unflatten(0, (b, t)), alpha.unflatten(0, (b, t))
 
